@@ -1,0 +1,236 @@
+"""Low-rank adapters as packed banks: G adapters (one per cell) live side by side in one tensor, and each
+row of a batch goes through its own adapter. One cell is simply a bank of G = 1.
+
+Two kinds, same mechanism (a forward hook that adds a low-rank branch to a module's output):
+- ``lora``: the standard LoRA of PEFT on linear modules, delta = (alpha / r) * dropout(x) @ A @ B.
+  Numerically the same as PEFT's LoRA (tested); saved in PEFT's adapter format by `export_peft_adapter`.
+- ``mlp-bypass``: the paper's adapter, ONE decoder layer k, a branch from the MLP input (after the
+  post-attention norm) added to the block output: h <- h + x @ A @ B, no alpha/r scaling.
+
+Ranks differ inside a bank: adapters are zero-padded to the largest rank. A padded column of A and row of B
+both start at zero, so their gradients are exactly zero and AdamW (no weight decay) never moves them:
+a packed cell trains exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from memprobe.errors import MemprobeError
+
+ADAPTER_KINDS = ("lora", "mlp-bypass")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What to adapt. `layer` is used by mlp-bypass (None = about 2/3 of the depth, as in the paper),
+    `layers` and `target_modules` by lora (layers None = all). lora's scale is alpha / r with
+    alpha = alpha_ratio * r unless a fixed `alpha` is given (so the default scale is rank-independent)."""
+
+    kind: str = "mlp-bypass"
+    layer: int | None = None
+    layers: tuple[int, ...] | None = None
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    alpha: float | None = None
+    alpha_ratio: float = 2.0
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in ADAPTER_KINDS:
+            raise MemprobeError(f"adapter must be one of {', '.join(ADAPTER_KINDS)}, got {self.kind!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise MemprobeError(f"adapter dropout must be in [0, 1), got {self.dropout}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise MemprobeError(f"lora alpha must be positive, got {self.alpha}")
+        if not self.target_modules:
+            raise MemprobeError("lora needs at least one target module")
+
+    def bypass_layer(self, n_layers: int) -> int:
+        k = self.layer if self.layer is not None else default_bypass_layer(n_layers)
+        if not 0 <= k < n_layers:
+            raise MemprobeError(f"layer must be in 0..{n_layers - 1} for this model, got {k}")
+        return k
+
+    def lora_layers(self, n_layers: int) -> tuple[int, ...]:
+        layers = tuple(range(n_layers)) if self.layers is None else tuple(sorted(set(self.layers)))
+        bad = [k for k in layers if not 0 <= k < n_layers]
+        if bad or not layers:
+            raise MemprobeError(f"lora layers must be in 0..{n_layers - 1} for this model, got {list(self.layers or [])}")
+        return layers
+
+    def scale(self, r: int) -> float:
+        if self.kind == "mlp-bypass":
+            return 1.0
+        alpha = self.alpha if self.alpha is not None else self.alpha_ratio * r
+        return alpha / r
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "layer": self.layer, "layers": list(self.layers) if self.layers else None,
+                "target_modules": list(self.target_modules), "alpha": self.alpha,
+                "alpha_ratio": self.alpha_ratio, "dropout": self.dropout}
+
+
+def default_bypass_layer(n_layers: int) -> int:
+    # the public code uses k = 24 of 36 (Qwen3-8B) and 18 of 32 (Llama-3.1-8B): about 2/3 of the depth
+    return int(round(n_layers * 2 / 3))
+
+
+def cell_seed(seed: int, r: int) -> int:
+    """Init seed of one cell: depends only on the cell, never on what it is packed with."""
+    return (int(seed) * 1_000_003 + int(r) * 7919) % (2**31 - 1)
+
+
+class LowRankBank(nn.Module):
+    """G low-rank branches x -> scale_g * dropout(x) @ A_g @ B_g, zero-padded to r_max.
+
+    A: (G, d_in, r_max), B: (G, r_max, d_out). Rows of the input are grouped: the first R/G rows belong
+    to adapter 0, the next R/G to adapter 1, ... (the engine lays batches out that way)."""
+
+    def __init__(self, d_in: int, d_out: int, ranks, seeds, scales, dropout: float = 0.0, device=None):
+        super().__init__()
+        G, r_max = len(ranks), max(ranks)
+        A = torch.zeros(G, d_in, r_max, device=device)
+        for g, (r, s) in enumerate(zip(ranks, seeds)):
+            A[g, :, :r] = kaiming_uniform_a(r, d_in, cell_seed(s, r)).T.to(device)
+        self.A = nn.Parameter(A)  # (G, d_in, r_max)
+        self.B = nn.Parameter(torch.zeros(G, r_max, d_out, device=device))  # (G, r_max, d_out)
+        self.register_buffer("scale", torch.tensor(list(scales), dtype=torch.float32, device=device))
+        self.dropout = dropout
+        self.ranks = list(ranks)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        R, S, d_in = x.shape  # (G*n, S, d_in)
+        G = self.A.shape[0]
+        if self.training and self.dropout > 0:
+            x = nn.functional.dropout(x, self.dropout)
+        xg = x.reshape(G, (R // G) * S, d_in)
+        A, B = self.A.to(x.dtype), self.B.to(x.dtype)
+        out = torch.bmm(torch.bmm(xg, A), B) * self.scale.to(x.dtype).view(G, 1, 1)  # (G, n*S, d_out)
+        return out.reshape(R, S, -1)
+
+    @torch.no_grad()
+    def keep(self, groups: list[int]) -> None:
+        """Drop the adapters of finished cells (their rows leave the batch too)."""
+        idx = torch.tensor(groups, device=self.A.device)
+        self.A = nn.Parameter(self.A.data.index_select(0, idx).contiguous())
+        self.B = nn.Parameter(self.B.data.index_select(0, idx).contiguous())
+        self.scale = self.scale.index_select(0, idx)
+        self.ranks = [self.ranks[g] for g in groups]
+
+
+def kaiming_uniform_a(r: int, d_in: int, seed: int) -> torch.Tensor:
+    """PEFT's (and nn.Linear's) init of lora_A.weight, shape (r, d_in), from a private generator."""
+    w = torch.empty(r, d_in)
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=torch.Generator().manual_seed(seed))
+    return w
+
+
+@dataclass
+class AttachedAdapters:
+    """Banks hooked into a model. `first_layer` is the lowest decoder layer they touch: everything below
+    it is frozen and computed once per dataset."""
+
+    spec: AdapterSpec
+    banks: dict[str, LowRankBank]
+    first_layer: int
+    params_per_rank: int
+    handles: list = field(default_factory=list)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for bank in self.banks.values() for p in (bank.A, bank.B)]
+
+    def keep(self, groups: list[int]) -> None:
+        for bank in self.banks.values():
+            bank.keep(groups)
+
+    def train(self, mode: bool = True) -> None:
+        for bank in self.banks.values():
+            bank.train(mode)
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def trainable_params(self, r: int) -> int:
+        return self.params_per_rank * r
+
+
+def _add_branch_hook(bank: LowRankBank):
+    def hook(module, args, output):
+        return output + bank.delta(args[0])
+
+    return hook
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise MemprobeError(f"unsupported architecture {type(model).__name__}: no model.layers decoder stack")
+    return layers
+
+
+def attach_adapters(model, spec: AdapterSpec, ranks, seeds) -> AttachedAdapters:
+    """Hook a bank of len(ranks) adapters into `model` (frozen). Detach with `.detach()`."""
+    for r in ranks:
+        if int(r) != r or r <= 0:
+            raise MemprobeError(f"rank must be a positive integer, got {r}")
+    layers = decoder_layers(model)
+    n_layers = len(layers)
+    device = next(model.parameters()).device
+    d = int(model.config.hidden_size)
+    banks, handles = {}, []
+    if spec.kind == "mlp-bypass":
+        k = spec.bypass_layer(n_layers)
+        bank = LowRankBank(d, d, ranks, seeds, [1.0] * len(ranks), spec.dropout, device)
+        handles.append(layers[k].mlp.register_forward_hook(_add_branch_hook(bank)))
+        banks[f"model.layers.{k}.mlp"] = bank
+        return AttachedAdapters(spec, banks, k, 2 * d, handles)
+    lora_layers = spec.lora_layers(n_layers)
+    per_rank = 0
+    for k in lora_layers:
+        for name, module in layers[k].named_modules():
+            if isinstance(module, nn.Linear) and name.split(".")[-1] in spec.target_modules:
+                bank = LowRankBank(module.in_features, module.out_features, ranks, seeds,
+                                   [spec.scale(r) for r in ranks], spec.dropout, device)
+                handles.append(module.register_forward_hook(_add_branch_hook(bank)))
+                banks[f"model.layers.{k}.{name}"] = bank
+                per_rank += module.in_features + module.out_features
+    if not banks:
+        raise MemprobeError(f"no linear module named {', '.join(spec.target_modules)} in the chosen layers")
+    return AttachedAdapters(spec, banks, min(lora_layers), per_rank, handles)
+
+
+def peft_lora_config(spec: AdapterSpec, r: int, n_layers: int):
+    """The PEFT LoraConfig equal to a lora AdapterSpec at rank r."""
+    from peft import LoraConfig
+
+    layers = spec.lora_layers(n_layers)
+    return LoraConfig(r=r, lora_alpha=spec.scale(r) * r, lora_dropout=spec.dropout,
+                      target_modules=list(spec.target_modules),
+                      layers_to_transform=None if spec.layers is None else list(layers), bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def peft_state_dict(adapters: AttachedAdapters, group: int = 0) -> dict[str, torch.Tensor]:
+    """One cell's lora weights under PEFT's key names (lora_A.weight is (r, d_in), lora_B.weight (d_out, r))."""
+    out = {}
+    for name, bank in adapters.banks.items():
+        r = bank.ranks[group]
+        out[f"base_model.model.{name}.lora_A.weight"] = bank.A[group, :, :r].T.detach().cpu().contiguous()
+        out[f"base_model.model.{name}.lora_B.weight"] = bank.B[group, :r, :].T.detach().cpu().contiguous()
+    return out
+
+
+def bypass_state_dict(adapters: AttachedAdapters, group: int = 0) -> dict[str, torch.Tensor]:
+    """One mlp-bypass cell as a plain state dict: merge with h += x @ A @ B at the named layer's MLP."""
+    (name, bank), = adapters.banks.items()
+    r = bank.ranks[group]
+    return {f"{name}.bypass_A": bank.A[group, :, :r].detach().cpu().contiguous(),
+            f"{name}.bypass_B": bank.B[group, :r, :].detach().cpu().contiguous()}

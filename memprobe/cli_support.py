@@ -1,0 +1,131 @@
+"""What every memprobe / planner command shares: errors the user can fix become one line.
+
+Torch-free (typer only), so that planner's CLI can use it too.
+
+    app = make_app("what the tool does")
+
+    @app.command()          # every command is guarded: MemprobeError -> "error: ..." + exit 1
+    def fit(...): ...
+
+    def main() -> int:
+        return run_app(app)
+
+Set MEMPROBE_DEBUG=1 to get the traceback instead of the one line.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, Sequence
+
+import typer
+
+from memprobe.errors import MemprobeError
+
+# Errors that come from user input (a path, a value, a file's contents), not from a bug.
+USER_ERRORS = (MemprobeError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError)
+
+
+def _usage_error_types() -> tuple:
+    # recent typer vendors click and raises typer.TyperException subclasses; older releases raise click's
+    if hasattr(typer, "TyperException"):
+        return (typer.TyperException,)
+    import click
+
+    return (click.ClickException,)
+
+
+USAGE_ERRORS = _usage_error_types()
+
+
+def one_line(text: str) -> str:
+    """Collapse a message onto one line (a message with newlines would read as several errors)."""
+    return " ".join(str(text).split())
+
+
+def error_message(exc: BaseException) -> str:
+    """The line shown for a user error."""
+    if isinstance(exc, MemprobeError):
+        return one_line(str(exc))
+    if isinstance(exc, FileNotFoundError) and exc.filename is not None:
+        return f"file not found: {exc.filename}"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"cannot use {exc.filename}: {exc.strerror or exc}"
+    return one_line(str(exc)) or type(exc).__name__
+
+
+def print_error(exc: BaseException) -> None:
+    typer.echo(f"error: {error_message(exc)}", err=True)
+
+
+def _debug() -> bool:
+    return os.environ.get("MEMPROBE_DEBUG", "") not in ("", "0")
+
+
+def guard(func: Callable) -> Callable:
+    """Run a command; a user error prints one line on stderr and exits 1, without a traceback."""
+
+    @functools.wraps(func)
+    def guarded(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as e:
+            if _debug():
+                raise
+            print_error(e)
+            raise typer.Exit(code=1) from None
+
+    return guarded
+
+
+class App(typer.Typer):
+    """A typer app whose commands are all wrapped by `guard`."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+
+        def decorator(func: Callable) -> Callable:
+            register(guard(func))
+            return func
+
+        return decorator
+
+
+def make_app(help: str) -> App:
+    """A guarded app that always dispatches on a command name, even while it has only one command."""
+    app = App(help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
+
+    @app.callback()
+    def _root() -> None:
+        pass
+
+    _root.__doc__ = help
+    return app
+
+
+def run_app(app: typer.Typer, args: Sequence[str] | None = None, prog_name: str | None = None) -> int:
+    """Run a typer app as a console script and return its exit code (the caller exits with it).
+
+    Usage errors print click's usage message and return 2; user errors one line and 1;
+    neither shows a traceback.
+    """
+    try:
+        rv = app(args=list(args) if args is not None else None, prog_name=prog_name, standalone_mode=False)
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        return 1
+    except USAGE_ERRORS as e:  # bad option, missing argument, no command: click's usage message
+        e.show()
+        return getattr(e, "exit_code", 2)
+    except USER_ERRORS as e:  # raised outside a guarded command (e.g. in a callback)
+        if _debug():
+            raise
+        print_error(e)
+        return 1
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        return 130
+    return rv if isinstance(rv, int) else 0

@@ -1,0 +1,324 @@
+"""Train cells: one cell = one short LoRA fit at rank r on one dataset; cells that share a dataset train
+packed in one forward pass, each batch row through its own adapter, each cell with its own loss,
+optimizer state, clipping and early stop.
+
+Where the time goes, and what this file does about it:
+- the frozen layers below the first adapted layer run once per dataset (`FrozenPrefix`);
+- logits are computed only at answer positions (the vocabulary is 49k-152k wide);
+- the training forward with dropout off IS the teacher-forced measurement of the current weights, so the
+  early-stop check costs nothing;
+- a finished cell leaves the pack (its rows and its optimizer state), so the pack shrinks as cells converge.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from memprobe.adapters import AdapterSpec, AttachedAdapters, attach_adapters, decoder_layers
+from memprobe.errors import MemprobeError
+from memprobe.measure import LN2, AnswerBatch, CellMetrics, cell_metrics, token_stats
+
+SCHEDULES = ("constant", "linear")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training budget a law is calibrated with (recorded in the law: plans must train at least this)."""
+
+    steps: int = 150
+    lr: float = 1e-2
+    schedule: str = "constant"
+    warmup: int = 0
+    clip: float | None = None
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    stop_p: float | None = 0.9  # converged: every answer token has p >= stop_p (ordered phase with margin)
+    plateau_window: int = 30  # plateau: loss fell by less than plateau_tol (relative) over this many steps
+    plateau_tol: float = 0.01
+    min_steps: int = 10
+
+    def __post_init__(self):
+        if int(self.steps) != self.steps or self.steps <= 0:
+            raise MemprobeError(f"steps must be a positive integer, got {self.steps}")
+        if not self.lr > 0:
+            raise MemprobeError(f"learning rate must be positive, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise MemprobeError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.clip is not None and self.clip <= 0:
+            raise MemprobeError(f"clip must be positive (or none), got {self.clip}")
+        if self.stop_p is not None and not 0.5 <= self.stop_p < 1:
+            raise MemprobeError(f"stop_p must be in [0.5, 1), got {self.stop_p}")
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.schedule == "linear":
+            return self.lr * max(0.0, 1.0 - step / self.steps)
+        return self.lr
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    rank: int
+    seed: int = 0
+    objective: str = "sft"
+
+
+@dataclass
+class CellOutcome:
+    """What one cell measured: metrics after training, why it stopped, its loss curve."""
+
+    spec: CellSpec
+    after: CellMetrics
+    steps: int
+    stop_reason: str  # "converged" | "plateau" | "budget"
+    seconds: float
+    curve: list[float] = field(default_factory=list)  # training loss (mean CE over answer tokens) per step
+    state: dict | None = None  # adapter weights of this cell (when requested)
+
+    def final_slope(self, window: int = 10) -> float:
+        """Relative loss decrease per step over the last `window` steps (near 0 = at its plateau)."""
+        c = self.curve
+        if len(c) < 2:
+            return float("nan")
+        w = min(window, len(c) - 1)
+        return (c[-1 - w] - c[-1]) / max(c[-1 - w], 1e-12) / w
+
+
+class FrozenPrefix:
+    """Runs the model from the first adapted layer on hidden states computed once.
+
+    Layers below `first_layer` never change, so their output for this dataset is cached; each step runs
+    only layers[first_layer:], the final norm, and the LM head at answer positions."""
+
+    def __init__(self, model, batch: AnswerBatch, first_layer: int):
+        self.model, self.batch, self.k = model, batch, first_layer
+        self.layers = decoder_layers(model)
+        device = next(model.parameters()).device
+        self.batch = batch.to(device)
+        self.h, self.position_ids, self.position_embeddings = capture_layer_input(model, self.batch.input_ids, first_layer)
+
+    def logits(self, G: int = 1) -> torch.Tensor:
+        """(G*n, Tm, V) logits at answer positions, rows grouped by adapter: [adapter 0 rows, adapter 1 rows, ...]."""
+        h = self.h.repeat(G, 1, 1) if G > 1 else self.h  # (G*n, S, d)
+        for layer in self.layers[self.k:]:
+            # no mask: sdpa applies is_causal, which with right padding is exact for every real position
+            h = layer(h, attention_mask=None, position_ids=self.position_ids,
+                      position_embeddings=self.position_embeddings)
+        pred_pos = self.batch.pred_pos.repeat(G, 1)  # (G*n, Tm)
+        h = h.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (G*n, Tm, d)
+        h = self.model.model.norm(h)  # RMSNorm is per position: norm after gathering is the same
+        return self.model.lm_head(h)
+
+    def measure_base(self) -> CellMetrics:
+        with torch.no_grad():
+            tl, hit = token_stats(self.logits(1), self.batch.targets)
+        return cell_metrics(tl, hit, self.batch.mask)
+
+
+class _Captured(Exception):
+    pass
+
+
+def capture_layer_input(model, input_ids: torch.Tensor, k: int):
+    """Hidden states entering decoder layer k, with the position ids and rotary embeddings the model itself
+    computed (so any model-specific embedding scaling is kept), without running layers k and above."""
+    layers = decoder_layers(model)
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["h"] = args[0] if args else kwargs["hidden_states"]
+        seen["position_ids"] = kwargs.get("position_ids")
+        seen["position_embeddings"] = kwargs.get("position_embeddings")
+        raise _Captured
+
+    handle = layers[k].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.model(input_ids=input_ids, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    position_ids = seen["position_ids"]
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+    return seen["h"].detach(), position_ids, seen["position_embeddings"]
+
+
+class StackedAdamW:
+    """AdamW over parameters whose first dim is the cell (G, ...). Elementwise, so a packed cell's update is
+    exactly its isolated update; per-cell gradient clipping; finished cells can be dropped (`keep`)."""
+
+    def __init__(self, params, cfg: TrainConfig):
+        self.params, self.cfg, self.t = list(params), cfg, 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        self.t += 1
+        b1, b2 = self.cfg.betas
+        if self.cfg.clip is not None:
+            self._clip_per_cell(self.cfg.clip)
+        c1, c2 = 1 - b1**self.t, 1 - b2**self.t
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            g = p.grad
+            if self.cfg.weight_decay:
+                p.mul_(1 - lr * self.cfg.weight_decay)
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v / c2).sqrt_().add_(self.cfg.eps)
+            p.addcdiv_(m, denom, value=-lr / c1)
+
+    def _clip_per_cell(self, max_norm: float) -> None:
+        sq = sum(p.grad.float().pow(2).flatten(1).sum(1) for p in self.params if p.grad is not None)  # (G,)
+        coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(coef.view(-1, *([1] * (p.dim() - 1))).to(p.grad.dtype))
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def keep(self, groups: list[int], new_params) -> None:
+        idx = torch.tensor(groups, device=self.m[0].device)
+        self.m = [m.index_select(0, idx) for m in self.m]
+        self.v = [v.index_select(0, idx) for v in self.v]
+        self.params = list(new_params)
+
+
+def _cell_state(adapters: AttachedAdapters, g: int) -> dict:
+    out = {}
+    for name, bank in adapters.banks.items():
+        r = bank.ranks[g]
+        out[name] = (bank.A[g, :, :r].detach().cpu().clone(), bank.B[g, :r, :].detach().cpu().clone())
+    return out
+
+
+def train_cells(model, prefix: FrozenPrefix | None, batch: AnswerBatch, cells: list[CellSpec], adapter: AdapterSpec,
+                cfg: TrainConfig, *, objective_kwargs: dict | None = None, keep_state: bool = False,
+                on_step: Callable[[int], None] | None = None) -> list[CellOutcome]:
+    """Train `cells` (sharing `batch`) packed; returns one outcome per cell, in the order given.
+
+    `prefix` may be passed in to reuse the cached lower layers across packs of the same dataset (it must
+    have been built with the same first adapted layer)."""
+    from memprobe.objectives import make_objective
+
+    adapters = attach_adapters(model, adapter, [c.rank for c in cells], [c.seed for c in cells])
+    try:
+        if prefix is None or prefix.k != adapters.first_layer:
+            prefix = FrozenPrefix(model, batch, adapters.first_layer)
+        objectives = [make_objective(c.objective, **(objective_kwargs or {}).get(c.objective, {})) for c in cells]
+        return _train_loop(prefix, adapters, cells, objectives, cfg, keep_state, on_step)
+    finally:
+        adapters.detach()
+
+
+def _train_loop(prefix, adapters, cells, objectives, cfg, keep_state, on_step) -> list[CellOutcome]:
+    b = prefix.batch
+    n = b.n_rows
+    sample_ids = torch.arange(n, device=b.mask.device)
+    active = list(range(len(cells)))  # indices into `cells` of the adapters still in the pack, in bank order
+    outcomes: dict[int, CellOutcome] = {}
+    curves = {i: [] for i in active}
+    seconds = {i: 0.0 for i in active}
+    opt = StackedAdamW(adapters.parameters(), cfg)
+    dropout = adapters.spec.dropout > 0
+    for step in range(cfg.steps + 1):
+        t0 = time.perf_counter()
+        G = len(active)
+        adapters.train(step < cfg.steps)
+        with torch.set_grad_enabled(step < cfg.steps):
+            logits = prefix.logits(G)  # (G*n, Tm, V)
+            tl, hit = token_stats(logits, b.targets.repeat(G, 1))
+            tl, hit = tl.view(G, n, -1), hit.view(G, n, -1)  # (G, n, Tm)
+        finished = []
+        for g, i in enumerate(active):
+            metrics = cell_metrics(tl[g], hit[g], b.mask)
+            curves[i].append(metrics.loss)
+            reason = _stop_reason(metrics, curves[i], step, cfg)
+            if reason is not None:
+                if dropout and step < cfg.steps:
+                    metrics = _measure_eval(prefix, adapters, G, g)
+                outcomes[i] = CellOutcome(cells[i], metrics, step, reason, 0.0, curves[i],
+                                          _cell_state(adapters, g) if keep_state else None)
+                finished.append(g)
+        if step == cfg.steps or len(finished) == G:
+            _add_time(seconds, active, time.perf_counter() - t0)
+            break
+        progress = step / cfg.steps
+        loss = 0.0
+        for g, i in enumerate(active):
+            if g in finished:
+                continue
+            rows = objectives[i].active_samples(n, progress)
+            mask = torch.zeros_like(b.mask)
+            mask[rows] = b.mask[rows]
+            loss = loss + objectives[i].loss(tl[g], hit[g], mask, sample_ids)
+        loss.backward()
+        opt.step(cfg.lr_at(step))
+        opt.zero_grad()
+        _add_time(seconds, active, time.perf_counter() - t0)
+        if finished:
+            keep = [g for g in range(G) if g not in finished]
+            adapters.keep(keep)
+            opt.keep(keep, adapters.parameters())
+            active = [active[g] for g in keep]
+        if on_step is not None:
+            on_step(len(active) + len(finished))
+    for i, out in outcomes.items():
+        out.seconds = seconds[i]
+    return [outcomes[i] for i in range(len(cells))]
+
+
+def _add_time(seconds: dict, active: list[int], dt: float) -> None:
+    # a packed step's wall time is shared equally by the cells in it
+    for i in active:
+        seconds[i] += dt / len(active)
+
+
+def _stop_reason(metrics: CellMetrics, curve: list[float], step: int, cfg: TrainConfig) -> str | None:
+    if step >= cfg.steps:
+        return "budget"
+    if cfg.stop_p is not None and metrics.min_p >= cfg.stop_p:
+        return "converged"
+    w = cfg.plateau_window
+    if step >= max(cfg.min_steps, w) and len(curve) > w:
+        old, new = curve[-1 - w], curve[-1]
+        if old - new < cfg.plateau_tol * max(old, 1e-12):
+            return "plateau"
+    return None
+
+
+def _measure_eval(prefix, adapters, G, g) -> CellMetrics:
+    adapters.train(False)
+    with torch.no_grad():
+        tl, hit = token_stats(prefix.logits(G), prefix.batch.targets.repeat(G, 1))
+    n = prefix.batch.n_rows
+    adapters.train(True)
+    return cell_metrics(tl[g * n:(g + 1) * n], hit[g * n:(g + 1) * n], prefix.batch.mask)
+
+
+def is_saturated(loss_after: float) -> bool:
+    """Saturated cells (every-token-average below ln 2) have a loss reduction capped by L_before: the law
+    is fitted without them."""
+    return loss_after < LN2
+
+
+def nan_to_none(x: float):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

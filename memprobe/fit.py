@@ -1,0 +1,475 @@
+"""Fit the Parametric Memory Law to a cells table: fit_law(cells) -> LawFit.
+
+dL(r, T) = C * r**alpha * T**(-beta) + b is fitted on the non-saturated cells only
+(loss_after >= ln 2): a saturated cell's dL is capped by its loss_before, so it says how
+much there was to learn, not how much the adapter could hold.
+
+The fit, in three steps:
+1. variable projection: for fixed (alpha, beta) the model is linear in (C, b), so a grid
+   over (alpha, beta) with (C, b) solved by weighted least squares gives a start that does
+   not depend on a guess;
+2. lmfit (bounds C, alpha, beta > 0) from that start;
+3. a seeded bootstrap over cells for confidence intervals and prediction intervals, and a
+   held-out check: refit without the largest-T cells and predict them.
+Residuals are relative (weighted by 1 / |dL|): dL spans orders of magnitude over a grid
+and its run-to-run noise grows with it.
+
+No torch here: this module needs numpy, scipy, pandas and lmfit only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from memprobe.errors import MemprobeError
+from memprobe.law import LN2, PARAMS, EMLink, MemoryLaw, objective_order
+
+REQUIRED_COLUMNS = ("rank", "tokens", "loss_before", "loss_after")
+N_PARAMS = len(PARAMS)
+PROVENANCE_FIELDS = ("model", "adapter", "dataset")
+
+
+# -------------------------------------------------------------------- result objects
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Out-of-sample check: the law refitted without the cells at the largest T predicts them."""
+
+    tokens: float  # the T that was held out
+    n_cells: int
+    mape: float  # mean |predicted - measured| / |measured| over the held-out cells (fraction)
+    max_ape: float
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "n_cells": self.n_cells, "mape": self.mape, "max_ape": self.max_ape}
+
+
+@dataclass(frozen=True, repr=False)
+class LawFit:
+    """What fit_law returns; nothing here is mutated after the fit (like lmfit's ModelResult).
+
+    r2 and mape are in-sample over the n_used non-saturated cells (mape as a fraction:
+    0.02 is 2 %); ci maps each parameter to its seeded-bootstrap interval at ci_level;
+    cells holds every cell of this objective with delta_loss, saturated, predicted and
+    residual columns (residual is NaN on excluded cells).
+    """
+
+    law: MemoryLaw
+    r2: float
+    mape: float
+    n_used: int
+    n_excluded: int
+    ci: dict
+    ci_level: float
+    holdout: Holdout | None
+    n_bootstrap: int
+    warnings: tuple = ()
+    residuals: np.ndarray = field(default=None, compare=False)  # (n_used,) measured - predicted dL
+    cells: pd.DataFrame = field(default=None, compare=False)
+    result: Any = field(default=None, compare=False)  # lmfit MinimizerResult of the full fit
+
+    @property
+    def objective(self) -> str:
+        return self.law.objective
+
+    def to_dict(self) -> dict:
+        return {
+            "objective": self.objective,
+            "params": {p: getattr(self.law, p) for p in PARAMS},
+            "stderr": dict(self.law.stderr),
+            "ci": {k: list(v) for k, v in self.ci.items()},
+            "ci_level": self.ci_level,
+            "r2": self.r2,
+            "mape": self.mape,
+            "n_used": self.n_used,
+            "n_excluded": self.n_excluded,
+            "n_bootstrap": self.n_bootstrap,
+            "holdout": None if self.holdout is None else self.holdout.to_dict(),
+            "em_link": self.law.em_link.to_dict(),
+            "base_loss": self.law.base_loss,
+            "params_per_rank": self.law.params_per_rank,
+            "warnings": list(self.warnings),
+        }
+
+    def __repr__(self) -> str:
+        ho = "" if self.holdout is None else f", holdout_mape={self.holdout.mape:.3g}"
+        return (f"LawFit({self.law!r}, r2={self.r2:.4f}, mape={self.mape:.3g}, n_used={self.n_used}, "
+                f"n_excluded={self.n_excluded}{ho})")
+
+    def _repr_html_(self) -> str:
+        ho = "" if self.holdout is None else f", held-out MAPE {self.holdout.mape:.1%} at T={self.holdout.tokens:g}"
+        return (f"<div>R² {self.r2:.4f}, MAPE {self.mape:.1%}, {self.n_used} cells used, "
+                f"{self.n_excluded} saturated excluded{ho}</div>" + self.law._repr_html_())
+
+
+# -------------------------------------------------------------------- reading and checking cells
+
+
+def read_cells(path) -> pd.DataFrame:
+    """A cells.csv as a DataFrame; missing, empty or malformed files raise MemprobeError."""
+    path = Path(path)
+    if not path.exists():
+        raise MemprobeError(f"cells file not found: {path}")
+    if not path.is_file():
+        raise MemprobeError(f"cells file is not a file: {path}")
+    try:
+        cells = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise MemprobeError(f"cells file {path} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        msg = " ".join(str(e).split())
+        raise MemprobeError(f"cells file {path} is not a valid CSV ({msg})") from None
+    if cells.empty:
+        raise MemprobeError(f"cells file {path} has a header but no rows")
+    return cells
+
+
+def check_cells(cells) -> pd.DataFrame:
+    """A clean copy of the cells: required columns present, numeric, positive where they must be."""
+    if not isinstance(cells, pd.DataFrame):
+        raise MemprobeError(f"cells must be a pandas DataFrame, got {type(cells).__name__}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in cells.columns]
+    if missing:
+        raise MemprobeError(f"cells table is missing column(s) {', '.join(missing)} (needs {', '.join(REQUIRED_COLUMNS)})")
+    if cells.empty:
+        raise MemprobeError("cells table has no rows")
+    df = cells.reset_index(drop=True).copy()
+    for col in REQUIRED_COLUMNS:
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna() | ~np.isfinite(values.astype(float))
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise MemprobeError(f"column {col} has {int(bad.sum())} missing or non-numeric value(s), first {df[col].iloc[i]!r} in row {i + 1}")
+        df[col] = values.astype(float)
+    for col, strictly in (("rank", True), ("tokens", True), ("loss_before", True), ("loss_after", False)):
+        bad = df[col] <= 0 if strictly else df[col] < 0
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            kind = "positive" if strictly else "non-negative"
+            raise MemprobeError(f"{col} must be {kind}, got {df[col].iloc[i]:g} in row {i + 1}")
+    if "objective" in df.columns:
+        if df["objective"].isna().any():
+            i = int(np.flatnonzero(df["objective"].isna().to_numpy())[0])
+            raise MemprobeError(f"column objective has an empty value in row {i + 1}")
+        df["objective"] = df["objective"].astype(str).str.strip()
+    return df
+
+
+def objectives_in(cells: pd.DataFrame) -> list[str]:
+    """Objectives present in a cells table, simplest first; ["sft"] without an objective column."""
+    if "objective" not in cells.columns:
+        return ["sft"]
+    return sorted(cells["objective"].astype(str).str.strip().unique(), key=objective_order)
+
+
+# -------------------------------------------------------------------- the model and its fit
+
+
+def law_model(theta, r, T):
+    C, alpha, beta, b = theta
+    return C * r**alpha * T ** (-beta) + b
+
+
+def _sigma(y: np.ndarray) -> np.ndarray:
+    # relative errors; the floor only keeps a cell with dL ~ 0 from taking all the weight
+    return np.abs(y) + 1e-3 * np.median(np.abs(y)) + 1e-12
+
+
+ALPHA_GRID = np.geomspace(0.02, 3.0, 48)
+BETA_GRID = np.geomspace(0.02, 3.0, 48)
+
+
+def _project_grid(r, T, y, w):
+    """Best (C, alpha, beta, b) over the (alpha, beta) grid, (C, b) by weighted least squares."""
+    X = r[:, None, None] ** ALPHA_GRID[None, :, None] * T[:, None, None] ** (-BETA_GRID[None, None, :])  # (n, A, B)
+    W = (w**2)[:, None, None]
+    Sw, Sx, Sxx = W.sum(0), (W * X).sum(0), (W * X * X).sum(0)  # (1, 1), (A, B), (A, B)
+    Sy, Sxy = (W * y[:, None, None]).sum(0), (W * X * y[:, None, None]).sum(0)  # (1, 1), (A, B)
+    det = Sw * Sxx - Sx**2
+    ok = det > 1e-12 * Sw * Sxx
+    with np.errstate(divide="ignore", invalid="ignore"):
+        C = np.where(ok, (Sw * Sxy - Sx * Sy) / det, 0.0)
+        b = np.where(ok, (Sxx * Sy - Sx * Sxy) / det, Sy / Sw)
+    # C must be positive: where the unconstrained solution is not, the best allowed is C -> 0
+    b = np.where(C > 0, b, Sy / Sw)
+    C = np.where(C > 0, C, 0.0)
+    cost = (W * (y[:, None, None] - C * X - b) ** 2).sum(0)
+    i, j = np.unravel_index(np.argmin(cost), cost.shape)
+    return np.array([max(C[i, j], 1e-6), ALPHA_GRID[i], BETA_GRID[j], b[i, j]])
+
+
+def _residual_theta(theta, r, T, y, w):
+    return (y - law_model(theta, r, T)) * w
+
+
+def _lmfit(r, T, y, start):
+    """lmfit least squares with C, alpha, beta > 0, from `start`; returns (theta, stderr, result)."""
+    import lmfit
+
+    w = 1.0 / _sigma(y)
+    params = lmfit.Parameters()
+    params.add("C", value=float(start[0]), min=1e-12)
+    params.add("alpha", value=float(start[1]), min=1e-6, max=20.0)
+    params.add("beta", value=float(start[2]), min=1e-6, max=20.0)
+    params.add("b", value=float(start[3]))
+
+    def residual(p):
+        return _residual_theta((p["C"].value, p["alpha"].value, p["beta"].value, p["b"].value), r, T, y, w)
+
+    result = lmfit.Minimizer(residual, params).minimize(method="least_squares")
+    theta = np.array([result.params[p].value for p in PARAMS])
+    stderr = {p: float(result.params[p].stderr) for p in PARAMS
+              if result.params[p].stderr is not None and np.isfinite(result.params[p].stderr)}
+    return theta, stderr, result
+
+
+def fit_params(r, T, y):
+    """(C, alpha, beta, b), stderr, lmfit result: grid projection, then lmfit."""
+    r, T, y = (np.asarray(v, dtype=float) for v in (r, T, y))
+    start = _project_grid(r, T, y, 1.0 / _sigma(y))
+    return _lmfit(r, T, y, start)
+
+
+def _refit_fast(r, T, y, start):
+    """A bootstrap refit: plain scipy least squares from the full fit (same model, same weights)."""
+    from scipy.optimize import least_squares
+
+    lo = np.array([1e-12, 1e-6, 1e-6, -np.inf])
+    hi = np.array([np.inf, 20.0, 20.0, np.inf])
+    x0 = np.clip(start, lo, hi)
+    sol = least_squares(_residual_theta, x0, bounds=(lo, hi), args=(r, T, y, 1.0 / _sigma(y)), method="trf")
+    return sol.x
+
+
+def _identifiable(r, T) -> bool:
+    return len(np.unique(r)) >= 2 and len(np.unique(T)) >= 2
+
+
+def bootstrap_samples(r, T, y, theta, n_bootstrap: int, seed: int) -> np.ndarray:
+    """(n_bootstrap, 4) parameter draws from refits on cells resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    out = []
+    for _ in range(n_bootstrap):
+        for _try in range(100):  # a resample with one rank or one T cannot identify alpha or beta
+            idx = rng.integers(0, n, n)
+            if _identifiable(r[idx], T[idx]):
+                break
+        else:
+            continue
+        out.append(_refit_fast(r[idx], T[idx], y[idx], theta))
+    return np.asarray(out, dtype=float).reshape(-1, N_PARAMS)
+
+
+def _mape(y, pred) -> tuple[float, float]:
+    ape = np.abs(pred - y) / np.maximum(np.abs(y), 1e-12)
+    return float(np.mean(ape)), float(np.max(ape))
+
+
+def _holdout(r, T, y) -> tuple[Holdout | None, str | None]:
+    T_max = float(T.max())
+    keep = T < T_max
+    if keep.sum() < N_PARAMS or not _identifiable(r[keep], T[keep]):
+        return None, (f"held-out check skipped: without the T={T_max:g} cells only {int(keep.sum())} usable cells "
+                      f"with {len(np.unique(T[keep]))} distinct T remain")
+    theta, _, _ = fit_params(r[keep], T[keep], y[keep])
+    mape, max_ape = _mape(y[~keep], law_model(theta, r[~keep], T[~keep]))
+    return Holdout(tokens=T_max, n_cells=int((~keep).sum()), mape=mape, max_ape=max_ape), None
+
+
+# -------------------------------------------------------------------- the EM link
+
+
+def fit_em_link(loss_after, exact_match) -> EMLink:
+    """EM = 1 / (1 + (L_after / L50)**k), least squares on (loss_after, exact_match).
+
+    Needs at least two cells with 0 < EM < 1: cells at EM = 0 or 1 only bound the curve
+    (k unbounded), so then the documented default link is returned, flagged source="default".
+    """
+    from scipy.optimize import least_squares
+
+    L = np.asarray(loss_after, dtype=float)
+    em = np.asarray(exact_match, dtype=float)
+    ok = np.isfinite(L) & np.isfinite(em)
+    L, em = L[ok], np.clip(em[ok], 0.0, 1.0)
+    if len(L) == 0:
+        return EMLink.default(note="no exact_match values in the cells")
+    mid = (em > 0) & (em < 1)
+    if mid.sum() < 2:
+        return EMLink.default(note=f"{int(mid.sum())} of {len(L)} cells have 0 < exact_match < 1 (need 2): L50 and k are unidentifiable")
+
+    def residual(x):  # x = (ln L50, ln k): positivity for free
+        return 1.0 / (1.0 + (np.maximum(L, 0.0) / math.exp(x[0])) ** math.exp(x[1])) - em
+
+    L_mid = L[mid]
+    best = None
+    for k0 in (1.0, 4.0, 16.0):  # the cost is not convex in k: a few starts
+        x0 = [math.log(max(float(np.exp(np.mean(np.log(np.maximum(L_mid, 1e-6))))), 1e-6)), math.log(k0)]
+        sol = least_squares(residual, x0, bounds=([-30, math.log(0.05)], [30, math.log(200.0)]))
+        if best is None or sol.cost < best.cost:
+            best = sol
+    if not best.success or not np.all(np.isfinite(best.x)):
+        return EMLink.default(note=f"the EM link fit did not converge ({best.message})")
+    rmse = float(np.sqrt(np.mean(best.fun**2)))
+    return EMLink(L50=math.exp(best.x[0]), k=math.exp(best.x[1]), source="fit", n_cells=len(L), rmse=rmse)
+
+
+# -------------------------------------------------------------------- public entry points
+
+
+def _single_value(cells: pd.DataFrame, col: str) -> str | None:
+    if col not in cells.columns:
+        return None
+    values = cells[col].dropna().astype(str).unique()
+    return str(values[0]) if len(values) == 1 else None
+
+
+def _params_per_rank(cells: pd.DataFrame) -> float | None:
+    if "trainable_params" not in cells.columns:
+        return None
+    p = pd.to_numeric(cells["trainable_params"], errors="coerce").to_numpy(dtype=float) / cells["rank"].to_numpy()
+    p = p[np.isfinite(p) & (p > 0)]
+    return float(np.median(p)) if len(p) else None
+
+
+def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int, holdout: bool,
+             provenance: Mapping | None, ci_level: float) -> LawFit:
+    r = cells["rank"].to_numpy(dtype=float)
+    T = cells["tokens"].to_numpy(dtype=float)
+    Lb = cells["loss_before"].to_numpy(dtype=float)
+    La = cells["loss_after"].to_numpy(dtype=float)
+    dL = Lb - La
+    saturated = La < LN2
+    used = ~saturated
+    n_used, n_excluded = int(used.sum()), int(saturated.sum())
+    where = f"objective {objective!r}: " if objective else ""
+    if n_used < N_PARAMS:
+        raise MemprobeError(
+            f"{where}only {n_used} non-saturated cell(s) are usable ({n_excluded} excluded as saturated, loss_after < ln 2); "
+            f"fitting C, alpha, beta, b needs at least {N_PARAMS}"
+        )
+    for name, x, param in (("rank", r, "alpha"), ("tokens", T, "beta")):
+        values = np.unique(x[used])
+        if len(values) < 2:
+            raise MemprobeError(
+                f"{where}every usable cell has {name} {values[0]:g}: {param} is unidentifiable "
+                f"(calibrate at least 2 distinct {name} values among non-saturated cells)"
+            )
+    r_u, T_u, y = r[used], T[used], dL[used]
+
+    theta, stderr, result = fit_params(r_u, T_u, y)
+    pred = law_model(theta, r, T)
+    res = y - pred[used]
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(res**2)) / ss_tot if ss_tot > 0 else float("nan")
+    mape, _ = _mape(y, pred[used])
+
+    warnings = []
+    n_bootstrap = int(n_bootstrap)
+    if n_bootstrap < 0:
+        raise MemprobeError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
+    samples = bootstrap_samples(r_u, T_u, y, theta, n_bootstrap, seed) if n_bootstrap else np.zeros((0, N_PARAMS))
+    if len(samples) >= 2:
+        q = np.quantile(samples, [(1 - ci_level) / 2, (1 + ci_level) / 2], axis=0)  # (2, 4)
+        ci = {p: (float(q[0, i]), float(q[1, i])) for i, p in enumerate(PARAMS)}
+    else:
+        # no bootstrap: a normal approximation from lmfit's covariance
+        from scipy.stats import norm
+
+        z = float(norm.ppf((1 + ci_level) / 2))
+        ci = {p: (float(theta[i] - z * stderr[p]), float(theta[i] + z * stderr[p]))
+              for i, p in enumerate(PARAMS) if p in stderr}
+        if n_bootstrap:
+            warnings.append("bootstrap produced too few refits; intervals from the covariance instead")
+
+    ho, note = _holdout(r_u, T_u, y) if holdout else (None, None)
+    if note:
+        warnings.append(note)
+
+    if "exact_match" in cells.columns:  # every cell, saturated ones included: they carry the high-EM end
+        link = fit_em_link(La, pd.to_numeric(cells["exact_match"], errors="coerce").to_numpy(dtype=float))
+    else:
+        link = EMLink.default(note="the cells have no exact_match column")
+    if link.source == "default":
+        warnings.append(f"EM link: default L50={link.L50:.3g}, k={link.k:.3g} ({link.note})")
+
+    # base loss per answer token: a token-weighted mean, so larger sets count for their tokens
+    base_loss = float(np.sum(Lb[used] * T_u) / np.sum(T_u))
+
+    prov = dict(provenance or {})
+    info = {f: prov.pop(f, None) or _single_value(cells, f) for f in PROVENANCE_FIELDS}
+    budget = dict(prov.pop("budget", None) or {})
+    if not budget and "steps" in cells.columns:
+        steps = pd.to_numeric(cells["steps"], errors="coerce").dropna()
+        if len(steps):
+            budget = {"steps": int(steps.max()), "note": "inferred from the cells (largest steps)"}
+
+    law = MemoryLaw(
+        C=theta[0], alpha=theta[1], beta=theta[2], b=theta[3], objective=objective, em_link=link,
+        base_loss=base_loss, params_per_rank=_params_per_rank(cells),
+        rank_range=(float(r_u.min()), float(r_u.max())), tokens_range=(float(T_u.min()), float(T_u.max())),
+        **info, budget=budget, stderr=stderr, ci=ci, ci_level=ci_level, samples=tuple(map(tuple, samples.tolist())),
+        fit_stats={
+            "r2": r2, "mape": mape, "n_used": n_used, "n_excluded": n_excluded, "n_bootstrap": n_bootstrap,
+            "seed": seed, "holdout": None if ho is None else ho.to_dict(),
+        },
+        provenance=prov,
+    )
+    table = cells.copy()
+    table["delta_loss"] = dL
+    table["saturated"] = saturated
+    table["predicted"] = pred
+    table["residual"] = np.where(used, dL - pred, np.nan)
+    return LawFit(law=law, r2=r2, mape=mape, n_used=n_used, n_excluded=n_excluded, ci=ci, ci_level=ci_level,
+                  holdout=ho, n_bootstrap=n_bootstrap, warnings=tuple(warnings), residuals=res, cells=table,
+                  result=result)
+
+
+def _check_options(ci_level) -> float:
+    level = float(ci_level)
+    if not 0 < level < 1:
+        raise MemprobeError(f"ci_level must be in (0, 1), got {ci_level!r}")
+    return level
+
+
+def fit_law(cells: pd.DataFrame, *, objective: str | None = None, n_bootstrap: int = 200, seed: int = 0,
+            holdout: bool = True, provenance: Mapping | None = None, ci_level: float = 0.95) -> LawFit:
+    """Fit dL(r, T) = C r^alpha T^-beta + b to the non-saturated cells of one objective.
+
+    cells needs the columns rank, tokens, loss_before, loss_after; optional: objective
+    (one law per objective: choose with `objective`, or use fit_laws), exact_match (the EM
+    link), trainable_params (params_per_rank), model/adapter/dataset/steps (provenance).
+    provenance: dict with model, adapter, dataset, budget (dict) and anything else to record.
+    """
+    df = check_cells(cells)
+    level = _check_options(ci_level)
+    present = objectives_in(df)
+    if objective is None:
+        if len(present) > 1:
+            raise MemprobeError(f"the cells hold {len(present)} objectives ({', '.join(present)}): choose one "
+                                f"(objective= / --objective) or fit them all with fit_laws")
+        objective = present[0]
+    elif "objective" in df.columns:
+        if objective not in present:
+            raise MemprobeError(f"no cells for objective {objective!r} (the cells hold: {', '.join(present)})")
+        df = df[df["objective"] == objective].reset_index(drop=True)
+    return _fit_one(df, objective, n_bootstrap=n_bootstrap, seed=seed, holdout=holdout,
+                    provenance=provenance, ci_level=level)
+
+
+def fit_laws(cells: pd.DataFrame, *, n_bootstrap: int = 200, seed: int = 0, holdout: bool = True,
+             provenance: Mapping | None = None, ci_level: float = 0.95) -> dict[str, LawFit]:
+    """One LawFit per objective present in the cells, simplest objective first."""
+    df = check_cells(cells)
+    return {
+        obj: fit_law(df, objective=obj, n_bootstrap=n_bootstrap, seed=seed, holdout=holdout,
+                     provenance=provenance, ci_level=ci_level)
+        for obj in objectives_in(df)
+    }

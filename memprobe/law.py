@@ -1,0 +1,472 @@
+"""The Parametric Memory Law, fitted: dL(r, T) = C * r**alpha * T**(-beta) + b.
+
+numpy + json only: planning code and notebooks read a law file without torch or pandas.
+
+A law predicts the loss reduction dL = L_before - L_after (nats per answer token) that a
+LoRA adapter of rank r reaches on T answer tokens after the training budget it was
+calibrated with. Exact match (EM) is not a function of dL alone; the EM link maps the
+predicted per-token loss after training, L_after = base_loss - dL, to the fraction of
+sequences that greedy decoding reproduces verbatim:
+
+    EM(L_after) = 1 / (1 + (L_after / L50)**k)      (k > 0)
+
+i.e. a logistic in ln L_after: monotone decreasing, EM -> 1 as L_after -> 0, EM = 1/2 at
+L_after = L50.
+
+File format (JSON, sorted keys):
+    {"format": "memprobe-law", "schema_version": 1, "laws": {"sft": {...}, "memft-ot": {...}}}
+one law per training objective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from memprobe.errors import MemprobeError
+
+SCHEMA_VERSION = 1
+FILE_FORMAT = "memprobe-law"
+LN2 = math.log(2.0)
+
+# simplest first: ties between objectives go to the one earlier in this list
+OBJECTIVES = ("sft", "memft-ot", "memft-sw")
+
+PARAMS = ("C", "alpha", "beta", "b")
+
+# Used when the cells cannot identify the link (no exact_match column, or every EM is 0 or 1).
+# L50 = ln 2 / 2: half the sequences survive when the mean token sits at p ~ 0.71, well inside
+# the ordered phase (p > 0.5); k = 4 makes EM fall from ~0.99 at L = 0.1 to ~0.06 at L = ln 2.
+DEFAULT_L50 = LN2 / 2.0
+DEFAULT_K = 4.0
+
+
+def objective_order(name: str) -> tuple[int, str]:
+    """Sort key: known objectives from simplest to most elaborate, then others by name."""
+    return (OBJECTIVES.index(name), name) if name in OBJECTIVES else (len(OBJECTIVES), name)
+
+
+def _finite(name: str, value: Any) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise MemprobeError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise MemprobeError(f"{name} must be finite, got {value!r}")
+    return x
+
+
+def _positive(name: str, value: Any) -> float:
+    x = _finite(name, value)
+    if x <= 0:
+        raise MemprobeError(f"{name} must be positive, got {value!r}")
+    return x
+
+
+def _positive_array(name: str, value: Any) -> np.ndarray:
+    try:
+        x = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise MemprobeError(f"{name} must be numeric, got {value!r}") from None
+    bad = ~np.isfinite(x) | (x <= 0)
+    if bad.any():
+        first = x[bad].flat[0] if x.ndim else x.item()
+        raise MemprobeError(f"{name} must be positive, got {first:g}")
+    return x
+
+
+def check_target_em(em):
+    """em as a float array, every value in (0, 1]; the message quotes the first bad one."""
+    try:
+        x = np.asarray(em, dtype=float)
+    except (TypeError, ValueError):
+        raise MemprobeError(f"target_em must be a number in (0, 1], got {em!r}") from None
+    bad = ~np.isfinite(x) | (x <= 0) | (x > 1)
+    if bad.any():
+        raise MemprobeError(f"target_em must be in (0, 1], got {x[bad].flat[0] if x.ndim else x.item():g}")
+    return x
+
+
+def _scalar_or_array(x: np.ndarray):
+    return float(x) if np.ndim(x) == 0 else x
+
+
+def _range(name: str, value: Any) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    try:
+        lo, hi = value
+    except (TypeError, ValueError):
+        raise MemprobeError(f"{name} must be a (low, high) pair, got {value!r}") from None
+    lo, hi = _positive(f"{name} low", lo), _positive(f"{name} high", hi)
+    if lo > hi:
+        raise MemprobeError(f"{name} must have low <= high, got ({lo:g}, {hi:g})")
+    return (lo, hi)
+
+
+@dataclass(frozen=True)
+class EMLink:
+    """Exact match as a function of the per-token loss after training.
+
+    EM(L) = 1 / (1 + (L / L50)**k). source is "fit" (least squares on the cells) or
+    "default" (DEFAULT_L50, DEFAULT_K: the cells could not identify it; see note).
+    """
+
+    L50: float = DEFAULT_L50
+    k: float = DEFAULT_K
+    source: str = "default"
+    n_cells: int = 0
+    rmse: float | None = None
+    note: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "L50", _positive("em_link L50", self.L50))
+        object.__setattr__(self, "k", _positive("em_link k", self.k))
+        if self.source not in ("fit", "default"):
+            raise MemprobeError(f"em_link source must be 'fit' or 'default', got {self.source!r}")
+        if int(self.n_cells) < 0:
+            raise MemprobeError(f"em_link n_cells must be >= 0, got {self.n_cells!r}")
+        object.__setattr__(self, "n_cells", int(self.n_cells))
+        if self.rmse is not None:
+            object.__setattr__(self, "rmse", _finite("em_link rmse", self.rmse))
+
+    @classmethod
+    def default(cls, note: str = "") -> "EMLink":
+        return cls(L50=DEFAULT_L50, k=DEFAULT_K, source="default", n_cells=0, note=note)
+
+    def __call__(self, loss_after):
+        L = np.maximum(np.asarray(loss_after, dtype=float), 0.0)
+        # (L/L50)**k overflows to inf for huge L, which correctly gives EM = 0
+        with np.errstate(over="ignore"):
+            em = 1.0 / (1.0 + (L / self.L50) ** self.k)
+        return _scalar_or_array(em)
+
+    def loss_for(self, em):
+        """Inverse: the per-token loss after training at which EM equals em (0 < em <= 1)."""
+        em = check_target_em(em)
+        L = self.L50 * ((1.0 - em) / em) ** (1.0 / self.k)
+        return _scalar_or_array(L)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "EMLink":
+        if not isinstance(d, Mapping):
+            raise MemprobeError(f"em_link must be an object, got {d!r}")
+        keys = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in keys})
+
+
+@dataclass(frozen=True, repr=False)
+class MemoryLaw:
+    """dL(r, T) = C * r**alpha * T**(-beta) + b, with its uncertainty, EM link and provenance.
+
+    Only C, alpha, beta, b are required. A law holds for the adapter, objective and training
+    budget it was calibrated with: budget (steps, lr, schedule, ...) is what a plan tells the
+    user to train with.
+    """
+
+    C: float
+    alpha: float
+    beta: float
+    b: float = 0.0
+    objective: str = "sft"
+    em_link: EMLink = field(default_factory=EMLink.default)
+    base_loss: float | None = None  # mean loss_before per answer token on the calibration data
+    params_per_rank: float | None = None  # trainable parameters per unit of rank
+    rank_range: tuple[float, float] | None = None  # calibrated (min, max) rank
+    tokens_range: tuple[float, float] | None = None  # calibrated (min, max) answer tokens T
+    model: str | None = None
+    adapter: str | None = None
+    dataset: str | None = None
+    budget: dict = field(default_factory=dict)
+    stderr: dict = field(default_factory=dict)  # param -> standard error (lmfit covariance)
+    ci: dict = field(default_factory=dict)  # param -> (lo, hi)
+    ci_level: float = 0.95
+    samples: tuple = ()  # bootstrap draws of (C, alpha, beta, b), for prediction intervals
+    fit_stats: dict = field(default_factory=dict)  # r2, mape, n_used, n_excluded, holdout ...
+    provenance: dict = field(default_factory=dict)  # anything else: versions, date, source file
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_("C", _positive("C", self.C))
+        set_("alpha", _positive("alpha", self.alpha))
+        set_("beta", _positive("beta", self.beta))
+        set_("b", _finite("b", self.b))
+        if not isinstance(self.objective, str) or not self.objective:
+            raise MemprobeError(f"objective must be a non-empty string, got {self.objective!r}")
+        if isinstance(self.em_link, Mapping):
+            set_("em_link", EMLink.from_dict(self.em_link))
+        if not isinstance(self.em_link, EMLink):
+            raise MemprobeError(f"em_link must be an EMLink, got {self.em_link!r}")
+        if self.base_loss is not None:
+            set_("base_loss", _positive("base_loss", self.base_loss))
+        if self.params_per_rank is not None:
+            set_("params_per_rank", _positive("params_per_rank", self.params_per_rank))
+        set_("rank_range", _range("rank_range", self.rank_range))
+        set_("tokens_range", _range("tokens_range", self.tokens_range))
+        for name in ("model", "adapter", "dataset"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise MemprobeError(f"{name} must be a string, got {v!r}")
+        for name in ("budget", "stderr", "ci", "fit_stats", "provenance"):
+            v = getattr(self, name)
+            if not isinstance(v, Mapping):
+                raise MemprobeError(f"{name} must be a mapping, got {v!r}")
+            set_(name, dict(v))  # a private copy: the caller's dict cannot change a frozen law
+        set_("ci", {k: (float(lo), float(hi)) for k, (lo, hi) in self.ci.items()})
+        level = _finite("ci_level", self.ci_level)
+        if not 0 < level < 1:
+            raise MemprobeError(f"ci_level must be in (0, 1), got {self.ci_level!r}")
+        set_("ci_level", level)
+        S = np.asarray(self.samples, dtype=float).reshape(-1, 4) if len(self.samples) else np.zeros((0, 4))
+        if not np.all(np.isfinite(S)):
+            raise MemprobeError("bootstrap samples must be finite")
+        set_("samples", tuple(map(tuple, S.tolist())))
+
+    # ---------------------------------------------------------------- prediction
+
+    @cached_property
+    def _S(self) -> np.ndarray:
+        return np.asarray(self.samples, dtype=float).reshape(-1, 4)  # (n, 4): C, alpha, beta, b
+
+    @property
+    def has_samples(self) -> bool:
+        return len(self.samples) > 0
+
+    def predict(self, rank, tokens):
+        """dL at rank r and T answer tokens; arrays broadcast."""
+        r = _positive_array("rank", rank)
+        T = _positive_array("tokens", tokens)
+        return _scalar_or_array(self.C * r**self.alpha * T ** (-self.beta) + self.b)
+
+    def resolve_base_loss(self, base_loss=None) -> float:
+        """base_loss if given (the user's data), else the law's own; an error when neither exists."""
+        if base_loss is not None:
+            return _positive("base_loss", base_loss)
+        if self.base_loss is None:
+            raise MemprobeError("this law has no base_loss (mean loss before training per answer token); pass base_loss")
+        return self.base_loss
+
+    def predict_loss_after(self, rank, tokens, base_loss=None):
+        """Per-token loss after training, L_after = base_loss - dL, floored at 0."""
+        L = np.maximum(self.resolve_base_loss(base_loss) - np.asarray(self.predict(rank, tokens)), 0.0)
+        return _scalar_or_array(L)
+
+    def predict_em(self, rank, tokens, base_loss=None):
+        """Exact match predicted through the EM link: EM(base_loss - dL(r, T))."""
+        return self.em_link(self.predict_loss_after(rank, tokens, base_loss))
+
+    def predict_interval(self, rank, tokens, level: float = 0.9):
+        """(lo, hi) of dL over the bootstrap parameter draws, central interval at `level`."""
+        level = _finite("level", level)
+        if not 0 < level < 1:
+            raise MemprobeError(f"level must be in (0, 1), got {level:g}")
+        if not self.has_samples:
+            raise MemprobeError("this law has no bootstrap samples; refit with n_bootstrap > 0 for intervals")
+        r = _positive_array("rank", rank)
+        T = _positive_array("tokens", tokens)
+        S = self._S
+        shape = np.broadcast_shapes(r.shape, T.shape)
+        C, a, be, b = (S[:, i].reshape((-1,) + (1,) * len(shape)) for i in range(4))  # (n, 1, ...)
+        dL = C * r**a * T ** (-be) + b  # (n, *shape)
+        lo, hi = np.quantile(dL, [(1 - level) / 2, (1 + level) / 2], axis=0)
+        return _scalar_or_array(lo), _scalar_or_array(hi)
+
+    def predict_em_interval(self, rank, tokens, level: float = 0.9, base_loss=None):
+        """(lo, hi) of EM: the dL interval mapped through the (monotone) EM link.
+
+        Only the law's parameter uncertainty is propagated, not the link's.
+        """
+        lo, hi = self.predict_interval(rank, tokens, level)
+        base = self.resolve_base_loss(base_loss)
+        em_lo = self.em_link(np.maximum(base - np.asarray(lo), 0.0))
+        em_hi = self.em_link(np.maximum(base - np.asarray(hi), 0.0))
+        return em_lo, em_hi
+
+    # ---------------------------------------------------------------- inversion
+
+    def rank_for(self, tokens, delta_loss=None, target_em=None, base_loss=None):
+        """Closed-form inverse: the (real-valued) rank at which the law reaches the target.
+
+        Give exactly one of delta_loss (reach this dL) or target_em (reach this EM through the
+        link, i.e. dL = base_loss - L_after(EM)). Returns 0.0 where any rank reaches the
+        target (the target is below the offset b). Round up to an allowed rank yourself.
+        """
+        if (delta_loss is None) == (target_em is None):
+            raise MemprobeError("rank_for needs exactly one of delta_loss or target_em")
+        T = _positive_array("tokens", tokens)
+        if target_em is not None:
+            dL = self.resolve_base_loss(base_loss) - np.asarray(self.em_link.loss_for(target_em))
+        else:
+            try:
+                dL = np.asarray(delta_loss, dtype=float)
+            except (TypeError, ValueError):
+                raise MemprobeError(f"delta_loss must be numeric, got {delta_loss!r}") from None
+            if not np.all(np.isfinite(dL)):
+                raise MemprobeError(f"delta_loss must be finite, got {delta_loss!r}")
+        # dL - b = C r^alpha T^-beta  =>  r = ((dL - b) T^beta / C)^(1/alpha)
+        excess = np.asarray(dL - self.b, dtype=float)
+        with np.errstate(over="ignore"):
+            r = np.where(excess > 0, (np.maximum(excess, 1e-300) * T**self.beta / self.C) ** (1.0 / self.alpha), 0.0)
+        return _scalar_or_array(r)
+
+    # ---------------------------------------------------------------- serialization
+
+    def to_dict(self) -> dict:
+        return {
+            "C": self.C,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "b": self.b,
+            "objective": self.objective,
+            "em_link": self.em_link.to_dict(),
+            "base_loss": self.base_loss,
+            "params_per_rank": self.params_per_rank,
+            "rank_range": list(self.rank_range) if self.rank_range else None,
+            "tokens_range": list(self.tokens_range) if self.tokens_range else None,
+            "model": self.model,
+            "adapter": self.adapter,
+            "dataset": self.dataset,
+            "budget": dict(self.budget),
+            "stderr": dict(self.stderr),
+            "ci": {k: list(v) for k, v in self.ci.items()},
+            "ci_level": self.ci_level,
+            "samples": [list(s) for s in self.samples],
+            "fit_stats": dict(self.fit_stats),
+            "provenance": dict(self.provenance),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "MemoryLaw":
+        if not isinstance(d, Mapping):
+            raise MemprobeError(f"a law must be a JSON object, got {type(d).__name__}")
+        missing = [k for k in PARAMS if k not in d]
+        if missing:
+            raise MemprobeError(f"law is missing {', '.join(missing)}")
+        keys = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in keys and v is not None}
+        for k in ("rank_range", "tokens_range"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        if "em_link" in kw:
+            kw["em_link"] = EMLink.from_dict(kw["em_link"])
+        return cls(**kw)
+
+    def save(self, path) -> Path:
+        """Write this law alone to a law file (see save_laws for several objectives)."""
+        return save_laws({self.objective: self}, path)
+
+    @classmethod
+    def load(cls, path, objective: str | None = None) -> "MemoryLaw":
+        """The law for `objective` from a law file; the only one, or "sft" when it holds several."""
+        laws = load_laws(path)
+        if objective is not None:
+            if objective not in laws:
+                raise MemprobeError(f"law file {path} has no law for objective {objective!r} (it has: {', '.join(laws)})")
+            return laws[objective]
+        if len(laws) == 1:
+            return next(iter(laws.values()))
+        if "sft" in laws:
+            return laws["sft"]
+        raise MemprobeError(f"law file {path} holds several objectives ({', '.join(laws)}); choose one with objective=")
+
+    # ---------------------------------------------------------------- display
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={getattr(self, k)!r}" for k in ("adapter", "model") if getattr(self, k))
+        return (f"MemoryLaw(objective={self.objective!r}, C={self.C:.4g}, alpha={self.alpha:.4g}, "
+                f"beta={self.beta:.4g}, b={self.b:.4g}{extra})")
+
+    def describe(self) -> str:
+        return f"dL(r, T) = {self.C:.4g} * r^{self.alpha:.4g} * T^-{self.beta:.4g} {'+' if self.b >= 0 else '-'} {abs(self.b):.4g}"
+
+    def _repr_html_(self) -> str:
+        esc = html.escape
+        rows = []
+        for p in PARAMS:
+            ci = self.ci.get(p)
+            ci_s = f"[{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""
+            se = self.stderr.get(p)
+            rows.append(f"<tr><td>{p}</td><td>{getattr(self, p):.4g}</td><td>{'' if se is None else f'{se:.2g}'}</td><td>{ci_s}</td></tr>")
+        info = {
+            "objective": self.objective, "adapter": self.adapter, "model": self.model, "dataset": self.dataset,
+            "base loss (nats/token)": None if self.base_loss is None else f"{self.base_loss:.4g}",
+            "params per rank": None if self.params_per_rank is None else f"{self.params_per_rank:.6g}",
+            "ranks calibrated": None if not self.rank_range else f"{self.rank_range[0]:g}..{self.rank_range[1]:g}",
+            "tokens calibrated": None if not self.tokens_range else f"{self.tokens_range[0]:g}..{self.tokens_range[1]:g}",
+            "EM link": f"1/(1+(L/{self.em_link.L50:.3g})^{self.em_link.k:.3g}) ({self.em_link.source})",
+            "budget": ", ".join(f"{k}={v}" for k, v in sorted(self.budget.items())) or None,
+        }
+        info_rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in info.items() if v is not None)
+        level = f"{round(self.ci_level * 100)} % CI"
+        return (
+            f"<div><b>MemoryLaw</b>: {esc(self.describe())}"
+            f"<table><tr><th>param</th><th>value</th><th>stderr</th><th>{level}</th></tr>{''.join(rows)}</table>"
+            f"<table>{info_rows}</table></div>"
+        )
+
+
+# -------------------------------------------------------------------- law files
+
+
+def save_laws(laws: Mapping[str, MemoryLaw], path) -> Path:
+    """Write one law per objective to a versioned JSON law file."""
+    if not laws:
+        raise MemprobeError("no laws to save")
+    for name, law in laws.items():
+        if not isinstance(law, MemoryLaw):
+            raise MemprobeError(f"laws[{name!r}] must be a MemoryLaw, got {type(law).__name__}")
+        if name != law.objective:
+            raise MemprobeError(f"laws[{name!r}] holds a law for objective {law.objective!r}")
+    doc = {
+        "format": FILE_FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "laws": {name: laws[name].to_dict() for name in sorted(laws, key=objective_order)},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, sort_keys=True, indent=2) + "\n")
+    return path
+
+
+def load_laws(path) -> dict[str, MemoryLaw]:
+    """Every law in a law file, keyed by objective (simplest objective first)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MemprobeError(f"law file not found: {path}")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MemprobeError(f"law file {path} is not valid JSON ({e})") from None
+    expected = f"expected format {FILE_FORMAT!r} with schema_version {SCHEMA_VERSION}"
+    if not isinstance(doc, dict) or doc.get("format") != FILE_FORMAT:
+        raise MemprobeError(f"{path} is not a memprobe law file ({expected})")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise MemprobeError(
+            f"law file {path} has schema_version {doc.get('schema_version')!r}; this memprobe reads schema_version {SCHEMA_VERSION}"
+        )
+    raw = doc.get("laws")
+    if not isinstance(raw, dict) or not raw:
+        raise MemprobeError(f"law file {path} holds no laws")
+    laws = {}
+    for name in sorted(raw, key=objective_order):
+        try:
+            law = MemoryLaw.from_dict(raw[name])
+        except MemprobeError as e:
+            raise MemprobeError(f"law file {path}, objective {name!r}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise MemprobeError(f"law file {path}, objective {name!r}: malformed law ({e})") from None
+        if law.objective != name:
+            raise MemprobeError(f"law file {path}: key {name!r} holds a law for objective {law.objective!r}")
+        laws[name] = law
+    return laws

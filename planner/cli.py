@@ -1,0 +1,129 @@
+"""The planner command line: `planner recommend` and `planner curve`.
+
+The law comes from --law, else the newest run under $MEMPROBE_RUNS_DIR (./memprobe_runs),
+else the shipped reference law; the law used is named on stderr and in the output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from memprobe.cli_support import make_app, run_app
+from memprobe.errors import MemprobeError
+
+app = make_app("planner: choose the LoRA rank and training objective that reproduce your data exactly.")
+
+LAW_HELP = "law file [default: newest $MEMPROBE_RUNS_DIR/*/law.json, else the shipped reference law]"
+
+
+def parse_ranks(text: str | None) -> list[int] | None:
+    """'1,2,4,8' -> [1, 2, 4, 8]; recommend() checks that they are positive."""
+    if text is None:
+        return None
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        ranks = [int(x) for x in parts]
+    except ValueError:
+        ranks = []
+    if not ranks:
+        raise MemprobeError(f"--ranks must be comma-separated positive integers, got {text!r}")
+    return ranks
+
+
+def _load(law: Path | None):
+    from planner.laws import resolve_laws
+
+    laws, source = resolve_laws(law)
+    return laws, source.describe()
+
+
+def _with_source(make, source: str):
+    """Run make(); an error names the law it came from, a success says which law was used (stderr)."""
+    try:
+        result = make()
+    except MemprobeError as e:
+        raise MemprobeError(f"{e} (law: {source})") from None
+    typer.echo(f"using law: {source}", err=True)
+    return result
+
+
+@app.command()
+def recommend(
+    tokens: int = typer.Option(..., "--tokens", help="answer tokens T of the data to memorize"),
+    target_em: float = typer.Option(..., "--target-em", help="exact match to reach, in (0, 1]"),
+    law: Optional[Path] = typer.Option(None, "--law", help=LAW_HELP),
+    ranks: Optional[str] = typer.Option(None, "--ranks", help="allowed ranks, e.g. 1,2,4,8 [default: powers of two]"),
+    max_rank: Optional[int] = typer.Option(None, "--max-rank", help="largest rank allowed [default: 1024]"),
+    objective: Optional[str] = typer.Option(None, "--objective", help="only consider this objective"),
+    base_loss: Optional[float] = typer.Option(None, "--base-loss", help="base model loss per answer token on your data"),
+    level: float = typer.Option(0.9, "--level", help="level of the prediction intervals"),
+    json_: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+):
+    """The smallest rank (and the objective) whose predicted exact match reaches the target."""
+    from memprobe.law import check_target_em
+    from planner.recommend import allowed_ranks, check_level, check_tokens
+    from planner.recommend import recommend as recommend_
+
+    # the user's own values first: a typo needs no law to be reported
+    check_tokens(tokens)
+    check_target_em(target_em)
+    check_level(level)
+    rank_list = parse_ranks(ranks)
+    allowed_ranks(rank_list, max_rank)
+    laws, source = _load(law)
+    plan = _with_source(lambda: recommend_(laws, tokens=tokens, target_em=target_em, ranks=rank_list,
+                                           max_rank=max_rank, base_loss=base_loss, level=level, objective=objective,
+                                           law_source=source), source)
+    if json_:
+        typer.echo(json.dumps(plan.to_dict(), sort_keys=True))
+        return
+    from rich.console import Console
+
+    from planner.report import render_plan
+
+    Console().print(render_plan(plan))
+
+
+@app.command()
+def curve(
+    tokens: int = typer.Option(..., "--tokens", help="answer tokens T"),
+    law: Optional[Path] = typer.Option(None, "--law", help=LAW_HELP),
+    ranks: Optional[str] = typer.Option(None, "--ranks", help="ranks, e.g. 1,2,4,8 [default: powers of two]"),
+    max_rank: Optional[int] = typer.Option(None, "--max-rank", help="largest rank [default: 1024]"),
+    objective: Optional[str] = typer.Option(None, "--objective", help="only this objective"),
+    base_loss: Optional[float] = typer.Option(None, "--base-loss", help="base model loss per answer token on your data"),
+    level: float = typer.Option(0.9, "--level", help="level of the prediction intervals"),
+    json_: bool = typer.Option(False, "--json", help="print the curve as JSON"),
+):
+    """Predicted dL and exact match against rank at T answer tokens."""
+    from planner.recommend import allowed_ranks, check_level, check_tokens
+    from planner.recommend import curve as curve_
+
+    # the user's own values first: a typo needs no law to be reported
+    check_tokens(tokens)
+    check_level(level)
+    rank_list = parse_ranks(ranks)
+    allowed_ranks(rank_list, max_rank)
+    laws, source = _load(law)
+    c = _with_source(lambda: curve_(laws, tokens=tokens, ranks=rank_list, max_rank=max_rank,
+                                    base_loss=base_loss, level=level, objective=objective, law_source=source), source)
+    if json_:
+        typer.echo(json.dumps(c.to_dict(), sort_keys=True))
+        return
+    from rich.console import Console
+
+    from planner.report import render_curve
+
+    Console().print(render_curve(c))
+
+
+def main(args=None) -> int:
+    return run_app(app, args, prog_name="planner")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,361 @@
+"""Turn a fitted law into a plan: the smallest LoRA rank (and the objective) that reaches a target EM.
+
+For each objective with a law, the predicted exact match at rank r on T answer tokens is
+EM(base_loss - dL(r, T)) (memprobe.law). dL grows with r and falls with T, so EM does too:
+the smallest allowed rank that reaches the target is well defined, and it never decreases
+when T or the target grows. The plan picks the objective that gets there at the smallest
+rank; ties go to the simpler objective (sft < memft-ot < memft-sw).
+
+numpy only (through memprobe.law): never imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from memprobe.errors import MemprobeError
+from memprobe.law import MemoryLaw, check_target_em, load_laws, objective_order
+
+DEFAULT_MAX_RANK = 1024
+BYTES_PER_PARAM = {"fp32": 4, "bf16": 2}
+EM_TOLERANCE = 1e-12  # a rank that hits the target exactly must count as reaching it
+
+
+# -------------------------------------------------------------------- input checks
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value <= 0 or int(value) != value:
+        raise MemprobeError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_tokens(tokens) -> int:
+    return _positive_int("tokens", tokens)
+
+
+def check_level(level) -> float:
+    if isinstance(level, bool) or not isinstance(level, numbers.Real) or not 0 < level < 1:
+        raise MemprobeError(f"level must be in (0, 1), got {level!r}")
+    return float(level)
+
+
+def allowed_ranks(ranks: Sequence[int] | None = None, max_rank: int | None = None) -> tuple[int, ...]:
+    """The ranks a plan may choose: given ones (capped at max_rank), else powers of two up to max_rank."""
+    if max_rank is not None:
+        max_rank = _positive_int("max_rank", max_rank)
+    if ranks is None:
+        top = DEFAULT_MAX_RANK if max_rank is None else max_rank
+        out = [2**i for i in range(top.bit_length()) if 2**i <= top]
+        if out[-1] != top:
+            out.append(top)  # max_rank is always a candidate
+        return tuple(out)
+    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence) and not isinstance(ranks, np.ndarray):
+        raise MemprobeError(f"ranks must be a list of positive integers, got {ranks!r}")
+    out = sorted({_positive_int("rank", r) for r in ranks})
+    if not out:
+        raise MemprobeError("ranks must hold at least one rank, got an empty list")
+    if max_rank is not None:
+        capped = [r for r in out if r <= max_rank]
+        if not capped:
+            raise MemprobeError(f"every rank in {out} is above max_rank {max_rank}")
+        out = capped
+    return tuple(out)
+
+
+def as_laws(law_or_laws, objective: str | None = None) -> tuple[dict[str, MemoryLaw], str | None]:
+    """{objective: law} from a MemoryLaw, a mapping of them, or a law file path; and its source."""
+    source = None
+    if isinstance(law_or_laws, MemoryLaw):
+        laws = {law_or_laws.objective: law_or_laws}
+    elif isinstance(law_or_laws, (str, Path)):
+        laws, source = load_laws(law_or_laws), str(law_or_laws)
+    elif isinstance(law_or_laws, Mapping):
+        laws = dict(law_or_laws)
+        for name, law in laws.items():
+            if not isinstance(law, MemoryLaw):
+                raise MemprobeError(f"laws[{name!r}] must be a MemoryLaw, got {type(law).__name__}")
+    else:
+        raise MemprobeError(f"expected a MemoryLaw, a dict of them or a law file path, got {type(law_or_laws).__name__}")
+    if not laws:
+        raise MemprobeError("no laws given")
+    if objective is not None:
+        if objective not in laws:
+            raise MemprobeError(f"no law for objective {objective!r} (available: {', '.join(laws)})")
+        laws = {objective: laws[objective]}
+    return {k: laws[k] for k in sorted(laws, key=objective_order)}, source
+
+
+def _range_warnings(law: MemoryLaw, tokens: int, rank: int | None) -> list[str]:
+    out = []
+    if law.tokens_range is not None:
+        lo, hi = law.tokens_range
+        if not lo <= tokens <= hi:
+            out.append(f"tokens={tokens} is outside the calibrated range {lo:g}..{hi:g} of the {law.objective} law: "
+                       "the prediction extrapolates")
+    if rank is not None and law.rank_range is not None:
+        lo, hi = law.rank_range
+        if not lo <= rank <= hi:
+            out.append(f"rank {rank} is outside the calibrated range {lo:g}..{hi:g} of the {law.objective} law: "
+                       "the prediction extrapolates")
+    return out
+
+
+def _adapter_size(law: MemoryLaw, rank: int) -> tuple[int | None, float | None, float | None]:
+    if law.params_per_rank is None:
+        return None, None, None
+    n = int(round(law.params_per_rank * rank))
+    return n, n * BYTES_PER_PARAM["fp32"] / 1e6, n * BYTES_PER_PARAM["bf16"] / 1e6
+
+
+def _pair(x) -> tuple[float, float] | None:
+    return None if x is None else (float(x[0]), float(x[1]))
+
+
+# -------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A recommended adapter: rank, objective, what the law predicts, and what to train with.
+
+    Intervals are central intervals at `level` over the law's bootstrap parameter draws
+    (None when the law has none). adapter_mb_* are in MB (10^6 bytes). budget is the
+    training budget the law was calibrated with: train with at least that much.
+    """
+
+    rank: int
+    objective: str
+    tokens: int
+    target_em: float
+    predicted_em: float
+    predicted_delta_loss: float
+    predicted_loss_after: float
+    base_loss: float
+    rank_continuous: float  # the law's real-valued answer, before rounding up to an allowed rank
+    ranks_considered: tuple
+    level: float = 0.9
+    predicted_em_interval: tuple | None = None
+    predicted_delta_loss_interval: tuple | None = None
+    trainable_params: int | None = None
+    adapter_mb_fp32: float | None = None
+    adapter_mb_bf16: float | None = None
+    em_at_half_rank: float | None = None
+    em_at_double_rank: float | None = None
+    per_objective: dict = field(default_factory=dict)
+    warnings: tuple = ()
+    reason: str = ""
+    law_source: str | None = None
+    budget: dict = field(default_factory=dict)
+    adapter: str | None = None
+    model: str | None = None
+
+    def __post_init__(self):
+        _positive_int("rank", self.rank)
+        check_tokens(self.tokens)
+        check_target_em(self.target_em)
+        check_level(self.level)
+        if not 0.0 <= self.predicted_em <= 1.0:
+            raise MemprobeError(f"predicted_em must be in [0, 1], got {self.predicted_em!r}")
+        if self.predicted_em + EM_TOLERANCE < self.target_em:
+            raise MemprobeError(f"a plan must reach its target: predicted_em {self.predicted_em:g} < target_em {self.target_em:g}")
+        if self.rank not in self.ranks_considered:
+            raise MemprobeError(f"rank {self.rank} is not among the ranks considered {list(self.ranks_considered)}")
+        object.__setattr__(self, "warnings", tuple(self.warnings))
+        object.__setattr__(self, "ranks_considered", tuple(self.ranks_considered))
+        object.__setattr__(self, "budget", dict(self.budget))
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": 1,
+            "rank": self.rank,
+            "objective": self.objective,
+            "tokens": self.tokens,
+            "target_em": self.target_em,
+            "predicted_em": self.predicted_em,
+            "predicted_em_interval": None if self.predicted_em_interval is None else list(self.predicted_em_interval),
+            "predicted_delta_loss": self.predicted_delta_loss,
+            "predicted_delta_loss_interval": None if self.predicted_delta_loss_interval is None
+            else list(self.predicted_delta_loss_interval),
+            "predicted_loss_after": self.predicted_loss_after,
+            "base_loss": self.base_loss,
+            "rank_continuous": self.rank_continuous,
+            "ranks_considered": list(self.ranks_considered),
+            "level": self.level,
+            "trainable_params": self.trainable_params,
+            "adapter_mb_fp32": self.adapter_mb_fp32,
+            "adapter_mb_bf16": self.adapter_mb_bf16,
+            "em_at_half_rank": self.em_at_half_rank,
+            "em_at_double_rank": self.em_at_double_rank,
+            "per_objective": {k: dict(v) for k, v in self.per_objective.items()},
+            "warnings": list(self.warnings),
+            "reason": self.reason,
+            "law_source": self.law_source,
+            "budget": dict(self.budget),
+            "adapter": self.adapter,
+            "model": self.model,
+        }
+
+
+def _smallest_rank(law: MemoryLaw, ranks: np.ndarray, tokens: int, target_em: float, base_loss) -> tuple[int | None, float]:
+    """The smallest allowed rank whose predicted EM reaches the target (None if none), and its EM
+    (or the EM at the largest allowed rank when none reaches it)."""
+    em = np.asarray(law.predict_em(ranks, tokens, base_loss), dtype=float)  # (R,)
+    ok = em + EM_TOLERANCE >= target_em
+    if not ok.any():
+        return None, float(em[-1])
+    i = int(np.argmax(ok))
+    return int(ranks[i]), float(em[i])
+
+
+def _explain(chosen: str, rank: int, target_em: float, per_objective: dict, em: float, em_below: float | None,
+             below_rank: int | None) -> str:
+    base = f"rank {rank} is the smallest allowed rank whose predicted EM ({em:.4g}) reaches the target {target_em:g}"
+    if below_rank is not None and em_below is not None:
+        base += f" (rank {below_rank} predicts {em_below:.4g})"
+    if len(per_objective) == 1:
+        return base + f", with {chosen}."
+    others = ", ".join(f"{k}: rank {v['rank']}" if v["rank"] is not None else f"{k}: out of reach"
+                       for k, v in per_objective.items())
+    tied = [k for k, v in per_objective.items() if v["rank"] == rank and k != chosen]
+    why = f"{chosen} reaches it at the smallest rank ({others})"
+    if tied:
+        why += f"; {', '.join(tied)} tie{'s' if len(tied) == 1 else ''} at rank {rank}, and {chosen} is the simpler objective"
+    return base + f". {why}."
+
+
+def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int] | None = None,
+              max_rank: int | None = None, base_loss: float | None = None, level: float = 0.9,
+              objective: str | None = None, law_source: str | None = None) -> Plan:
+    """The smallest allowed rank, over the objectives with a law, whose predicted EM reaches target_em.
+
+    law_or_laws: a MemoryLaw, {objective: MemoryLaw}, or a law file path.
+    ranks: the allowed ranks (default: powers of two from 1 to max_rank, default 1024).
+    base_loss: the base model's loss per answer token on YOUR data (default: the law's,
+    measured on the calibration data). Raises MemprobeError when no objective reaches the
+    target within the allowed ranks, quoting the best EM reached.
+    """
+    tokens = check_tokens(tokens)
+    target_em = float(check_target_em(target_em))
+    level = check_level(level)
+    laws, source = as_laws(law_or_laws, objective)
+    law_source = law_source or source
+    R = np.asarray(allowed_ranks(ranks, max_rank), dtype=float)  # (R,)
+
+    per_objective = {}
+    for name, law in laws.items():
+        r, em = _smallest_rank(law, R, tokens, target_em, base_loss)
+        per_objective[name] = {"rank": r, "predicted_em": em, "reaches_target": r is not None,
+                               "rank_continuous": float(law.rank_for(tokens, target_em=target_em, base_loss=base_loss))}
+    reaching = [k for k, v in per_objective.items() if v["rank"] is not None]
+    if not reaching:
+        best = max(per_objective, key=lambda k: per_objective[k]["predicted_em"])
+        raise MemprobeError(
+            f"target_em {target_em:g} is out of reach at tokens={tokens} within rank {int(R[-1])}: the best predicted "
+            f"EM is {per_objective[best]['predicted_em']:.4g} ({best} at rank {int(R[-1])}); lower the target, "
+            f"raise --max-rank, or split the data"
+        )
+    # laws are in simplest-first order, so min() keeps the simpler objective on a tie
+    chosen = min(reaching, key=lambda k: per_objective[k]["rank"])
+    law = laws[chosen]
+    rank = per_objective[chosen]["rank"]
+    base = law.resolve_base_loss(base_loss)
+
+    dL = float(law.predict(rank, tokens))
+    em = float(law.predict_em(rank, tokens, base_loss))
+    dL_int = em_int = None
+    warnings = _range_warnings(law, tokens, rank)
+    if law.has_samples:
+        dL_int = _pair(law.predict_interval(rank, tokens, level))
+        em_int = _pair(law.predict_em_interval(rank, tokens, level, base_loss))
+    else:
+        warnings.append(f"the {chosen} law has no bootstrap samples: no prediction intervals")
+    if law.em_link.source == "default":
+        warnings.append(f"the {chosen} law's EM link is the default (L50={law.em_link.L50:.3g}, k={law.em_link.k:.3g}), "
+                        "not fitted: the predicted EM is rough")
+    if law.params_per_rank is None:
+        warnings.append(f"the {chosen} law does not record trainable parameters per rank: no adapter size")
+    if not law.budget:
+        warnings.append(f"the {chosen} law does not record its training budget")
+    i = int(np.flatnonzero(R == rank)[0])
+    below = int(R[i - 1]) if i > 0 else None
+    em_below = float(law.predict_em(below, tokens, base_loss)) if below is not None else None
+    n_params, mb32, mb16 = _adapter_size(law, rank)
+    return Plan(
+        rank=rank, objective=chosen, tokens=tokens, target_em=target_em,
+        predicted_em=em, predicted_delta_loss=dL, predicted_loss_after=max(base - dL, 0.0), base_loss=base,
+        rank_continuous=per_objective[chosen]["rank_continuous"], ranks_considered=tuple(int(r) for r in R),
+        level=level, predicted_em_interval=em_int, predicted_delta_loss_interval=dL_int,
+        trainable_params=n_params, adapter_mb_fp32=mb32, adapter_mb_bf16=mb16,
+        em_at_half_rank=float(law.predict_em(rank / 2, tokens, base_loss)) if rank >= 2 else None,
+        em_at_double_rank=float(law.predict_em(2 * rank, tokens, base_loss)),
+        per_objective=per_objective, warnings=tuple(warnings),
+        reason=_explain(chosen, rank, target_em, per_objective, em, em_below, below),
+        law_source=law_source, budget=law.budget, adapter=law.adapter, model=law.model,
+    )
+
+
+# -------------------------------------------------------------------- the curve
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Predicted dL and EM against rank at fixed T, one row per (objective, rank)."""
+
+    tokens: int
+    level: float
+    rows: tuple  # dicts: objective, rank, delta_loss(_lo/_hi), em(_lo/_hi), loss_after, trainable_params
+    warnings: tuple = ()
+    law_source: str | None = None
+
+    def __post_init__(self):
+        check_tokens(self.tokens)
+        check_level(self.level)
+        object.__setattr__(self, "rows", tuple(dict(r) for r in self.rows))
+        object.__setattr__(self, "warnings", tuple(self.warnings))
+
+    @property
+    def objectives(self) -> list[str]:
+        return list(dict.fromkeys(r["objective"] for r in self.rows))
+
+    def to_dict(self) -> dict:
+        return {"schema_version": 1, "tokens": self.tokens, "level": self.level, "rows": [dict(r) for r in self.rows],
+                "warnings": list(self.warnings), "law_source": self.law_source}
+
+
+def curve(law_or_laws, tokens: int, *, ranks: Sequence[int] | None = None, max_rank: int | None = None,
+          base_loss: float | None = None, level: float = 0.9, objective: str | None = None,
+          law_source: str | None = None) -> Curve:
+    """Predicted dL and EM (with intervals where the law has bootstrap draws) at each allowed rank."""
+    tokens = check_tokens(tokens)
+    level = check_level(level)
+    laws, source = as_laws(law_or_laws, objective)
+    R = np.asarray(allowed_ranks(ranks, max_rank), dtype=float)  # (R,)
+    rows, warnings = [], []
+    for name, law in laws.items():
+        dL = np.asarray(law.predict(R, tokens))  # (R,)
+        La = np.asarray(law.predict_loss_after(R, tokens, base_loss))
+        em = np.asarray(law.em_link(La))
+        if law.has_samples:
+            lo, hi = (np.asarray(x) for x in law.predict_interval(R, tokens, level))
+            em_lo, em_hi = (np.asarray(x) for x in law.predict_em_interval(R, tokens, level, base_loss))
+        else:
+            lo = hi = em_lo = em_hi = np.full(len(R), np.nan)
+        for i, r in enumerate(R):
+            n_params = _adapter_size(law, int(r))[0]
+            rows.append({
+                "objective": name, "rank": int(r), "delta_loss": float(dL[i]), "loss_after": float(La[i]),
+                "em": float(em[i]), "trainable_params": n_params,
+                **{k: (None if np.isnan(v[i]) else float(v[i]))
+                   for k, v in (("delta_loss_lo", lo), ("delta_loss_hi", hi), ("em_lo", em_lo), ("em_hi", em_hi))},
+            })
+        warnings += _range_warnings(law, tokens, None)
+    return Curve(tokens=tokens, level=level, rows=tuple(rows), warnings=tuple(warnings),
+                 law_source=law_source or source)

@@ -1,0 +1,232 @@
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from memprobe.errors import MemprobeError
+from memprobe.law import (
+    DEFAULT_K,
+    DEFAULT_L50,
+    SCHEMA_VERSION,
+    EMLink,
+    MemoryLaw,
+    load_laws,
+    save_laws,
+)
+
+
+def make_law(objective="sft", C=20.0, alpha=0.4, beta=0.45, b=0.1, n_samples=300, **kw):
+    rng = np.random.default_rng(0)
+    theta = np.array([C, alpha, beta, b])
+    # bootstrap-like draws: 2 % relative spread around the estimate
+    samples = theta * (1 + 0.02 * rng.standard_normal((n_samples, 4)))
+    defaults = dict(
+        objective=objective, em_link=EMLink(L50=0.3, k=3.0, source="fit", n_cells=49, rmse=0.01),
+        base_loss=14.0, params_per_rank=1152, rank_range=(1, 64), tokens_range=(16, 1024),
+        model="smollm2-135m", adapter="mlp-bypass", dataset="phonebook", budget={"steps": 150, "lr": 0.01},
+        stderr={"C": 0.4, "alpha": 0.007, "beta": 0.008, "b": 0.04},
+        ci={"C": (19.2, 20.8), "alpha": (0.39, 0.41), "beta": (0.44, 0.46), "b": (0.02, 0.18)},
+        samples=tuple(map(tuple, samples)), fit_stats={"r2": 0.999}, provenance={"cells": "cells.csv"},
+    )
+    defaults.update(kw)
+    return MemoryLaw(C=C, alpha=alpha, beta=beta, b=b, **defaults)
+
+
+# ---------------------------------------------------------------- prediction
+
+
+def test_predict_is_the_law_and_broadcasts():
+    law = MemoryLaw(C=12.0, alpha=0.5, beta=0.25, b=-0.3)
+    assert law.predict(4, 16) == pytest.approx(12.0 * 2.0 * 0.5 - 0.3)
+    r = np.array([1, 2, 4, 8])[:, None]  # (4, 1)
+    T = np.array([16, 64, 256])[None, :]  # (1, 3)
+    dL = law.predict(r, T)
+    assert dL.shape == (4, 3)
+    assert dL[2, 1] == pytest.approx(12.0 * 4**0.5 * 64**-0.25 - 0.3)
+    assert np.all(np.diff(dL, axis=0) > 0)  # grows with rank
+    assert np.all(np.diff(dL, axis=1) < 0)  # falls with tokens
+    assert isinstance(law.predict(2, 32), float)
+
+
+@pytest.mark.parametrize("rank,tokens,bad", [(0, 16, "rank"), (-2, 16, "rank"), (4, 0, "tokens"), (4, -1.5, "tokens")])
+def test_predict_refuses_non_positive_inputs(rank, tokens, bad):
+    with pytest.raises(MemprobeError, match=f"{bad} must be positive"):
+        MemoryLaw(C=1, alpha=0.5, beta=0.5).predict(rank, tokens)
+
+
+def test_predict_em_goes_through_the_link_and_base_loss():
+    law = make_law()
+    L_after = 14.0 - law.predict(8, 100)
+    assert law.predict_loss_after(8, 100) == pytest.approx(L_after)
+    assert law.predict_em(8, 100) == pytest.approx(1 / (1 + (L_after / 0.3) ** 3))
+    # the user's own data: another base loss
+    assert law.predict_em(8, 100, base_loss=law.predict(8, 100) + 0.3) == pytest.approx(0.5)
+    with pytest.raises(MemprobeError, match="no base_loss"):
+        MemoryLaw(C=1, alpha=0.5, beta=0.5).predict_em(4, 16)
+
+
+def test_em_link_shape_and_inverse():
+    link = EMLink(L50=0.25, k=3.0, source="fit")
+    L = np.linspace(0, 3, 50)
+    em = link(L)
+    assert em[0] == 1.0 and link(0.25) == pytest.approx(0.5)
+    assert np.all(np.diff(em) < 0)
+    for target in (0.01, 0.5, 0.9, 0.999):
+        assert link(link.loss_for(target)) == pytest.approx(target)
+    assert link.loss_for(1.0) == 0.0
+    for bad in (0.0, 1.5, -0.1, float("nan")):
+        with pytest.raises(MemprobeError, match="target_em must be in"):
+            link.loss_for(bad)
+    d = EMLink.default(note="why")
+    assert (d.L50, d.k, d.source) == (DEFAULT_L50, DEFAULT_K, "default")
+    assert DEFAULT_L50 == pytest.approx(math.log(2) / 2)
+
+
+# ---------------------------------------------------------------- inversion
+
+
+def test_rank_for_inverts_predict_for_delta_loss():
+    law = make_law()
+    T = np.array([16.0, 100.0, 1000.0, 50_000.0])
+    for target in (0.5, 2.0, 7.5, 13.0):
+        r = law.rank_for(T, delta_loss=target)
+        assert r.shape == T.shape
+        np.testing.assert_allclose(law.predict(r, T), target, rtol=1e-9)
+
+
+def test_rank_for_inverts_predict_em():
+    law = make_law()
+    for T in (16, 500, 20_000):
+        for em in (0.1, 0.5, 0.9, 0.99, 1.0):
+            r = law.rank_for(T, target_em=em)
+            assert law.predict_em(r, T) == pytest.approx(em, abs=1e-9)
+    # more tokens or a higher target need more rank
+    assert law.rank_for(2000, target_em=0.9) > law.rank_for(1000, target_em=0.9)
+    assert law.rank_for(1000, target_em=0.99) > law.rank_for(1000, target_em=0.9)
+
+
+def test_rank_for_below_the_offset_is_zero_and_needs_one_target():
+    law = MemoryLaw(C=10.0, alpha=0.5, beta=0.5, b=1.0, base_loss=5.0)
+    assert law.rank_for(100, delta_loss=0.5) == 0.0
+    with pytest.raises(MemprobeError, match="exactly one"):
+        law.rank_for(100)
+    with pytest.raises(MemprobeError, match="exactly one"):
+        law.rank_for(100, delta_loss=1.0, target_em=0.9)
+    with pytest.raises(MemprobeError, match="target_em must be in"):
+        law.rank_for(100, target_em=1.2)
+
+
+# ---------------------------------------------------------------- intervals
+
+
+def test_predict_interval_brackets_the_estimate_and_widens_with_level():
+    law = make_law()
+    r, T = np.array([1, 8, 64]), 200
+    lo, hi = law.predict_interval(r, T, level=0.9)
+    mid = law.predict(r, T)
+    assert lo.shape == (3,) and np.all(lo < mid) and np.all(mid < hi)
+    lo2, hi2 = law.predict_interval(r, T, level=0.5)
+    assert np.all(lo2 > lo) and np.all(hi2 < hi)
+    em_lo, em_hi = law.predict_em_interval(r, T, level=0.9)
+    em = law.predict_em(r, T)
+    assert np.all(em_lo <= em + 1e-12) and np.all(em <= em_hi + 1e-12)
+    with pytest.raises(MemprobeError, match="level must be in"):
+        law.predict_interval(1, 10, level=1.0)
+    with pytest.raises(MemprobeError, match="no bootstrap samples"):
+        MemoryLaw(C=1, alpha=0.5, beta=0.5).predict_interval(1, 10)
+
+
+# ---------------------------------------------------------------- validation, frozen
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(C=0.0), "C must be positive, got 0.0"),
+    (dict(alpha=-0.1), "alpha must be positive"),
+    (dict(beta=float("nan")), "beta must be finite"),
+    (dict(b="x"), "b must be a number"),
+    (dict(objective=""), "objective must be a non-empty string"),
+    (dict(base_loss=0), "base_loss must be positive"),
+    (dict(rank_range=(64, 1)), "rank_range must have low <= high"),
+    (dict(ci_level=1.5), "ci_level must be in"),
+    (dict(em_link={"L50": -1, "k": 2}), "em_link L50 must be positive"),
+])
+def test_post_init_refuses_bad_values(kw, match):
+    base = dict(C=10.0, alpha=0.4, beta=0.4)
+    base.update(kw)
+    with pytest.raises(MemprobeError, match=match):
+        MemoryLaw(**base)
+
+
+def test_law_is_frozen_and_keeps_its_own_budget():
+    budget = {"steps": 150}
+    law = MemoryLaw(C=10.0, alpha=0.4, beta=0.4, budget=budget)
+    budget["steps"] = 1
+    assert law.budget == {"steps": 150}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        law.C = 3.0
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_save_load_round_trip(tmp_path):
+    law = make_law()
+    path = law.save(tmp_path / "law.json")
+    text = path.read_text()
+    doc = json.loads(text)
+    assert doc["schema_version"] == SCHEMA_VERSION and doc["format"] == "memprobe-law"
+    assert text == json.dumps(doc, sort_keys=True, indent=2) + "\n"  # keys sorted
+    back = MemoryLaw.load(path)
+    assert back.to_dict() == law.to_dict()
+    assert back == law
+    np.testing.assert_allclose(back.predict_interval(8, 100), law.predict_interval(8, 100))
+    assert MemoryLaw.from_dict(law.to_dict()) == law
+
+
+def test_law_file_with_several_objectives(tmp_path):
+    laws = {o: make_law(objective=o, C=c) for o, c in (("memft-sw", 30.0), ("sft", 20.0), ("memft-ot", 25.0))}
+    path = save_laws(laws, tmp_path / "law.json")
+    back = load_laws(path)
+    assert list(back) == ["sft", "memft-ot", "memft-sw"]  # simplest first
+    assert back["memft-ot"].C == 25.0
+    assert MemoryLaw.load(path).objective == "sft"  # default when several
+    assert MemoryLaw.load(path, objective="memft-sw").C == 30.0
+    with pytest.raises(MemprobeError, match="no law for objective 'dpo'"):
+        MemoryLaw.load(path, objective="dpo")
+    two = save_laws({o: laws[o] for o in ("memft-ot", "memft-sw")}, tmp_path / "two.json")
+    with pytest.raises(MemprobeError, match="several objectives"):
+        MemoryLaw.load(two)
+    with pytest.raises(MemprobeError, match="holds a law for objective 'sft'"):
+        save_laws({"memft-ot": laws["sft"]}, tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"format": "memprobe-law", "schema_version": 2, "laws": {}}', "schema_version 2; this memprobe reads schema_version 1"),
+    ('{"format": "something-else", "schema_version": 1}', "not a memprobe law file .*schema_version 1"),
+    ('[1, 2, 3]', "not a memprobe law file"),
+    ('{"C": 1', "not valid JSON"),
+    ('', "not valid JSON"),
+    ('{"format": "memprobe-law", "schema_version": 1, "laws": {}}', "holds no laws"),
+    ('{"format": "memprobe-law", "schema_version": 1, "laws": {"sft": {"C": 1, "alpha": 0.5}}}', "missing beta, b"),
+    ('{"format": "memprobe-law", "schema_version": 1, "laws": {"sft": {"C": -1, "alpha": 0.5, "beta": 1, "b": 0}}}',
+     "C must be positive"),
+])
+def test_load_refuses_other_files(tmp_path, content, match):
+    path = tmp_path / "law.json"
+    path.write_text(content)
+    with pytest.raises(MemprobeError, match=match):
+        load_laws(path)
+
+
+def test_load_missing_file(tmp_path):
+    with pytest.raises(MemprobeError, match="law file not found"):
+        MemoryLaw.load(tmp_path / "nope.json")
+
+
+def test_repr_and_html():
+    law = make_law()
+    assert "alpha=0.4" in repr(law) and "samples" not in repr(law)
+    html = law._repr_html_()
+    assert "MemoryLaw" in html and "mlp-bypass" in html and "95 % CI" in html and "0.45" in html

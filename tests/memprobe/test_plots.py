@@ -1,0 +1,201 @@
+import math
+
+import matplotlib.image as mpimg
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+from memprobe.errors import MemprobeError
+from memprobe.plots import law_figure, phases_figure, plot_law, plot_phases
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LN2 = math.log(2.0)
+
+
+class PowerLaw:
+    """The law interface plots rely on: C, alpha, beta, b and predict(rank, tokens)."""
+
+    def __init__(self, C=40.0, alpha=0.6, beta=0.5, b=0.0):
+        self.C, self.alpha, self.beta, self.b = C, alpha, beta, b
+
+    def predict(self, rank, tokens):
+        return self.C * np.asarray(rank, float) ** self.alpha * np.asarray(tokens, float) ** -self.beta + self.b
+
+
+def law_cells(law, L0=14.0, ranks=(1, 2, 4, 8, 16), Ts=(64, 512)):
+    rng = np.random.default_rng(0)
+    rows = []
+    for T in Ts:
+        for r in ranks:
+            dL = min(float(law.predict(r, T)) * math.exp(rng.normal(0, 0.03)), L0 - 0.1)
+            rows.append(dict(cell_id=f"T{T}-r{r}", rank=r, tokens=T, objective="sft", loss_before=L0,
+                             loss_after=L0 - dL, delta_loss=dL, saturated=(L0 - dL) < LN2))
+    return pd.DataFrame(rows)
+
+
+def check_png(path, width_px, height_px):
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = mpimg.imread(path)
+    assert image.shape[:2] == (height_px, width_px)
+    # not a blank canvas
+    assert image[..., :3].std() > 0.05
+
+
+def test_plot_law_writes_png_and_leaves_no_open_figure(tmp_path):
+    law = PowerLaw()
+    before = plt.get_fignums()
+    path = plot_law(law_cells(law), tmp_path / "deep" / "law.png", law=law, r2=0.991)
+    assert path == tmp_path / "deep" / "law.png"
+    check_png(path, 770, 550)   # 7 x 5 inches at 110 dpi
+    assert plt.get_fignums() == before
+
+
+def test_law_figure_content():
+    law = PowerLaw()
+    cells = law_cells(law)
+    assert cells.saturated.sum() == 2   # T = 64 at r = 8, 16 hit the L_before cap
+    fig = law_figure(cells, law=law, r2=0.991)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert "R^2" in ax.get_title() and "0.991" in ax.get_title() and "40" in ax.get_title()
+    assert len(ax.get_lines()) == 2   # one law curve per T
+    # one filled and one hollow scatter per T; hollow ones hold exactly the saturated cells
+    hollow = [c for c in ax.collections if len(c.get_offsets()) and c.get_facecolors().size == 0]
+    filled = [c for c in ax.collections if len(c.get_offsets()) and c.get_facecolors().size > 0]
+    assert sum(len(c.get_offsets()) for c in hollow) == 2
+    assert sum(len(c.get_offsets()) for c in filled) == 8
+    # the T = 512 curve passes through its own law values: a line of slope alpha on log-log
+    x, y = ax.get_lines()[1].get_data()
+    slope = np.polyfit(np.log(x), np.log(y), 1)[0]
+    assert slope == pytest.approx(law.alpha, rel=1e-6)
+
+
+def test_law_figure_offset_b_shifts_axis_and_skips_non_positive(tmp_path):
+    law = PowerLaw(b=-0.5)
+    cells = law_cells(law)
+    cells.loc[0, "delta_loss"] = -0.7   # below b: no place on a log axis
+    fig = law_figure(cells, law=law)
+    ax = fig.axes[0]
+    assert "b = -0.5" in ax.get_ylabel()
+    shown = sum(len(c.get_offsets()) for c in ax.collections)
+    assert shown == len(cells) - 1
+    assert any("1 cell(s) with ΔL − b ≤ 0 not shown" in t.get_text() for t in ax.texts)
+    # a huge b pushes every point and curve below zero: still a plot, never a crash
+    path = plot_law(cells, tmp_path / "law.png", law=PowerLaw(b=1e3))
+    check_png(path, 770, 550)
+
+
+def test_plot_law_without_law_or_saturated_column(tmp_path):
+    cells = law_cells(PowerLaw()).drop(columns=["saturated", "delta_loss"])
+    fig = law_figure(cells)
+    ax = fig.axes[0]
+    hollow = [c for c in ax.collections if len(c.get_offsets()) and c.get_facecolors().size == 0]
+    assert sum(len(c.get_offsets()) for c in hollow) == 2   # from loss_after < ln 2
+    check_png(plot_law(cells, tmp_path / "law.png"), 770, 550)
+
+
+@pytest.mark.parametrize("cells, message", [
+    (pd.DataFrame(columns=["rank", "tokens", "delta_loss"]), "cells table has no rows"),
+    (pd.DataFrame({"rank": [1], "tokens": [8]}), "needs column delta_loss"),
+    (pd.DataFrame({"rank": [0], "tokens": [8], "delta_loss": [1.0]}), "rank must be positive, got 0"),
+    (pd.DataFrame({"rank": [1], "tokens": [8], "delta_loss": [1.0], "saturated": ["maybe"]}),
+     "saturated must be true/false, got 'maybe'"),
+])
+def test_plot_law_rejects_bad_tables(tmp_path, cells, message):
+    with pytest.raises(MemprobeError, match=message):
+        plot_law(cells, tmp_path / "law.png")
+
+
+def phase_tables(ranks=(1, 2, 4), n_seqs=3, length=5, stubborn=(1, 3), extra_T=True):
+    """T = n_seqs * length answer tokens; p rises with rank except at the planted stubborn token."""
+    cells, tokens = [], []
+    T = n_seqs * length
+    for r in ranks:
+        cid = f"r{r}"
+        cells.append(dict(cell_id=cid, rank=r, tokens=T, objective="sft", seed=0, loss_after=1.0,
+                          exact_match=0.0))
+        for s in range(n_seqs):
+            for t in range(length):
+                p = 0.4 + 0.1 * math.log2(r) + 0.05 * t / length
+                if (s, t) == stubborn:
+                    p = 0.1 * r / max(ranks)
+                tokens.append(dict(cell_id=cid, seq_index=s, position=t, p=p, loss=-math.log(p), hit=int(p > 0.5)))
+    if extra_T:
+        # a longer T with a single rank: not the default (fewer than two ranks)
+        cells.append(dict(cell_id="long", rank=8, tokens=10 * T, objective="sft", seed=0, loss_after=1.0,
+                          exact_match=0.0))
+        tokens += [dict(cell_id="long", seq_index=0, position=t, p=0.9, loss=-math.log(0.9), hit=1)
+                   for t in range(10 * T)]
+    return pd.DataFrame(cells), pd.DataFrame(tokens)
+
+
+def test_plot_phases_writes_png(tmp_path):
+    cells, tokens = phase_tables()
+    before = plt.get_fignums()
+    path = plot_phases(cells, tokens, tmp_path / "phases.png")
+    assert path == tmp_path / "phases.png"
+    check_png(path, 1320, int((2.2 + 0.42 * 3) * 110))
+    assert plt.get_fignums() == before
+
+
+def test_phases_figure_heat_map_matches_tokens():
+    cells, tokens = phase_tables()
+    fig = phases_figure(cells, tokens)
+    ax, ax_frac = fig.axes[0], fig.axes[1]
+    P = ax.images[0].get_array()
+    assert P.shape == (3, 15)   # ranks x (3 sequences x 5 positions, end to end)
+    expected = (tokens[tokens.cell_id != "long"]
+                .pivot_table(index="cell_id", columns=["seq_index", "position"], values="p")
+                .loc[["r1", "r2", "r4"]].to_numpy())
+    np.testing.assert_allclose(np.asarray(P), expected)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["r = 1", "r = 2", "r = 4"]
+    assert "T = 15" in ax.get_title(loc="left")
+    norm = ax.images[0].norm
+    assert norm.vcenter == 0.5 and norm.vmin == 0 and norm.vmax == 1
+    # the stubborn token (sequence 1, position 3) is global column 1 * 5 + 3
+    marks = [c for c in ax.collections if len(c.get_offsets())]
+    assert len(marks) == 1 and marks[0].get_offsets()[:, 0].tolist() == [8]
+    # ordered fraction per rank in the side panel
+    widths = [patch.get_width() for patch in ax_frac.patches]
+    ordered = tokens[tokens.cell_id != "long"].groupby("cell_id").p.agg(lambda p: (p > 0.5).mean())
+    np.testing.assert_allclose(widths, ordered.loc[["r1", "r2", "r4"]].to_numpy())
+    # two white lines mark where sequences 1 and 2 start
+    assert [line.get_xdata()[0] for line in ax.get_lines()] == [4.5, 9.5]
+
+
+def test_phases_figure_choice_of_T_and_objective():
+    cells, tokens = phase_tables()
+    fig = phases_figure(cells, tokens, tokens_value=150)
+    assert fig.axes[0].images[0].get_array().shape == (1, 150)
+    with pytest.raises(MemprobeError, match=r"no cells with tokens 7; the run has T = 15, 150"):
+        phases_figure(cells, tokens, tokens_value=7)
+    with pytest.raises(MemprobeError, match=r"no cells with objective 'memft-sw'; the run has sft"):
+        phases_figure(cells, tokens, objective="memft-sw")
+
+
+def test_phases_figure_shows_first_512_positions():
+    cells, tokens = phase_tables(ranks=(1, 2), n_seqs=3, length=200, stubborn=(0, 600), extra_T=False)
+    fig = phases_figure(cells, tokens)
+    ax = fig.axes[0]
+    assert ax.images[0].get_array().shape == (2, 512)
+    assert "first 512 of 600 positions" in ax.get_title(loc="left")
+
+
+def test_phases_figure_without_tokens_for_any_cell():
+    cells, tokens = phase_tables()
+    with pytest.raises(MemprobeError, match="no per-token rows"):
+        phases_figure(cells, tokens.assign(cell_id=tokens.cell_id + "-elsewhere"))
+
+
+def test_phases_figure_default_objective_is_the_one_with_most_ranks():
+    sft_cells, sft_tokens = phase_tables(ranks=(1, 2), extra_T=False)
+    ot_cells, ot_tokens = phase_tables(ranks=(1, 2, 4), extra_T=False)
+    ot_cells = ot_cells.assign(objective="memft-ot", cell_id="ot-" + ot_cells.cell_id)
+    ot_tokens = ot_tokens.assign(cell_id="ot-" + ot_tokens.cell_id)
+    cells = pd.concat([sft_cells, ot_cells], ignore_index=True)
+    tokens = pd.concat([sft_tokens, ot_tokens], ignore_index=True)
+    ax = phases_figure(cells, tokens).axes[0]
+    assert ax.images[0].get_array().shape == (3, 15) and "memft-ot" in ax.get_title(loc="left")
+    ax = phases_figure(cells, tokens, objective="sft").axes[0]
+    assert ax.images[0].get_array().shape == (2, 15) and "sft" in ax.get_title(loc="left")

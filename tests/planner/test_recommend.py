@@ -1,0 +1,221 @@
+import json
+import numpy as np
+import pytest
+
+from memprobe.errors import MemprobeError
+from memprobe.law import EMLink, MemoryLaw
+from planner.recommend import Plan, allowed_ranks, curve, recommend
+
+
+def make_law(objective="sft", C=20.0, alpha=0.4, beta=0.45, b=0.1, base_loss=8.0, samples=True, **kw):
+    rng = np.random.default_rng(1)
+    theta = np.array([C, alpha, beta, b])
+    draws = tuple(map(tuple, theta * (1 + 0.02 * rng.standard_normal((200, 4))))) if samples else ()
+    defaults = dict(em_link=EMLink(L50=0.3, k=3.0, source="fit", n_cells=49), base_loss=base_loss,
+                    params_per_rank=1152, rank_range=(1, 64), tokens_range=(16, 1024), adapter="mlp-bypass",
+                    budget={"steps": 150, "lr": 0.01, "schedule": "constant"})
+    defaults.update(kw)
+    return MemoryLaw(C=C, alpha=alpha, beta=beta, b=b, objective=objective, samples=draws, **defaults)
+
+
+LAWS = {
+    "sft": make_law("sft", C=20.0, alpha=0.40),
+    "memft-ot": make_law("memft-ot", C=24.0, alpha=0.45, beta=0.47),
+    "memft-sw": make_law("memft-sw", C=30.0, alpha=0.38, beta=0.44),
+}
+
+
+UNREACHABLE = 10**9  # stands for a refusal: above every rank
+
+
+def rank_or_refusal(laws, tokens, target_em, **kw):
+    try:
+        return recommend(laws, tokens=tokens, target_em=target_em, **kw).rank
+    except MemprobeError:
+        return UNREACHABLE
+
+
+# ---------------------------------------------------------------- the choice
+
+
+def test_smallest_allowed_rank_that_reaches_the_target():
+    law = make_law()
+    plan = recommend(law, tokens=200, target_em=0.9)
+    ranks = plan.ranks_considered
+    assert ranks == tuple(2**i for i in range(11))
+    assert plan.predicted_em >= 0.9
+    i = ranks.index(plan.rank)
+    assert i > 0 and law.predict_em(ranks[i - 1], 200) < 0.9
+    assert plan.predicted_em == pytest.approx(law.predict_em(plan.rank, 200))
+    assert plan.predicted_delta_loss == pytest.approx(law.predict(plan.rank, 200))
+    # agrees with the closed-form inverse, rounded up to an allowed rank
+    r_star = law.rank_for(200, target_em=0.9)
+    assert plan.rank_continuous == pytest.approx(r_star)
+    assert plan.rank == min(r for r in ranks if r >= r_star)
+
+
+def test_recommended_rank_is_monotone_in_tokens_and_target():
+    tokens = np.unique(np.geomspace(8, 200_000, 45).astype(int))
+    targets = np.linspace(0.02, 1.0, 30)
+    for laws in (LAWS["sft"], LAWS):
+        grid = np.array([[rank_or_refusal(laws, int(T), float(e)) for e in targets] for T in tokens])  # (T, E)
+        assert np.all(np.diff(grid, axis=0) >= 0), "rank decreased when tokens grew"
+        assert np.all(np.diff(grid, axis=1) >= 0), "rank decreased when the target grew"
+        assert (grid < UNREACHABLE).any() and (grid == UNREACHABLE).any()  # the grid spans both regimes
+        assert len(np.unique(grid[grid < UNREACHABLE])) > 5
+
+
+def test_objective_reaching_at_the_smallest_rank_wins():
+    per = {o: recommend(law, tokens=300, target_em=0.95).rank for o, law in LAWS.items()}
+    plan = recommend(LAWS, tokens=300, target_em=0.95)
+    assert plan.rank == min(per.values())
+    assert plan.objective == min(per, key=lambda o: (per[o], ["sft", "memft-ot", "memft-sw"].index(o)))
+    assert {o: v["rank"] for o, v in plan.per_objective.items()} == per
+    assert plan.objective in plan.reason and "smallest rank" in plan.reason
+
+
+def test_ties_go_to_the_simpler_objective():
+    same = {o: make_law(o) for o in ("memft-sw", "memft-ot", "sft")}
+    plan = recommend(same, tokens=300, target_em=0.9)
+    assert plan.objective == "sft"
+    assert "simpler objective" in plan.reason
+    plan = recommend({o: same[o] for o in ("memft-sw", "memft-ot")}, tokens=300, target_em=0.9)
+    assert plan.objective == "memft-ot"
+
+
+def test_objective_filter():
+    plan = recommend(LAWS, tokens=300, target_em=0.9, objective="memft-sw")
+    assert plan.objective == "memft-sw" and list(plan.per_objective) == ["memft-sw"]
+    with pytest.raises(MemprobeError, match="no law for objective 'dpo'"):
+        recommend(LAWS, tokens=300, target_em=0.9, objective="dpo")
+
+
+def test_refusal_quotes_the_best_em():
+    with pytest.raises(MemprobeError, match=r"out of reach at tokens=5000000 within rank 1024: the best predicted EM is .* at rank 1024"):
+        recommend(LAWS, tokens=5_000_000, target_em=0.99)
+    with pytest.raises(MemprobeError, match="within rank 8"):
+        recommend(LAWS, tokens=300, target_em=0.99, max_rank=8)
+
+
+# ---------------------------------------------------------------- what the plan reports
+
+
+def test_plan_reports_size_neighbours_budget_and_intervals():
+    law = make_law()
+    plan = recommend(law, tokens=300, target_em=0.9, level=0.8, law_source="runs/x/law.json")
+    assert plan.trainable_params == 1152 * plan.rank
+    assert plan.adapter_mb_fp32 == pytest.approx(plan.trainable_params * 4 / 1e6)
+    assert plan.adapter_mb_bf16 == pytest.approx(plan.trainable_params * 2 / 1e6)
+    assert plan.em_at_half_rank == pytest.approx(law.predict_em(plan.rank / 2, 300))
+    assert plan.em_at_double_rank == pytest.approx(law.predict_em(plan.rank * 2, 300))
+    assert plan.em_at_half_rank < plan.predicted_em <= plan.em_at_double_rank
+    assert plan.budget == {"steps": 150, "lr": 0.01, "schedule": "constant"}
+    assert plan.law_source == "runs/x/law.json" and plan.adapter == "mlp-bypass"
+    lo, hi = plan.predicted_delta_loss_interval
+    assert lo < plan.predicted_delta_loss < hi
+    lo, hi = plan.predicted_em_interval
+    assert lo <= plan.predicted_em <= hi
+    assert plan.level == 0.8
+    assert plan.predicted_loss_after == pytest.approx(max(8.0 - plan.predicted_delta_loss, 0.0))
+    d = plan.to_dict()
+    assert json.loads(json.dumps(d, sort_keys=True)) == d
+    assert d["rank"] == plan.rank and d["schema_version"] == 1
+
+
+def test_rank_one_has_no_half_rank():
+    plan = recommend(make_law(), tokens=16, target_em=0.001)
+    assert plan.rank == 1 and plan.em_at_half_rank is None
+
+
+def test_warnings():
+    plan = recommend(make_law(samples=False, em_link=EMLink.default(), params_per_rank=None, budget={}),
+                     tokens=2000, target_em=0.5)
+    text = " ".join(plan.warnings)
+    assert "tokens=2000 is outside the calibrated range 16..1024" in text
+    assert "outside the calibrated range 1..64" in text  # the rank, too
+    assert "no bootstrap samples" in text and "EM link is the default" in text
+    assert "no adapter size" in text and "training budget" in text
+    assert plan.predicted_em_interval is None and plan.trainable_params is None
+    assert recommend(make_law(), tokens=300, target_em=0.5).warnings == ()
+
+
+def test_base_loss_override():
+    law = make_law()
+    harder = recommend(law, tokens=300, target_em=0.9, base_loss=12.0)
+    easier = recommend(law, tokens=300, target_em=0.9)
+    assert harder.rank > easier.rank and harder.base_loss == 12.0
+    with pytest.raises(MemprobeError, match="no base_loss"):
+        recommend(make_law(base_loss=None), tokens=300, target_em=0.9)
+
+
+def test_ranks_and_max_rank():
+    assert allowed_ranks(max_rank=100) == (1, 2, 4, 8, 16, 32, 64, 100)
+    assert allowed_ranks([8, 2, 2, 4]) == (2, 4, 8)
+    assert allowed_ranks([1, 2, 4, 64], max_rank=8) == (1, 2, 4)
+    plan = recommend(make_law(), tokens=300, target_em=0.9, ranks=[3, 6, 12, 24, 48, 96])
+    assert plan.rank in (3, 6, 12, 24, 48, 96)
+    for bad, match in (([0, 2], "rank must be a positive integer, got 0"), ([], "at least one rank"),
+                       ([2.5], "got 2.5"), ("8", "list of positive integers")):
+        with pytest.raises(MemprobeError, match=match):
+            allowed_ranks(bad)
+    with pytest.raises(MemprobeError, match="max_rank must be a positive integer, got 0"):
+        allowed_ranks(max_rank=0)
+    with pytest.raises(MemprobeError, match="above max_rank 4"):
+        allowed_ranks([8, 16], max_rank=4)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(tokens=0), "tokens must be a positive integer, got 0"),
+    (dict(tokens=-5), "tokens must be a positive integer, got -5"),
+    (dict(tokens=2.5), "tokens must be a positive integer, got 2.5"),
+    (dict(tokens=True), "tokens must be a positive integer"),
+    (dict(target_em=0.0), r"target_em must be in \(0, 1\], got 0"),
+    (dict(target_em=1.2), r"target_em must be in \(0, 1\], got 1.2"),
+    (dict(target_em=float("nan")), r"target_em must be in \(0, 1\]"),
+    (dict(level=1.0), r"level must be in \(0, 1\)"),
+    (dict(base_loss=-1.0), "base_loss must be positive"),
+])
+def test_bad_inputs(kw, match):
+    args = dict(tokens=300, target_em=0.9)
+    args.update(kw)
+    with pytest.raises(MemprobeError, match=match):
+        recommend(make_law(), **args)
+
+
+def test_law_file_path_and_type_errors(tmp_path):
+    from memprobe.law import save_laws
+
+    path = save_laws(LAWS, tmp_path / "law.json")
+    plan = recommend(str(path), tokens=300, target_em=0.9)
+    assert plan.law_source == str(path) and plan == recommend(LAWS, tokens=300, target_em=0.9, law_source=str(path))
+    with pytest.raises(MemprobeError, match="expected a MemoryLaw"):
+        recommend(42, tokens=300, target_em=0.9)
+
+
+def test_plan_validates_itself():
+    plan = recommend(make_law(), tokens=300, target_em=0.9)
+    with pytest.raises(MemprobeError, match="must reach its target"):
+        Plan(**{**plan.__dict__, "target_em": 0.999999, "predicted_em": 0.5})
+
+
+# ---------------------------------------------------------------- the curve
+
+
+def test_curve():
+    c = curve(LAWS, tokens=300, max_rank=64)
+    assert c.objectives == ["sft", "memft-ot", "memft-sw"]
+    assert len(c.rows) == 3 * 7
+    for obj in c.objectives:
+        rows = [r for r in c.rows if r["objective"] == obj]
+        em = [r["em"] for r in rows]
+        assert em == sorted(em) and [r["rank"] for r in rows] == [1, 2, 4, 8, 16, 32, 64]
+        for r in rows:
+            assert r["delta_loss"] == pytest.approx(LAWS[obj].predict(r["rank"], 300))
+            assert r["delta_loss_lo"] < r["delta_loss"] < r["delta_loss_hi"]
+            assert r["trainable_params"] == 1152 * r["rank"]
+    d = c.to_dict()
+    assert json.loads(json.dumps(d, sort_keys=True)) == d
+    assert curve(make_law(samples=False), tokens=300).rows[0]["em_lo"] is None
+    assert "outside the calibrated range" in " ".join(curve(make_law(), tokens=10).warnings)
+    with pytest.raises(MemprobeError, match="tokens must be a positive integer, got 0"):
+        curve(LAWS, tokens=0)
