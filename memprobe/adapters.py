@@ -91,12 +91,15 @@ class LowRankBank(nn.Module):
     A: (G, d_in, r_max), B: (G, r_max, d_out). Rows of the input are grouped: the first R/G rows belong
     to adapter 0, the next R/G to adapter 1, ... (the engine lays batches out that way)."""
 
-    def __init__(self, d_in: int, d_out: int, ranks, seeds, scales, dropout: float = 0.0, device=None):
+    def __init__(self, d_in: int, d_out: int, ranks, seeds, scales, dropout: float = 0.0, device=None,
+                 stream: int = 0):
         super().__init__()
         G, r_max = len(ranks), max(ranks)
         A = torch.zeros(G, d_in, r_max, device=device)
         for g, (r, s) in enumerate(zip(ranks, seeds)):
-            A[g, :, :r] = kaiming_uniform_a(r, d_in, cell_seed(s, r)).T.to(device)
+            # `stream` (the module's index) gives every adapted matrix its own draw, as PEFT does
+            seed = (cell_seed(s, r) + 104_729 * stream) % (2**31 - 1)
+            A[g, :, :r] = kaiming_uniform_a(r, d_in, seed).T.to(device)
         self.A = nn.Parameter(A)  # (G, d_in, r_max)
         self.B = nn.Parameter(torch.zeros(G, r_max, d_out, device=device))  # (G, r_max, d_out)
         self.register_buffer("scale", torch.tensor(list(scales), dtype=torch.float32, device=device))
@@ -198,7 +201,7 @@ def attach_adapters(model, spec: AdapterSpec, ranks, seeds) -> AttachedAdapters:
         for name, module in layers[k].named_modules():
             if isinstance(module, nn.Linear) and name.split(".")[-1] in spec.target_modules:
                 bank = LowRankBank(module.in_features, module.out_features, ranks, seeds,
-                                   [spec.scale(r) for r in ranks], spec.dropout, device)
+                                   [spec.scale(r) for r in ranks], spec.dropout, device, stream=len(banks))
                 handles.append(module.register_forward_hook(_add_branch_hook(bank)))
                 banks[f"model.layers.{k}.{name}"] = bank
                 per_rank += module.in_features + module.out_features

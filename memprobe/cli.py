@@ -1,4 +1,4 @@
-"""The memprobe command line: `memprobe fit CELLS.csv --out law.json`.
+"""The memprobe command line: `memprobe calibrate`, `memprobe fit CELLS.csv`, `memprobe phases RUN_DIR`.
 
 Each command is a few lines around one library function with the same parameter names;
 heavy modules are imported inside the command so that `memprobe --help` stays quick.
@@ -12,7 +12,9 @@ from typing import Optional
 
 import typer
 
-from memprobe.cli_support import make_app, run_app
+from memprobe.errors import MemprobeError
+
+from memprobe.cli_support import make_app, parse_list, run_app
 
 app = make_app("memprobe: measure how much a LoRA adapter memorizes on your model and fit the Parametric Memory Law.")
 
@@ -69,6 +71,88 @@ def fit(
     console = Console()
     console.print(render_fits(fits))
     console.print(f"wrote {out}")
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option("embedded", "--model", "-m", help="embedded (SmolLM2-135M, offline), a hub id, a local folder, a .gguf file, or random:CONFIG"),
+    preset: str = typer.Option("quick", "--preset", help="quick (embedded model, CPU, minutes) or paper (8B models, GPU)"),
+    data: Optional[str] = typer.Option(None, "--data", help="random | phonebook | text | jsonl:PATH [preset]"),
+    replace_ratio: Optional[float] = typer.Option(None, "--replace-ratio", help="text only: share of tokens replaced by random ones (0, .2, .4, .6, .8, 1)"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="mlp-bypass | lora [preset]"),
+    layer: Optional[int] = typer.Option(None, "--layer", help="mlp-bypass layer [about 2/3 of the depth]"),
+    lora_layers: Optional[str] = typer.Option(None, "--lora-layers", help="lora: layers to adapt, e.g. 20,21,22 [all]"),
+    target_modules: Optional[str] = typer.Option(None, "--target-modules", help="lora: module names [all linear: q,k,v,o,gate,up,down_proj]"),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="lora: fixed alpha [alpha = 2r]"),
+    ranks: Optional[str] = typer.Option(None, "--ranks", help="ranks, e.g. 1,2,4,8 [preset]"),
+    tokens: Optional[str] = typer.Option(None, "--tokens", help="answer-token sizes T, e.g. 48,96,192 [preset]"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="seeds, e.g. 0,1,2 [0]"),
+    objectives: Optional[str] = typer.Option(None, "--objectives", help="sft,memft-ot,memft-sw [sft]"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="training budget per cell [preset]"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate [1e-2]"),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="constant | linear [preset]"),
+    clip: Optional[float] = typer.Option(None, "--clip", help="gradient clipping norm [preset]"),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="adapter dropout [preset]"),
+    stop_p: Optional[float] = typer.Option(None, "--stop-p", help="stop a cell once every answer token has p >= this [0.9]"),
+    pack: int = typer.Option(0, "--pack", help="most cells trained together in one pass [0 = all cells of a dataset]"),
+    no_chat: bool = typer.Option(False, "--no-chat", help="do not wrap keys in the chat template"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda[:N] [auto]"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 [auto: bf16 on CUDA]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory [memprobe_runs/<model>_<data>_<adapter>]; an existing one resumes"),
+    fresh: bool = typer.Option(False, "--fresh", help="discard the cells already in the run directory"),
+    json_: bool = typer.Option(False, "--json", help="print the result as JSON on stdout (progress goes to stderr)"),
+):
+    """Train short LoRA fits over a grid of ranks and sizes on your model, fit the law, profile token phases."""
+    from rich.console import Console
+
+    from memprobe.calibrate import CalibrationConfig, Progress, run_calibration
+
+    adapter_kwargs = {k: v for k, v in dict(
+        layer=layer, layers=tuple(parse_list(lora_layers, "--lora-layers")) if lora_layers else None,
+        target_modules=tuple(parse_list(target_modules, "--target-modules", str)) if target_modules else None,
+        alpha=lora_alpha).items() if v is not None}
+    config = CalibrationConfig.from_preset(
+        preset, model=model, data=data, replace_ratio=replace_ratio, adapter=adapter, dropout=dropout,
+        adapter_kwargs=adapter_kwargs, ranks=parse_list(ranks, "--ranks", noun="positive integers"),
+        tokens=parse_list(tokens, "--tokens", noun="positive integers"),
+        seeds=parse_list(seeds, "--seeds"), objectives=parse_list(objectives, "--objectives", str), steps=steps,
+        lr=lr, schedule=schedule, clip=clip, stop_p=stop_p, chat=False if no_chat else None, device=device,
+        dtype=dtype, pack=pack)
+    console = Console(stderr=json_)
+    result = run_calibration(config, out, fresh=fresh, progress=Progress(console),
+                             log=lambda msg: console.print(msg, highlight=False))
+    if json_:
+        typer.echo(json.dumps(result.to_dict(), sort_keys=True, default=str))
+    else:
+        from memprobe.report import render_calibration
+
+        console.print(render_calibration(result))
+    if result.fit_error:
+        raise MemprobeError(f"cells saved in {result.run_dir}, but the law could not be fitted: {result.fit_error}")
+
+
+@app.command()
+def phases(
+    run_dir: Path = typer.Argument(..., help="a calibration run directory (cells.csv, tokens.csv)"),
+    threshold: float = typer.Option(0.5, "--threshold", help="p above which a token is in the ordered phase"),
+    json_: bool = typer.Option(False, "--json", help="print the analysis as JSON on stdout"),
+):
+    """Token phases of a run: ordered fraction per cell, stubborn positions, first-failure correlation; phases.png."""
+    from memprobe.phases import analyze_phases, load_run_tables, render_phase_summary
+    from memprobe.plots import plot_phases
+
+    cells_t, tokens_t = load_run_tables(run_dir)
+    report = analyze_phases(cells_t, tokens_t, threshold=threshold)
+    report.save(Path(run_dir) / "phases.json")
+    png = plot_phases(cells_t, tokens_t, Path(run_dir) / "phases.png", threshold=threshold)
+    if json_:
+        typer.echo(json.dumps(report.to_dict(), sort_keys=True))
+        return
+    from rich.console import Console
+
+    console = Console()
+    console.print(render_phase_summary(report))
+    console.print(f"wrote {Path(run_dir) / 'phases.json'} and {png}")
 
 
 def main(args=None) -> int:

@@ -55,6 +55,21 @@ def error_message(exc: BaseException) -> str:
     return one_line(str(exc)) or type(exc).__name__
 
 
+def parse_list(text: str | None, option: str, kind=int, noun: str | None = None) -> list | None:
+    """'1,2,4,8' -> [1, 2, 4, 8] for a comma-separated option; None stays None (the default applies)."""
+    if text is None:
+        return None
+    parts = [x.strip() for x in str(text).split(",") if x.strip()]
+    try:
+        values = [kind(x) for x in parts]
+    except ValueError:
+        values = []
+    if not values:
+        noun = noun or ("integers" if kind is int else "numbers" if kind is float else "values")
+        raise MemprobeError(f"{option} must be comma-separated {noun}, got {text!r}")
+    return values
+
+
 def print_error(exc: BaseException) -> None:
     typer.echo(f"error: {error_message(exc)}", err=True)
 

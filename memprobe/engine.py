@@ -293,10 +293,10 @@ def _add_time(seconds: dict, active: list[int], dt: float) -> None:
 
 
 def _stop_reason(metrics: CellMetrics, curve: list[float], step: int, cfg: TrainConfig) -> str | None:
-    if step >= cfg.steps:
-        return "budget"
     if cfg.stop_p is not None and metrics.min_p >= cfg.stop_p:
         return "converged"
+    if step >= cfg.steps:
+        return "budget"
     w = cfg.plateau_window
     if step >= max(cfg.min_steps, w) and len(curve) > w:
         old, new = curve[-1 - w], curve[-1]

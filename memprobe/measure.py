@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from memprobe.errors import MemprobeError
+
 LN2 = math.log(2.0)
 
 
@@ -53,7 +55,8 @@ def make_batch(sequences, pad_id: int = 0) -> AnswerBatch:
     for i, s in enumerate(sequences):
         P, T = len(s.prompt_ids), len(s.answer_ids)
         if P == 0:
-            raise ValueError("every sequence needs at least one prompt token to condition the answer")
+            raise MemprobeError(f"every sequence needs at least one prompt token to condition the answer, "
+                                f"got an empty prompt for key {getattr(s, 'key', i)!r}")
         input_ids[i, : P + T] = torch.tensor(list(s.prompt_ids) + list(s.answer_ids))
         pred_pos[i, :T] = torch.arange(P - 1, P + T - 1)
         targets[i, :T] = torch.tensor(list(s.answer_ids))

@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,10 +46,13 @@ def resolve_device(device: str | None = None) -> str:
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    # checked before availability: "cuda0x" would otherwise pass here and fail deep inside torch
+    if device not in ("cpu", "mps") and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise MemprobeError(f"device must be auto, cpu, cuda[:N] or mps, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MemprobeError(f"device {device!r} requested but CUDA is not available")
-    if device not in ("cpu", "mps") and not device.startswith("cuda"):
-        raise MemprobeError(f"device must be auto, cpu, cuda[:N] or mps, got {device!r}")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise MemprobeError("device 'mps' requested but MPS is not available")
     return device
 
 
@@ -101,6 +105,9 @@ def load_model(spec: str = "embedded", *, device: str | None = None, dtype: str 
         model, tok = _load_gguf(path.parent, path.name, torch_dtype)
         name, source = path.name, "gguf"
     elif Path(spec).expanduser().is_dir():
+        if not (Path(spec).expanduser() / "config.json").is_file():
+            raise MemprobeError(f"model folder {spec!r} has no config.json, so it holds no transformers model "
+                                "(for a GGUF model, pass the .gguf file itself)")
         model, tok = _load_pretrained(str(Path(spec).expanduser()), torch_dtype, spec)
         name, source = spec, "folder"
     elif Path(spec).expanduser().exists():

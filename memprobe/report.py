@@ -118,3 +118,37 @@ def render_cells(cells, max_rows: int = 50) -> Table:
     for _, row in cells.head(max_rows).iterrows():
         t.add_row(*(_g(v) if isinstance(v, float) else str(v) for v in (row[c] for c in cols)))
     return t
+
+
+RUN_CELL_COLUMNS = ("objective", "rank", "tokens", "loss_before", "loss_after", "delta_loss", "token_acc",
+                    "exact_match", "saturated", "steps", "stop_reason", "final_slope")
+
+
+def render_calibration(result) -> Group:
+    """The calibrate report: the cells, the law(s), the token phases, where everything was written."""
+    from memprobe.phases import render_phase_summary
+
+    cells = result.cells
+    cols = [c for c in RUN_CELL_COLUMNS if c in cells.columns]
+    parts = [render_cells(cells[cols], max_rows=200)]
+    slopes = cells.loc[~cells["saturated"].astype(bool), "final_slope"] if "final_slope" in cells.columns else None
+    if slopes is not None and len(slopes):
+        parts.append(Text(
+            f"last-10-step loss slope of non-saturated cells: median {slopes.median():.2%} per step "
+            f"(near 0: cells sit at their plateau, the law measures capacity; large: it measures speed at this budget)",
+            style="dim"))
+    if result.fits:
+        parts.append(render_fits(result.fits))
+    if result.fit_error:
+        parts.append(Text(f"law not fitted: {result.fit_error}", style="bold red"))
+    if result.phases is not None:
+        parts.append(render_phase_summary(result.phases))
+    runs = result.manifest.get("timings", {}).get("runs", [])
+    if runs:
+        last = runs[-1]
+        parts.append(Text(f"this run: {last.get('cells_run', 0)} cell(s) trained in {last.get('train_s', 0):.0f} s "
+                          f"(model load {last.get('load_s') or 0:.0f} s, total {last.get('total_s', 0):.0f} s)"))
+    written = [p for p in ("cells.csv", "tokens.csv", "law.json", "phases.json", "law.png", "phases.png")
+               if (result.run_dir / p).exists()]
+    parts.append(Text(f"run directory {result.run_dir}: {', '.join(written)}"))
+    return Group(*parts)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from memprobe.cli_support import make_app, run_app
+from memprobe.cli_support import make_app, parse_list, run_app
 from memprobe.errors import MemprobeError
 
 app = make_app("planner: choose the LoRA rank and training objective that reproduce your data exactly.")
@@ -22,16 +22,7 @@ LAW_HELP = "law file [default: newest $MEMPROBE_RUNS_DIR/*/law.json, else the sh
 
 def parse_ranks(text: str | None) -> list[int] | None:
     """'1,2,4,8' -> [1, 2, 4, 8]; recommend() checks that they are positive."""
-    if text is None:
-        return None
-    parts = [x.strip() for x in text.split(",") if x.strip()]
-    try:
-        ranks = [int(x) for x in parts]
-    except ValueError:
-        ranks = []
-    if not ranks:
-        raise MemprobeError(f"--ranks must be comma-separated positive integers, got {text!r}")
-    return ranks
+    return parse_list(text, "--ranks", int, noun="positive integers")
 
 
 def _load(law: Path | None):
