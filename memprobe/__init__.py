@@ -13,7 +13,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "MemoryLaw": "memprobe.law",
     "load_laws": "memprobe.law",
+    "save_laws": "memprobe.law",
     "fit_law": "memprobe.fit",
+    "fit_laws": "memprobe.fit",
     "LawFit": "memprobe.fit",
 }
 

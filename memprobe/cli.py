@@ -155,6 +155,66 @@ def phases(
     console.print(f"wrote {Path(run_dir) / 'phases.json'} and {png}")
 
 
+@app.command()
+def memorize(
+    data: str = typer.Option(..., "--data", help='jsonl:PATH (lines {"key": ..., "answer": ...}); phonebook | random | text need --tokens'),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="plan JSON from `planner recommend --json`: rank, objective, adapter and budget (flags override)"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="adapter rank [the plan's]"),
+    objective: Optional[str] = typer.Option(None, "--objective", help="sft | memft-ot | memft-sw [the plan's, else sft]"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="lora | mlp-bypass [the plan's, else mlp-bypass]"),
+    layer: Optional[int] = typer.Option(None, "--layer", help="mlp-bypass layer [about 2/3 of the depth]"),
+    lora_layers: Optional[str] = typer.Option(None, "--lora-layers", help="lora: layers to adapt, e.g. 20,21,22 [all]"),
+    target_modules: Optional[str] = typer.Option(None, "--target-modules", help="lora: module names [all linear]"),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="lora: fixed alpha [alpha = 2r]"),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="adapter dropout [the plan's, else 0]"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="training budget in steps [the plan's, else 150]"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate [the plan's, else 1e-2]"),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="constant | linear [the plan's, else constant]"),
+    clip: Optional[float] = typer.Option(None, "--clip", help="gradient clipping norm, 0 = off [the plan's, else off]"),
+    stop_p: Optional[float] = typer.Option(None, "--stop-p", help="stop once every answer token has p >= this [0.9]"),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="answer tokens to take from the data [all of a jsonl]"),
+    seed: int = typer.Option(0, "--seed", help="seed of the adapter's initialization"),
+    model: str = typer.Option("embedded", "--model", "-m", help="embedded (SmolLM2-135M, offline), a hub id, a local folder or a .gguf file"),
+    no_chat: bool = typer.Option(False, "--no-chat", help="do not wrap keys in the chat template"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda[:N] [auto]"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 [auto: bf16 on CUDA]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for the adapter [memprobe_adapters/<data>_<adapter>_r<R>]"),
+    json_: bool = typer.Option(False, "--json", help="print the result as JSON on stdout (progress goes to stderr)"),
+):
+    """Train the adapter on your data (with a plan's rank, objective and budget), save it, report its exact match."""
+    from rich.console import Console
+
+    from memprobe.calibrate import Progress
+    from memprobe.data import load_jsonl
+    from memprobe.memorize import memorize as memorize_
+    from memprobe.memorize import read_plan, render_memorize, settings_from_plan
+    from memprobe.models import load_model
+
+    # the user's own values first: a typo needs no model to be reported
+    plan_doc = read_plan(plan) if plan is not None else None
+    settings = settings_from_plan(
+        plan_doc, rank=rank, objective=objective, adapter=adapter, layer=layer,
+        layers=parse_list(lora_layers, "--lora-layers") if lora_layers else None,
+        target_modules=parse_list(target_modules, "--target-modules", str) if target_modules else None,
+        alpha=lora_alpha, dropout=dropout, steps=steps, lr=lr, schedule=schedule, clip=clip, stop_p=stop_p)
+    if data.startswith("jsonl:"):
+        load_jsonl(Path(data[len("jsonl:"):].strip()).expanduser())
+    lm = load_model(model, device=device, dtype=dtype)
+    console = Console(stderr=json_)
+    progress = Progress(console)
+    progress.start(1, settings.train.steps)
+    progress.pack(f"{settings.adapter.kind} r={settings.rank} {settings.objective}")
+    try:
+        result = memorize_(lm, data, settings.rank, settings.objective, settings.adapter, settings.train, out,
+                           plan=plan_doc, seed=seed, tokens=tokens, chat=not no_chat, on_step=progress.step)
+    finally:
+        progress.stop()
+    if json_:
+        typer.echo(json.dumps(result.to_dict(), sort_keys=True, default=str))
+        return
+    console.print(render_memorize(result))
+
+
 def main(args=None) -> int:
     return run_app(app, args, prog_name="memprobe")
 

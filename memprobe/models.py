@@ -197,7 +197,7 @@ def _load_random(config_name: str, torch_dtype):
     for timing on a GPU where the real weights cannot be downloaded. The tokenizer is the embedded one
     (its ids are valid for any vocabulary at least as large)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = RANDOM_CONFIGS_DIR / f"{config_name}.json"
     if not path.is_file():
@@ -208,8 +208,18 @@ def _load_random(config_name: str, torch_dtype):
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()), gguf_file=EMBEDDED_GGUF)
-    return model, tok
+    return model, embedded_tokenizer()
+
+
+def embedded_tokenizer():
+    """The embedded model's tokenizer: from the float cache when a load has filled it (it travels without the
+    98 MB GGUF, e.g. to a GPU machine via MEMPROBE_CACHE), else from the GGUF file."""
+    from transformers import AutoTokenizer
+
+    for folder in sorted((cache_dir() / "gguf").glob(f"{Path(EMBEDDED_GGUF).stem}-*")):
+        if (folder / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(str(embedded_model_dir()), gguf_file=EMBEDDED_GGUF)
 
 
 def _first_line(exc: BaseException) -> str:
