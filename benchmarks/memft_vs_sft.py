@@ -1,0 +1,372 @@
+"""MemFT vs SFT: exact match and token accuracy against adapter rank, for the three training objectives,
+on the embedded model (SmolLM2-135M), PhoneBook and random sequences, at one fixed step budget.
+
+Every cell gets the same budget: no early stop (stop_p=None, and the plateau window is longer than the
+budget), so the objectives are compared at equal training compute. For each dataset and seed, the cells of
+every (objective, rank) train PACKED in one `train_cells` call: one forward pass per step for all of them,
+each row through its own adapter, each cell with its own loss and optimizer (exactly equal to isolated runs).
+A seed sets both the data (which phone book, which random tokens) and the adapters' initialization.
+
+    .venv/bin/python benchmarks/memft_vs_sft.py            # full run: < 15 min on a 2-core CPU
+    .venv/bin/python benchmarks/memft_vs_sft.py --quick    # smoke run: about a minute
+
+Writes benchmarks/results/memft_vs_sft.csv (one row per cell), memft_vs_sft.png (EM and token accuracy vs
+rank, one column per dataset) and memft_vs_sft.json (configuration, versions, timings, summary); --quick
+writes memft_vs_sft_quick.* instead, so a smoke run never overwrites the full results.
+
+Defaults, chosen from timings on the 2-core CPU (a pack of 9 cells: ~0.15 s per cell-step for PhoneBook
+T=100 without chat template, ~0.3 s for random T=64): PhoneBook T=100 (10 numbers, EM in steps of 0.1) and
+random T=32. Random sequences use T=32, not 64: at 60 steps an r <= 4 adapter stays far from reproducing 64
+random tokens (T=64 at r=1 reaches token accuracy ~0.28 after 150 steps), so EM would be 0 in every cell;
+at T=32 the ranks separate. The full grid is 2 datasets x 2 seeds x 9 cells x 60 steps = 2,160 cell-steps:
+about 6-8 minutes on an idle 2-core CPU. A CPU busy with other work is much slower (a --quick run measured
+1.3 s per cell-step at load average 3.8); there, try --threads 1, and read the ETA on the progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+NAME = "memft_vs_sft"
+DATASETS = ("phonebook", "random")
+OBJECTIVES = ("sft", "memft-ot", "memft-sw")
+CSV_COLUMNS = ["dataset", "tokens_requested", "tokens", "n_sequences", "seed", "objective", "rank",
+               "trainable_params", "loss_before", "loss_after", "delta_loss", "token_acc", "exact_match",
+               "ordered_frac", "steps", "seconds", "final_slope"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "embedded"
+    datasets: tuple[str, ...] = DATASETS
+    phonebook_tokens: tuple[int, ...] = (100,)
+    random_tokens: tuple[int, ...] = (32,)
+    ranks: tuple[int, ...] = (1, 2, 4)
+    objectives: tuple[str, ...] = OBJECTIVES
+    seeds: tuple[int, ...] = (0, 1)
+    steps: int = 60
+    lr: float = 1e-2
+    schedule: str = "constant"
+    clip: float | None = None
+    adapter: str = "mlp-bypass"
+    layer: int | None = None
+    device: str | None = "cpu"
+    dtype: str | None = None
+    quick: bool = False
+
+    def __post_init__(self):
+        from memprobe.errors import MemprobeError
+
+        bad = [d for d in self.datasets if d not in DATASETS]
+        if bad or not self.datasets:
+            raise MemprobeError(f"datasets must be among {', '.join(DATASETS)}, got {', '.join(bad) or 'none'}")
+        bad = [o for o in self.objectives if o not in OBJECTIVES]
+        if bad or not self.objectives:
+            raise MemprobeError(f"objectives must be among {', '.join(OBJECTIVES)}, got {', '.join(bad) or 'none'}")
+        for name in ("phonebook_tokens", "random_tokens", "ranks"):
+            values = getattr(self, name)
+            if not values or any(isinstance(v, bool) or int(v) != v or v <= 0 for v in values):
+                raise MemprobeError(f"{name.replace('_', ' ')} must be positive integers, got {list(values)}")
+        if not self.seeds or any(int(s) != s or s < 0 for s in self.seeds):
+            raise MemprobeError(f"seeds must be non-negative integers, got {list(self.seeds)}")
+        if int(self.steps) != self.steps or self.steps <= 0:
+            raise MemprobeError(f"steps must be a positive integer, got {self.steps}")
+
+    def tokens_of(self, dataset: str) -> tuple[int, ...]:
+        return self.phonebook_tokens if dataset == "phonebook" else self.random_tokens
+
+    def train_config(self):
+        from memprobe.engine import TrainConfig
+
+        # no early stop of any kind: every cell trains the full budget
+        return TrainConfig(steps=self.steps, lr=self.lr, schedule=self.schedule, clip=self.clip, stop_p=None,
+                           plateau_window=self.steps + 1)
+
+    def adapter_spec(self):
+        from memprobe.adapters import AdapterSpec
+
+        return AdapterSpec(kind=self.adapter, layer=self.layer)
+
+    def n_packs(self) -> int:
+        return sum(len(self.tokens_of(d)) for d in self.datasets) * len(self.seeds)
+
+    def pack_size(self) -> int:
+        return len(self.ranks) * len(self.objectives)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+QUICK = dict(phonebook_tokens=(20,), random_tokens=(16,), ranks=(1, 2), seeds=(0,), steps=10)
+
+
+# ----------------------------------------------------------------------------------------- the run
+
+
+def build_data(dataset: str, tokenizer, T: int, seed: int):
+    from memprobe.data import build_dataset
+
+    if dataset == "phonebook":
+        # the raw "Name:" key, as in the paper: no chat template around a phone book entry
+        return build_dataset("phonebook", tokenizer, T, seed=seed, chat=False)
+    return build_dataset("random", tokenizer, T, seed=seed)
+
+
+def run_benchmark(model, tokenizer, config: BenchConfig, progress=None, log=lambda msg: None):
+    """Train every pack; returns a pandas DataFrame with one row per cell (CSV_COLUMNS)."""
+    import pandas as pd
+
+    from memprobe.adapters import attach_adapters
+    from memprobe.engine import CellSpec, FrozenPrefix, train_cells
+    from memprobe.measure import make_batch
+
+    adapter, train = config.adapter_spec(), config.train_config()
+    rows = []
+    for dataset in config.datasets:
+        for T in config.tokens_of(dataset):
+            for seed in config.seeds:
+                ds = build_data(dataset, tokenizer, T, seed)
+                batch = make_batch(ds.sequences, pad_id=getattr(tokenizer, "pad_token_id", None) or 0)
+                probe = attach_adapters(model, adapter, [1], [0])  # where the frozen layers end
+                probe.detach()
+                prefix = FrozenPrefix(model, batch, probe.first_layer)
+                base = prefix.measure_base()
+                cells = [CellSpec(r, seed, o) for o in config.objectives for r in config.ranks]
+                if progress is not None:
+                    progress.pack(f"{dataset} T={ds.n_answer_tokens} seed={seed}")
+                t0 = time.perf_counter()
+                outcomes = train_cells(model, prefix, batch, cells, adapter, train,
+                                       on_step=progress.step if progress is not None else None)
+                dt = time.perf_counter() - t0
+                if progress is not None:
+                    progress.cells_done(len(cells))
+                log(f"{dataset} T={ds.n_answer_tokens} seed={seed}: {len(cells)} cells x {train.steps} steps "
+                    f"in {dt:.0f} s ({dt / (len(cells) * train.steps):.3f} s per cell-step)")
+                for o in outcomes:
+                    a = o.after
+                    rows.append({
+                        "dataset": dataset, "tokens_requested": T, "tokens": ds.n_answer_tokens,
+                        "n_sequences": len(ds.sequences), "seed": seed, "objective": o.spec.objective,
+                        "rank": o.spec.rank, "trainable_params": probe.trainable_params(o.spec.rank),
+                        "loss_before": base.loss, "loss_after": a.loss, "delta_loss": base.loss - a.loss,
+                        "token_acc": a.token_acc, "exact_match": a.exact_match, "ordered_frac": a.ordered_frac,
+                        "steps": o.steps, "seconds": o.seconds, "final_slope": o.final_slope(),
+                    })
+    return pd.DataFrame(rows, columns=CSV_COLUMNS)
+
+
+def summarize(cells):
+    """Mean and standard deviation over seeds per (dataset, tokens, rank, objective)."""
+    keys = ["dataset", "tokens", "rank", "objective"]
+    g = cells.groupby(keys, sort=False)
+    out = g[["exact_match", "token_acc", "delta_loss"]].agg(["mean", "std", "count"])
+    out.columns = [f"{m}_{s}" for m, s in out.columns]
+    return out.reset_index()
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.2f}" if not math.isfinite(std) else f"{mean:.2f}±{std:.2f}"
+
+
+def render_table(summary, objectives):
+    """Rows (dataset, T, rank); for each objective EM and token accuracy, mean ± std over seeds; the best
+    EM of a row in bold."""
+    from rich.table import Table
+
+    n_seeds = int(summary["exact_match_count"].max()) if len(summary) else 0
+    t = Table(title=f"MemFT vs SFT: exact match / token accuracy (mean ± std over {n_seeds} seed(s))",
+              header_style="bold")
+    for name in ("dataset", "T", "rank"):
+        t.add_column(name, justify="right" if name != "dataset" else "left")
+    for o in objectives:
+        t.add_column(f"{o}\nEM", justify="right")
+        t.add_column(f"{o}\nacc", justify="right")
+    for (dataset, T, r), block in summary.groupby(["dataset", "tokens", "rank"], sort=False):
+        by_obj = {row.objective: row for row in block.itertuples()}
+        best = max(by_obj[o].exact_match_mean for o in objectives if o in by_obj)
+        cells = [dataset, str(T), str(r)]
+        for o in objectives:
+            row = by_obj.get(o)
+            if row is None:
+                cells += ["-", "-"]
+                continue
+            em = _pm(row.exact_match_mean, row.exact_match_std)
+            cells += [f"[bold]{em}[/]" if row.exact_match_mean == best and best > 0 else em,
+                      _pm(row.token_acc_mean, row.token_acc_std)]
+        t.add_row(*cells)
+    return t
+
+
+def plot(summary, objectives, path: Path) -> Path:
+    """EM (top) and token accuracy (bottom) against rank, one line per objective, one column per
+    (dataset, T); error bars are the standard deviation over seeds."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = list(summary.groupby(["dataset", "tokens"], sort=False))
+    fig = Figure(figsize=(4.2 * len(panels), 6.4), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, len(panels), squeeze=False, sharex="col")
+    colours = {o: colormaps["tab10"](i) for i, o in enumerate(OBJECTIVES)}
+    # objectives often tie (EM 0 or 1 everywhere): a small sideways shift keeps every line visible
+    shift = {o: 2 ** (0.04 * (i - (len(objectives) - 1) / 2)) for i, o in enumerate(objectives)}
+    for j, ((dataset, T), block) in enumerate(panels):
+        for i, (metric, label) in enumerate((("exact_match", "exact match"), ("token_acc", "token accuracy"))):
+            ax = axes[i, j]
+            for o in objectives:
+                b = block[block["objective"] == o].sort_values("rank")
+                if b.empty:
+                    continue
+                ax.errorbar(b["rank"] * shift[o], b[f"{metric}_mean"], yerr=b[f"{metric}_std"].fillna(0.0), marker="o",
+                            capsize=3, label=o, color=colours[o])
+            ax.set_xscale("log", base=2)
+            ticks = sorted(block["rank"].unique())
+            ax.set_xticks(ticks, [str(int(r)) for r in ticks])
+            ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.set_title(f"{dataset}, T = {T}")
+            else:
+                ax.set_xlabel("LoRA rank r")
+            if j == 0:
+                ax.set_ylabel(label)
+    axes[0, 0].legend(loc="best", fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    fig.clear()
+    return path
+
+
+# ----------------------------------------------------------------------------------------- command line
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    from memprobe.cli_support import parse_list
+
+    return tuple(parse_list(text, option, int, noun="integers"))
+
+
+def _names(text: str, option: str) -> tuple[str, ...]:
+    from memprobe.cli_support import parse_list
+
+    return tuple(parse_list(text, option, str))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="embedded (default), a hub id, a local folder or a .gguf file")
+    p.add_argument("--datasets", default=None, help="phonebook,random [both]")
+    p.add_argument("--phonebook-tokens", default=None, help="PhoneBook answer tokens T, e.g. 100 or 50,100 [100]")
+    p.add_argument("--random-tokens", default=None, help="random-sequence lengths T, e.g. 32 or 16,32 [32]")
+    p.add_argument("--ranks", default=None, help="ranks [1,2,4]")
+    p.add_argument("--objectives", default=None, help="sft,memft-ot,memft-sw [all three]")
+    p.add_argument("--seeds", default=None, help="seeds (data and initialization) [0,1]")
+    p.add_argument("--steps", type=int, default=None, help="training steps per cell, the same for all [60]")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate [1e-2, constant]")
+    p.add_argument("--schedule", default=None, help="constant | linear [constant]")
+    p.add_argument("--clip", type=float, default=None, help="gradient clipping norm [none]")
+    p.add_argument("--adapter", default=None, help="mlp-bypass | lora [mlp-bypass]")
+    p.add_argument("--layer", type=int, default=None, help="mlp-bypass layer [about 2/3 of the depth]")
+    p.add_argument("--device", default=None, help="cpu | cuda[:N] | auto [cpu]")
+    p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 [auto]")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads [torch's default]; 1 is often faster on a machine others are using")
+    p.add_argument("--out-dir", type=Path, default=None, help=f"where to write the results [{RESULTS_DIR}]")
+    p.add_argument("--quick", action="store_true", help="smoke run: T=20/16, ranks 1,2, one seed, 10 steps")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    values = dict(QUICK) if args.quick else {}
+    given = {
+        "model": args.model, "datasets": args.datasets and _names(args.datasets, "--datasets"),
+        "phonebook_tokens": args.phonebook_tokens and _ints(args.phonebook_tokens, "--phonebook-tokens"),
+        "random_tokens": args.random_tokens and _ints(args.random_tokens, "--random-tokens"),
+        "ranks": args.ranks and _ints(args.ranks, "--ranks"),
+        "objectives": args.objectives and _names(args.objectives, "--objectives"),
+        "seeds": args.seeds and _ints(args.seeds, "--seeds"), "steps": args.steps, "lr": args.lr,
+        "schedule": args.schedule, "clip": args.clip, "adapter": args.adapter, "layer": args.layer,
+        "device": args.device, "dtype": args.dtype,
+    }
+    values.update({k: v for k, v in given.items() if v is not None})
+    return BenchConfig(quick=args.quick, **values)
+
+
+def main(argv=None) -> int:
+    from memprobe.errors import MemprobeError
+
+    try:
+        return run(parse_args(argv))
+    except MemprobeError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+
+    from memprobe.calibrate import Progress, git_hash, hardware, versions
+    from memprobe.errors import MemprobeError
+    from memprobe.models import load_model
+
+    config = config_from_args(args)
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise MemprobeError(f"threads must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    config.train_config(), config.adapter_spec()  # a bad schedule or adapter is reported before the model loads
+    out_dir = args.out_dir or RESULTS_DIR
+    stem = NAME + ("_quick" if config.quick else "")
+    console = Console()
+    n_cells = config.n_packs() * config.pack_size()
+    console.print(f"{n_cells} cells in {config.n_packs()} packs of {config.pack_size()}, {config.steps} steps each")
+    t_start = time.perf_counter()
+    lm = load_model(config.model, device=config.device, dtype=config.dtype)
+    load_s = time.perf_counter() - t_start
+    torch.manual_seed(0)
+    progress = Progress(console)
+    progress.start(n_cells, config.steps)
+    try:
+        cells = run_benchmark(lm.model, lm.tokenizer, config, progress,
+                              log=lambda msg: console.print(msg, highlight=False))
+    finally:
+        progress.stop()
+    train_s = time.perf_counter() - t_start - load_s
+    summary = summarize(cells)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path, json_path = (out_dir / f"{stem}.{ext}" for ext in ("csv", "png", "json"))
+    cells.to_csv(csv_path, index=False, float_format="%.6g")
+    plot(summary, config.objectives, png_path)
+    doc = {
+        "schema_version": 1, "benchmark": NAME, "config": config.to_dict(),
+        "adapter": config.adapter_spec().to_dict(), "train": config.train_config().to_dict(),
+        "model": {"name": lm.name, "source": lm.source, "device": lm.device, "dtype": lm.dtype, **lm.info},
+        "timings": {"load_s": round(load_s, 2), "train_s": round(train_s, 2),
+                    "s_per_cell_step": round(train_s / (n_cells * config.steps), 4)},
+        "versions": versions(), "git": git_hash(), "hardware": hardware(),
+        "summary": json.loads(summary.to_json(orient="records")),
+    }
+    json_path.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str))
+    console.print(render_table(summary, config.objectives))
+    console.print(f"{n_cells} cells x {config.steps} steps in {train_s:.0f} s "
+                  f"({train_s / (n_cells * config.steps):.3f} s per cell-step), model load {load_s:.0f} s")
+    console.print(f"wrote {csv_path}, {png_path}, {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,683 @@
+"""Execute a plan: train the real adapter on the user's corpus, save it, and say how close it came.
+
+    result = memorize(lm, "jsonl:facts.jsonl", rank=4, objective="memft-ot", out="facts-adapter")
+
+One cell of the engine (a pack of one, `keep_state=True`) trains the adapter with the same code, budget and
+early stop as a calibration, so a plan's prediction and the outcome here are measured the same way. Every
+metric comes from one teacher-forced pass over answer tokens only; greedy decoding reproduces an answer
+exactly iff the teacher-forced argmax is right at each of its positions, so the exact match reported here
+IS the exact match of greedy decoding.
+
+What is saved in the out folder:
+  lora        adapter_config.json + adapter_model.safetensors, a standard PEFT adapter:
+              PeftModel.from_pretrained(base_model, out)
+  mlp-bypass  bypass.json + bypass.safetensors: h += x @ A @ B at the MLP of one decoder layer, x the MLP
+              input (after the post-attention norm); `load_bypass(model, out)` attaches it
+  both        memorize.json, a summary (metrics, budget, the plan's prediction and whether it held)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import numbers
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from memprobe.adapters import ADAPTER_KINDS, AdapterSpec
+from memprobe.engine import TrainConfig
+from memprobe.errors import MemprobeError
+
+SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 1
+SUMMARY_FILE = "memorize.json"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+BYPASS_CONFIG = "bypass.json"
+BYPASS_WEIGHTS = "bypass.safetensors"
+BYPASS_FORMAT = "memprobe-mlp-bypass"
+OBJECTIVES = ("sft", "memft-ot", "memft-sw")
+DEFAULT_OUT_ROOT = "memprobe_adapters"
+MAX_FAILURES_LISTED = 50
+EM_METHOD = ("teacher-forced argmax at every answer position, one pass; equal to greedy decoding, which "
+             "reproduces an answer iff every teacher-forced argmax is right")
+
+
+# ----------------------------------------------------------------------------------------- input checks
+
+
+def check_rank(rank) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Real) or not math.isfinite(rank) \
+            or int(rank) != rank or rank <= 0:
+        raise MemprobeError(f"rank must be a positive integer, got {rank!r}")
+    return int(rank)
+
+
+def check_objective(objective) -> str:
+    # the same spelling rule as memprobe.objectives ("MemFT_OT" is memft-ot)
+    name = objective.strip().lower().replace("_", "-") if isinstance(objective, str) else None
+    if name not in OBJECTIVES:
+        raise MemprobeError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    return name
+
+
+def read_plan(path) -> dict:
+    """The plan printed by `planner recommend --json`, checked; one-line MemprobeError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise MemprobeError(f"plan file not found: {path}")
+    if not path.is_file():
+        raise MemprobeError(f"plan file is not a regular file: {path}")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise MemprobeError(f"plan file {path} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise MemprobeError(f"plan file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    return check_plan(doc, where=f"plan file {path}")
+
+
+def check_plan(doc, where: str = "plan") -> dict:
+    """A plan dict (Plan.to_dict() of schema_version 1) with a usable rank and objective."""
+    if not isinstance(doc, dict):
+        raise MemprobeError(f"{where} is not a planner plan: expected a JSON object, got {type(doc).__name__}")
+    if doc.get("format") == "memprobe-law":
+        raise MemprobeError(f"{where} is a law file, not a plan: make a plan with `planner recommend --json`")
+    if doc.get("schema_version") != PLAN_SCHEMA_VERSION:
+        raise MemprobeError(f"{where} is not a planner plan of schema_version {PLAN_SCHEMA_VERSION} "
+                            f"(got schema_version {doc.get('schema_version')!r})")
+    missing = [k for k in ("rank", "objective", "predicted_em") if k not in doc]
+    if missing:
+        raise MemprobeError(f"{where} is not a planner plan (no {', '.join(missing)}): "
+                            f"make one with `planner recommend --json`")
+    check_rank(doc["rank"])
+    check_objective(doc["objective"])
+    return doc
+
+
+# ----------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class MemorizeSettings:
+    """What to train: rank, objective, adapter and budget, each from a flag, else the plan, else the default.
+    `from_plan` names the settings the plan supplied."""
+
+    rank: int
+    objective: str
+    adapter: AdapterSpec
+    train: TrainConfig
+    from_plan: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "rank", check_rank(self.rank))
+        object.__setattr__(self, "objective", check_objective(self.objective))
+
+
+def _plan_adapter(plan: dict) -> dict:
+    """Adapter settings a plan carries: its "adapter_spec" (AdapterSpec.to_dict()) when present, else the
+    kind named by "adapter" (a law records the kind; a layer other than the default must then be given)."""
+    spec = plan.get("adapter_spec")
+    out = {}
+    if isinstance(spec, dict):
+        for key in ("kind", "layer", "layers", "target_modules", "alpha", "alpha_ratio", "dropout"):
+            if spec.get(key) is not None:
+                out[key] = tuple(spec[key]) if key in ("layers", "target_modules") else spec[key]
+    kind = plan.get("adapter")
+    if isinstance(kind, dict):
+        kind = kind.get("kind")
+    if "kind" not in out and isinstance(kind, str) and kind in ADAPTER_KINDS:
+        out["kind"] = kind
+    return out
+
+
+def _plan_budget(plan: dict) -> dict:
+    budget = plan.get("budget") if isinstance(plan.get("budget"), dict) else {}
+    out = {k: budget[k] for k in ("steps", "lr", "schedule", "clip", "warmup", "weight_decay", "eps")
+           if budget.get(k) is not None}
+    if isinstance(budget.get("betas"), (list, tuple)) and len(budget["betas"]) == 2:
+        out["betas"] = tuple(float(b) for b in budget["betas"])
+    stop = budget.get("early_stop") if isinstance(budget.get("early_stop"), dict) else {}
+    # a budget calibrated without the convergence stop still gets it here: a cell stops only once every
+    # answer token is the argmax with margin (EM = 1 already), so no prediction about EM can change
+    for key in ("stop_p", "plateau_window", "plateau_tol"):
+        if stop.get(key) is not None:
+            out[key] = stop[key]
+    if budget.get("dropout") is not None:
+        out["dropout"] = budget["dropout"]
+    return out
+
+
+def settings_from_plan(plan: dict | None = None, *, rank: int | None = None, objective: str | None = None,
+                       adapter: str | None = None, layer: int | None = None, layers=None, target_modules=None,
+                       alpha: float | None = None, dropout: float | None = None, steps: int | None = None,
+                       lr: float | None = None, schedule: str | None = None, clip: float | None = None,
+                       stop_p: float | None = None) -> MemorizeSettings:
+    """Merge explicit values (not None) over the plan's over the defaults. clip=0 turns clipping off."""
+    plan = check_plan(plan) if plan is not None else None
+    if plan is None and rank is None:
+        raise MemprobeError("a rank is needed: pass --rank R, or --plan plan.json from `planner recommend --json`")
+    from_plan = []
+    p_adapter = _plan_adapter(plan) if plan else {}
+    p_budget = _plan_budget(plan) if plan else {}
+
+    def pick(name, given, plan_value, default):
+        if given is not None:
+            return given
+        if plan_value is not None:
+            from_plan.append(name)
+            return plan_value
+        return default
+
+    rank = pick("rank", rank, plan.get("rank") if plan else None, None)
+    objective = pick("objective", objective, plan.get("objective") if plan else None, "sft")
+    kind = pick("adapter", adapter, p_adapter.get("kind"), AdapterSpec.kind)
+    if kind != p_adapter.get("kind"):
+        p_adapter = {}  # a layer or target list of another adapter kind does not apply
+    spec_kw = {"kind": kind}
+    for name, given in (("layer", layer), ("layers", tuple(layers) if layers is not None else None),
+                        ("target_modules", tuple(target_modules) if target_modules is not None else None),
+                        ("alpha", alpha), ("alpha_ratio", None)):
+        value = pick(name, given, p_adapter.get(name), None)
+        if value is not None:
+            spec_kw[name] = value
+    drop = pick("dropout", dropout, p_adapter.get("dropout", p_budget.get("dropout")), None)
+    if drop is not None:
+        spec_kw["dropout"] = drop
+    train_kw = {}
+    for name, given in (("steps", steps), ("lr", lr), ("schedule", schedule), ("clip", clip), ("stop_p", stop_p),
+                        ("warmup", None), ("weight_decay", None), ("eps", None), ("betas", None),
+                        ("plateau_window", None), ("plateau_tol", None)):
+        value = pick(name, given, p_budget.get(name), None)
+        if value is not None:
+            train_kw[name] = value
+    if "clip" in train_kw and train_kw["clip"] == 0:
+        train_kw["clip"] = None
+    try:
+        adapter_spec = AdapterSpec(**spec_kw)
+        train = TrainConfig(**train_kw)
+    except (TypeError, ValueError) as e:  # a plan field of the wrong type (e.g. "steps": "many")
+        raise MemprobeError(f"plan budget or adapter has a value of the wrong type: {e}") from None
+    return MemorizeSettings(rank, objective, adapter_spec, train, tuple(from_plan))
+
+
+# ----------------------------------------------------------------------------------------- the result
+
+
+@dataclass(frozen=True)
+class PlanCheck:
+    """The plan's prediction next to what training achieved."""
+
+    rank: int
+    objective: str
+    tokens: int | None
+    predicted_em: float
+    predicted_em_interval: tuple[float, float] | None
+    level: float | None
+    achieved_em: float
+    em_inside: bool | None  # None: the plan has no interval
+    predicted_delta_loss: float | None
+    predicted_delta_loss_interval: tuple[float, float] | None
+    achieved_delta_loss: float
+    delta_loss_inside: bool | None  # None: no interval, or a saturated run (its dL is capped by L_before)
+    law_source: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "objective": self.objective, "tokens": self.tokens,
+                "predicted_em": self.predicted_em,
+                "predicted_em_interval": list(self.predicted_em_interval) if self.predicted_em_interval else None,
+                "level": self.level, "achieved_em": self.achieved_em, "em_inside_interval": self.em_inside,
+                "predicted_delta_loss": self.predicted_delta_loss,
+                "predicted_delta_loss_interval": list(self.predicted_delta_loss_interval)
+                if self.predicted_delta_loss_interval else None,
+                "achieved_delta_loss": self.achieved_delta_loss, "delta_loss_inside_interval": self.delta_loss_inside,
+                "law_source": self.law_source}
+
+
+@dataclass
+class MemorizeResult:
+    """One trained adapter: what it was trained on and with, what it achieved, where it was saved."""
+
+    out_dir: Path
+    files: list[str]
+    model: str
+    dataset: str
+    dataset_spec: dict
+    n_sequences: int
+    tokens: int  # answer tokens of the corpus
+    rank: int
+    objective: str
+    seed: int
+    adapter: AdapterSpec
+    train: TrainConfig
+    trainable_params: int
+    loss_before: float
+    loss_after: float
+    token_acc: float
+    exact_match: float
+    ordered_frac: float
+    min_p: float
+    steps: int
+    stop_reason: str
+    seconds: float
+    final_slope: float
+    curve: list[float]
+    failures: list[dict]  # sequences greedy decoding does not reproduce: key, first wrong answer position, T
+    plan: PlanCheck | None = None
+    warnings: list[str] = field(default_factory=list)
+    created: str = ""
+
+    @property
+    def delta_loss(self) -> float:
+        return self.loss_before - self.loss_after
+
+    @property
+    def saturated(self) -> bool:
+        return self.loss_after < math.log(2.0)
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.failures)
+
+    def load_hint(self) -> str:
+        if self.adapter.kind == "lora":
+            return f"PeftModel.from_pretrained(base_model, {str(self.out_dir)!r})"
+        return f"memprobe.memorize.load_bypass(model, {str(self.out_dir)!r})"
+
+    def to_dict(self) -> dict:
+        from memprobe.calibrate import git_hash, versions
+
+        return {
+            "schema_version": SCHEMA_VERSION, "format": "memprobe-memorize", "created": self.created,
+            "out_dir": str(self.out_dir), "files": list(self.files), "load": self.load_hint(),
+            "model": self.model,
+            "data": {"name": self.dataset, "n_sequences": self.n_sequences, "tokens": self.tokens,
+                     "spec": self.dataset_spec},
+            "rank": self.rank, "objective": self.objective, "seed": self.seed,
+            "adapter": {**self.adapter.to_dict(), "trainable_params": self.trainable_params},
+            "train": self.train.to_dict(),
+            "result": {"loss_before": self.loss_before, "loss_after": self.loss_after,
+                       "delta_loss": self.delta_loss, "token_acc": self.token_acc, "exact_match": self.exact_match,
+                       "exact_match_method": EM_METHOD, "ordered_frac": self.ordered_frac, "min_p": self.min_p,
+                       "saturated": self.saturated, "steps": self.steps, "stop_reason": self.stop_reason,
+                       "seconds": round(self.seconds, 3), "final_slope": _finite_or_none(self.final_slope),
+                       "n_failed": self.n_failed, "failures": self.failures[:MAX_FAILURES_LISTED]},
+            "loss_curve": [round(x, 6) for x in self.curve],
+            "plan": self.plan.to_dict() if self.plan is not None else None,
+            "warnings": list(self.warnings),
+            "versions": versions(), "git": git_hash(),
+        }
+
+
+def _finite_or_none(x: float):
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _interval(value) -> tuple[float, float] | None:
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+        return (float(value[0]), float(value[1]))
+    return None
+
+
+def _inside(x: float, interval, tol: float = 1e-9) -> bool | None:
+    if interval is None:
+        return None
+    return interval[0] - tol <= x <= interval[1] + tol
+
+
+def compare_with_plan(plan: dict, exact_match: float, delta_loss: float, saturated: bool) -> PlanCheck:
+    em_int = _interval(plan.get("predicted_em_interval"))
+    dl_int = _interval(plan.get("predicted_delta_loss_interval"))
+    dl = plan.get("predicted_delta_loss")
+    return PlanCheck(
+        rank=int(plan["rank"]), objective=check_objective(plan["objective"]),
+        tokens=plan.get("tokens") if isinstance(plan.get("tokens"), int) else None,
+        predicted_em=float(plan["predicted_em"]), predicted_em_interval=em_int,
+        level=float(plan["level"]) if isinstance(plan.get("level"), (int, float)) else None,
+        achieved_em=exact_match, em_inside=_inside(exact_match, em_int),
+        predicted_delta_loss=float(dl) if isinstance(dl, (int, float)) else None,
+        predicted_delta_loss_interval=dl_int, achieved_delta_loss=delta_loss,
+        delta_loss_inside=None if saturated else _inside(delta_loss, dl_int),
+        law_source=plan.get("law_source") if isinstance(plan.get("law_source"), str) else None)
+
+
+def _plan_warnings(plan: dict, rank: int, objective: str, adapter: AdapterSpec, train: TrainConfig,
+                   tokens: int, model_name: str) -> list[str]:
+    """Where this run departs from the plan, so its prediction does not strictly apply."""
+    out = []
+    if int(plan["rank"]) != rank:
+        out.append(f"trained at rank {rank}, but the plan's prediction is for rank {plan['rank']}")
+    if check_objective(plan["objective"]) != objective:
+        out.append(f"trained with {objective}, but the plan's prediction is for {plan['objective']}")
+    kind = plan.get("adapter")
+    if isinstance(kind, str) and kind in ADAPTER_KINDS and kind != adapter.kind:
+        out.append(f"trained a {adapter.kind} adapter, but the plan's law was calibrated with {kind}")
+    planned_T = plan.get("tokens")
+    if isinstance(planned_T, int) and planned_T != tokens:
+        out.append(f"the plan was made for {planned_T} answer tokens, the data has {tokens}")
+    budget = plan.get("budget") if isinstance(plan.get("budget"), dict) else {}
+    if isinstance(budget.get("steps"), int) and train.steps < budget["steps"]:
+        out.append(f"{train.steps} steps is less than the {budget['steps']} the law was calibrated with")
+    if isinstance(plan.get("model"), str) and plan["model"] != model_name:
+        out.append(f"the plan's law was calibrated on {plan['model']!r}, this run uses {model_name!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- training
+
+
+def _unpack_model(model, tokenizer):
+    """(transformers model, tokenizer or None, display name) from a LoadedModel or a bare model."""
+    from memprobe.models import LoadedModel
+
+    if isinstance(model, LoadedModel):
+        return model.model, tokenizer or model.tokenizer, model.name
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return model, tokenizer, name
+
+
+def _as_dataset(data, tokenizer, tokens, chat: bool):
+    from memprobe.data import Dataset, Sequence, build_dataset
+
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, str):
+        if tokenizer is None:
+            raise MemprobeError(f"data {data!r} is a spec: pass a LoadedModel (or tokenizer=) to tokenize it")
+        return build_dataset(data, tokenizer, tokens, chat=chat)
+    seqs = tuple(data) if data is not None else ()
+    if not seqs or not all(isinstance(s, Sequence) for s in seqs):
+        raise MemprobeError("data must be a Dataset, a dataset spec (e.g. 'jsonl:PATH') or a list of Sequences")
+    return Dataset("sequences", seqs, {"kind": "sequences", "n_sequences": len(seqs)})
+
+
+def default_out_dir(dataset_name: str, kind: str, rank: int) -> Path:
+    slug = "".join(c if c.isalnum() or c in "-." else "-" for c in dataset_name.lower()).strip("-") or "data"
+    return Path(DEFAULT_OUT_ROOT) / f"{slug}_{kind}_r{rank}"
+
+
+def _failures(dataset, after) -> list[dict]:
+    from memprobe.measure import first_failure
+
+    out = []
+    for i, s in enumerate(dataset.sequences):
+        j = first_failure(after.hit[i], s.T)
+        if j is not None:
+            out.append({"index": i, "key": s.key, "first_failure": j, "T": s.T})
+    return out
+
+
+def memorize(model, data, rank: int, objective: str = "sft", adapter: AdapterSpec | None = None,
+             train: TrainConfig | None = None, out=None, plan: dict | None = None, *, seed: int = 0,
+             tokenizer=None, tokens: int | None = None, chat: bool = True,
+             on_step: Callable[[int], None] | None = None) -> MemorizeResult:
+    """Train an adapter of rank `rank` on `data` until every answer token is the argmax with margin (or the
+    budget ends), save it in `out`, and report what it achieved (next to `plan`'s prediction when given).
+
+    model: a memprobe LoadedModel or a frozen transformers causal LM. data: a Dataset, a list of Sequences,
+    or a spec such as "jsonl:PATH" (tokenized with the model's tokenizer; `tokens` takes a prefix).
+    plan: a Plan.to_dict() (see `read_plan`), used only for the comparison; choose settings from it with
+    `settings_from_plan`."""
+    from memprobe.adapters import attach_adapters
+    from memprobe.engine import CellSpec, FrozenPrefix, train_cells
+    from memprobe.measure import make_batch
+
+    rank, objective = check_rank(rank), check_objective(objective)
+    adapter = adapter if adapter is not None else AdapterSpec()
+    train = train if train is not None else TrainConfig()
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise MemprobeError(f"seed must be a non-negative integer, got {seed!r}")
+    plan = check_plan(plan) if plan is not None else None
+    hf_model, tok, model_name = _unpack_model(model, tokenizer)
+    ds = _as_dataset(data, tok, tokens, chat)
+    out = Path(out) if out is not None else default_out_dir(ds.name, adapter.kind, rank)
+
+    pad_id = getattr(tok, "pad_token_id", None) or 0
+    batch = make_batch(ds.sequences, pad_id=pad_id)
+    probe = attach_adapters(hf_model, adapter, [rank], [seed])  # where the frozen prefix ends, params per rank
+    probe.detach()
+    prefix = FrozenPrefix(hf_model, batch, probe.first_layer)
+    before = prefix.measure_base()
+    t0 = time.perf_counter()
+    (outcome,) = train_cells(hf_model, prefix, batch, [CellSpec(rank, seed, objective)], adapter, train,
+                             keep_state=True, on_step=on_step)
+    seconds = time.perf_counter() - t0
+    files = save_adapter(out, outcome.state, adapter, rank, hf_model,
+                         base_model_name=model_name if hf_model is not model else "")
+
+    after = outcome.after
+    saturated = after.loss < math.log(2.0)
+    warnings = _plan_warnings(plan, rank, objective, adapter, train, ds.n_answer_tokens, model_name) if plan else []
+    if outcome.stop_reason == "budget" and after.exact_match < 1.0:
+        warnings.append(f"the budget ({train.steps} steps) ended before every answer was memorized: "
+                        "train longer (--steps) or at a higher rank")
+    elif outcome.stop_reason == "plateau" and after.exact_match < 1.0:
+        warnings.append(f"the loss stopped improving after {outcome.steps} steps before every answer was "
+                        "memorized: use a higher rank")
+    result = MemorizeResult(
+        out_dir=out, files=files + [SUMMARY_FILE], model=model_name, dataset=ds.name, dataset_spec=dict(ds.spec),
+        n_sequences=len(ds.sequences), tokens=ds.n_answer_tokens, rank=rank, objective=objective, seed=int(seed),
+        adapter=adapter, train=train, trainable_params=probe.trainable_params(rank), loss_before=before.loss,
+        loss_after=after.loss, token_acc=after.token_acc, exact_match=after.exact_match,
+        ordered_frac=after.ordered_frac, min_p=after.min_p, steps=outcome.steps, stop_reason=outcome.stop_reason,
+        seconds=seconds, final_slope=outcome.final_slope(), curve=list(outcome.curve),
+        failures=_failures(ds, after),
+        plan=compare_with_plan(plan, after.exact_match, before.loss - after.loss, saturated) if plan else None,
+        warnings=warnings, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    (out / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str))
+    return result
+
+
+# ----------------------------------------------------------------------------------------- saving
+
+
+def _clear_artifacts(out: Path) -> None:
+    # a folder reused for another adapter kind must not keep the old weights next to the new ones
+    for name in (PEFT_CONFIG, PEFT_WEIGHTS, BYPASS_CONFIG, BYPASS_WEIGHTS, SUMMARY_FILE):
+        (out / name).unlink(missing_ok=True)
+
+
+def save_adapter(out, state: dict, adapter: AdapterSpec, rank: int, model, base_model_name: str = "") -> list[str]:
+    """Write one trained cell's weights (`CellOutcome.state`: {module: (A (d_in, r), B (r, d_out))}) to `out`;
+    returns the file names written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MemprobeError(f"out must be a folder, got the file {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_artifacts(out)
+    if adapter.kind == "lora":
+        return export_peft_adapter(out, state, adapter, rank, model, base_model_name)
+    return export_bypass(out, state, rank, model, base_model_name)
+
+
+def _base_model_path(model, name: str = "") -> str | None:
+    # where the weights were loaded from (a hub id or folder AutoPeftModel can reload) beats a display name
+    return getattr(model.config, "_name_or_path", None) or name or None
+
+
+def peft_tensors(state: dict) -> dict:
+    """PEFT's saved key names (no adapter name: PEFT inserts it on load); lora_A.weight is (r, d_in),
+    lora_B.weight (d_out, r): nn.Linear weights are (out, in)."""
+    tensors = {}
+    for name, (A, B) in state.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.T.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.T.contiguous()
+    return tensors
+
+
+def export_peft_adapter(out: Path, state: dict, adapter: AdapterSpec, rank: int, model,
+                        base_model_name: str = "") -> list[str]:
+    from safetensors.torch import save_file
+
+    from memprobe.adapters import decoder_layers, peft_lora_config
+
+    config = peft_lora_config(adapter, rank, len(decoder_layers(model)))
+    config.base_model_name_or_path = _base_model_path(model, base_model_name)
+    config.save_pretrained(str(out))
+    save_file(peft_tensors(state), str(out / PEFT_WEIGHTS), metadata={"format": "pt"})
+    return [PEFT_CONFIG, PEFT_WEIGHTS]
+
+
+def export_bypass(out: Path, state: dict, rank: int, model, base_model_name: str = "") -> list[str]:
+    from safetensors.torch import save_file
+
+    (module, (A, B)), = state.items()
+    layer = int(module.split(".")[2])  # "model.layers.{k}.mlp"
+    keys = {"A": f"{module}.bypass_A", "B": f"{module}.bypass_B"}
+    save_file({keys["A"]: A.contiguous(), keys["B"]: B.contiguous()}, str(out / BYPASS_WEIGHTS),
+              metadata={"format": "pt"})
+    meta = {
+        "format": BYPASS_FORMAT, "schema_version": SCHEMA_VERSION, "layer": layer, "module": module,
+        "rank": int(rank), "d_model": int(A.shape[0]), "weights": BYPASS_WEIGHTS, "keys": keys,
+        "base_model": _base_model_path(model, base_model_name),
+        "apply": (f"h += x @ A @ B added to the output of {module}, where x is that MLP's input (the output of "
+                  f"the post-attention norm of layer {layer}); A is (d_model, rank), B is (rank, d_model), no "
+                  "scaling. The MLP is nonlinear, so the branch cannot be folded into its weights: attach it as "
+                  "a forward hook (memprobe.memorize.load_bypass)."),
+    }
+    (out / BYPASS_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return [BYPASS_CONFIG, BYPASS_WEIGHTS]
+
+
+# ----------------------------------------------------------------------------------------- loading a bypass
+
+
+@dataclass
+class AttachedBypass:
+    """An mlp-bypass hooked into a model; `remove()` (or leaving a `with` block) takes it out again."""
+
+    layer: int
+    rank: int
+    A: object  # (d, r) tensor on the model's device and dtype
+    B: object  # (r, d)
+    handle: object = None
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def __enter__(self) -> "AttachedBypass":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def read_bypass(path) -> tuple[dict, object, object]:
+    """(metadata, A (d, r), B (r, d)) of a saved mlp-bypass; `path` is its folder or its bypass.json."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta_path = path / BYPASS_CONFIG if path.is_dir() else path
+    if not meta_path.is_file():
+        raise MemprobeError(f"no mlp-bypass adapter at {path} ({BYPASS_CONFIG} not found)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as e:
+        raise MemprobeError(f"{meta_path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != BYPASS_FORMAT:
+        raise MemprobeError(f"{meta_path} is not a memprobe mlp-bypass file (format {BYPASS_FORMAT!r})")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise MemprobeError(f"{meta_path} has schema_version {meta.get('schema_version')!r}, "
+                            f"expected {SCHEMA_VERSION}")
+    weights = meta_path.parent / meta.get("weights", BYPASS_WEIGHTS)
+    if not weights.is_file():
+        raise MemprobeError(f"mlp-bypass weights not found: {weights}")
+    tensors = load_file(str(weights))
+    try:
+        A, B = tensors[meta["keys"]["A"]], tensors[meta["keys"]["B"]]
+    except KeyError as e:
+        raise MemprobeError(f"{weights} lacks the tensor {e.args[0]!r} named in {meta_path}") from None
+    d, r = int(meta["d_model"]), int(meta["rank"])
+    if tuple(A.shape) != (d, r) or tuple(B.shape) != (r, d):
+        raise MemprobeError(f"{weights}: A {tuple(A.shape)} and B {tuple(B.shape)} do not match "
+                            f"d_model={d}, rank={r}")
+    return meta, A, B
+
+
+def load_bypass(model, path) -> AttachedBypass:
+    """Attach a saved mlp-bypass to `model` (a transformers decoder with model.layers): the MLP of layer k
+    returns mlp(x) + x @ A @ B. Returns the handle; `.remove()` detaches it."""
+    from memprobe.adapters import decoder_layers
+
+    meta, A, B = read_bypass(path)
+    layers = decoder_layers(model)
+    k, d = int(meta["layer"]), int(model.config.hidden_size)
+    if not 0 <= k < len(layers):
+        raise MemprobeError(f"the mlp-bypass is for layer {k}, but this model has layers 0..{len(layers) - 1}")
+    if int(meta["d_model"]) != d:
+        raise MemprobeError(f"the mlp-bypass has d_model {meta['d_model']}, but this model's hidden size is {d}")
+    p = next(model.parameters())
+    A, B = A.to(device=p.device, dtype=p.dtype), B.to(device=p.device, dtype=p.dtype)
+
+    def add_branch(module, args, output):
+        x = args[0]  # (B, S, d): the MLP input
+        return output + (x @ A.to(x.dtype)) @ B.to(x.dtype)
+
+    handle = layers[k].mlp.register_forward_hook(add_branch)
+    return AttachedBypass(k, int(meta["rank"]), A, B, handle)
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def render_memorize(result: MemorizeResult):
+    """A rich renderable: the run's settings and metrics, and the plan's prediction next to them."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=f"memorize: {result.dataset} ({result.n_sequences} sequences, {result.tokens} answer tokens)",
+              show_header=True, header_style="bold")
+    t.add_column("")
+    t.add_column("achieved", justify="right")
+    plan = result.plan
+    if plan is not None:
+        t.add_column("plan predicted", justify="right")
+        t.add_column("inside interval", justify="center")
+
+    def row(name, value, predicted="", inside=None):
+        cells = [name, value]
+        if plan is not None:
+            mark = "" if inside is None else ("[green]yes[/]" if inside else "[red]no[/]")
+            cells += [predicted, mark]
+        t.add_row(*cells)
+
+    def with_interval(x, interval, fmt):
+        if x is None:
+            return "-"
+        s = format(x, fmt)
+        return s + (f" [{format(interval[0], fmt)}, {format(interval[1], fmt)}]" if interval else "")
+
+    row("exact match", f"{result.exact_match:.3f}",
+        with_interval(plan.predicted_em, plan.predicted_em_interval, ".3f") if plan else "",
+        plan.em_inside if plan else None)
+    row("token accuracy", f"{result.token_acc:.3f}")
+    row("loss before, after", f"{result.loss_before:.3f}, {result.loss_after:.3f}")
+    row("loss reduction", f"{result.delta_loss:.3f}",
+        with_interval(plan.predicted_delta_loss, plan.predicted_delta_loss_interval, ".3f") if plan else "",
+        plan.delta_loss_inside if plan else None)
+    row("tokens p > 0.5", f"{result.ordered_frac:.3f}")
+    row("steps", f"{result.steps} ({result.stop_reason})")
+    row("last slope", f"{result.final_slope:.2e}/step" if math.isfinite(result.final_slope) else "-")
+    row("adapter", f"{result.adapter.kind} r={result.rank}, {result.trainable_params:,} params")
+    row("objective", result.objective)
+    row("time", f"{result.seconds:.1f} s")
+    parts = [t, Text(f"Exact match and accuracy come from one teacher-forced pass over the answer tokens; greedy "
+                     f"decoding reproduces an answer exactly iff every teacher-forced argmax is right, so this is "
+                     f"the exact match of greedy decoding.", style="dim")]
+    if plan is not None and plan.level is not None and plan.predicted_em_interval is not None:
+        parts.append(Text(f"Plan intervals are {plan.level:.0%} prediction intervals"
+                          + (f" (law: {plan.law_source})" if plan.law_source else "") + ".", style="dim"))
+    if result.failures:
+        shown = ", ".join(f"{f['key']!r} (wrong from token {f['first_failure']})" for f in result.failures[:5])
+        more = f" and {result.n_failed - 5} more" if result.n_failed > 5 else ""
+        parts.append(Text(f"not reproduced: {shown}{more}", style="yellow"))
+    for w in result.warnings:
+        parts.append(Text(f"warning: {w}", style="yellow"))
+    parts.append(Text(f"saved {', '.join(result.files)} in {result.out_dir}; load with {result.load_hint()}"))
+    return Group(*parts)
