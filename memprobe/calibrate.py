@@ -163,18 +163,31 @@ def _read_manifest(run_dir: Path) -> dict | None:
     return doc
 
 
+RUN_FILES = ("cells.csv", "tokens.csv", "manifest.json", "law.json", "phases.json", "law.png", "phases.png")
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+
+
 def prepare_run_dir(run_dir: Path, config: CalibrationConfig, fresh: bool) -> dict:
     """Create or reopen `run_dir`; refuse to mix two different calibrations in one directory."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if fresh:
-        for name in ("cells.csv", "tokens.csv", "manifest.json", "law.json", "phases.json", "law.png", "phases.png"):
-            (run_dir / name).unlink(missing_ok=True)
+        _clear_run_dir(run_dir)
     old = _read_manifest(run_dir)
     if old is not None and old.get("identity") != config.identity():
-        differs = sorted(k for k in set(old.get("identity", {})) | set(config.identity())
-                         if old.get("identity", {}).get(k) != config.identity().get(k))
-        raise MemprobeError(f"{run_dir} holds a different calibration (differs in: {', '.join(differs)}); "
-                            f"use another --out, or --fresh to start over there")
+        if not finished_cells(run_dir):
+            # no cell of the old recipe finished (e.g. it stopped on a mistyped --model): nothing to protect,
+            # and refusing would block the corrected command
+            _clear_run_dir(run_dir)
+            old = None
+        else:
+            differs = sorted(k for k in set(old.get("identity", {})) | set(config.identity())
+                             if old.get("identity", {}).get(k) != config.identity().get(k))
+            raise MemprobeError(f"{run_dir} holds a different calibration (differs in: {', '.join(differs)}); "
+                                f"use another --out, or --fresh to start over there")
     manifest = old or {"schema_version": MANIFEST_VERSION, "created": _now(), "timings": {"runs": []}}
     manifest.update({"identity": config.identity(), "config": config.to_dict(), "status": "running",
                      "versions": versions(), "git": git_hash(), "hardware": hardware()})
@@ -297,6 +310,25 @@ def cell_rows(outcomes: list[CellOutcome], T: int, base, dataset_name: str, n_se
     return cells, tokens
 
 
+def check_data(data: str, replace_ratio: float | None) -> None:
+    """Mistakes in the data spec need no model to be found: report them before the model load (seconds to
+    minutes) and before the run directory records anything. build_dataset checks the same again."""
+    from memprobe.data import SPECS, _check_ratio, load_jsonl
+
+    kind = "jsonl" if data.startswith("jsonl:") else data
+    if kind not in ("phonebook", "random", "text", "jsonl"):
+        raise MemprobeError(f"unknown dataset {data!r}; choose one of {', '.join(SPECS)}")
+    if replace_ratio is not None:
+        if kind != "text":
+            raise MemprobeError(f"replace_ratio applies only to the 'text' dataset, got {replace_ratio!r} for {data!r}")
+        _check_ratio(replace_ratio)
+    if kind == "jsonl":
+        path = data[len("jsonl:"):].strip()
+        if not path:
+            raise MemprobeError(f"jsonl dataset needs a path, e.g. 'jsonl:data.jsonl', got {data!r}")
+        load_jsonl(Path(path).expanduser())
+
+
 @dataclass
 class _Base:
     loss: float
@@ -315,6 +347,7 @@ def run_calibration(config: CalibrationConfig, run_dir: Path | None = None, *, f
     from memprobe.models import load_model
 
     log = log or (lambda msg: None)
+    check_data(config.data, config.replace_ratio)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
     manifest = prepare_run_dir(run_dir, config, fresh)
     write_json(run_dir / "manifest.json", manifest)
@@ -335,40 +368,44 @@ def run_calibration(config: CalibrationConfig, run_dir: Path | None = None, *, f
         torch.manual_seed(0)
         if progress is not None:
             progress.start(todo_total, config.train.steps)
-        for T, seed, cells in config.grid():
-            todo = [c for c in cells if cell_id(c, T) not in done]
-            if not todo:
-                continue
-            ds = build_dataset(config.data, lm.tokenizer, T, seed=seed, replace_ratio=config.replace_ratio,
-                               chat=config.chat)
-            batch = make_batch(ds.sequences, pad_id=lm.tokenizer.pad_token_id or 0)
-            probe = attach_adapters(lm.model, config.adapter, [1], [0])  # where the frozen prefix ends
-            probe.detach()
-            prefix = FrozenPrefix(lm.model, batch, probe.first_layer)
-            base_metrics = prefix.measure_base()
-            base = _Base(base_metrics.loss, [int(m) for m in batch.mask.sum(1)])
-            size = config.pack or len(todo)
-            for start in range(0, len(todo), size):
-                pack = todo[start:start + size]
-                if progress is not None:
-                    progress.pack(f"T={ds.n_answer_tokens} seed={seed} ranks={','.join(str(c.rank) for c in pack)}")
-                t0 = time.perf_counter()
-                outcomes = train_cells(lm.model, prefix, batch, pack, config.adapter, config.train,
-                                       objective_kwargs=config.objective_kwargs,
-                                       on_step=progress.step if progress is not None else None)
-                timing["train_s"] += time.perf_counter() - t0
-                rows, token_rows = cell_rows(outcomes, T, base, ds.name, len(ds.sequences), ds.n_answer_tokens,
-                                             config.adapter.kind, probe.params_per_rank)
-                append_rows(run_dir / "tokens.csv", TOKEN_COLUMNS, token_rows)
-                append_rows(run_dir / "cells.csv", CELL_COLUMNS, rows)  # last: a cell is done once it is here
-                timing["cells_run"] += len(rows)
-                for row in rows:
-                    log(f"cell {row['cell_id']}: dL={float(row['delta_loss']):.3f} acc={float(row['token_acc']):.2f} "
-                        f"EM={float(row['exact_match']):.2f} steps={row['steps']} ({row['stop_reason']})")
-                if progress is not None:
-                    progress.cells_done(len(pack))
-        if progress is not None:
-            progress.stop()
+        try:
+            for T, seed, cells in config.grid():
+                todo = [c for c in cells if cell_id(c, T) not in done]
+                if not todo:
+                    continue
+                ds = build_dataset(config.data, lm.tokenizer, T, seed=seed, replace_ratio=config.replace_ratio,
+                                   chat=config.chat)
+                batch = make_batch(ds.sequences, pad_id=lm.tokenizer.pad_token_id or 0)
+                probe = attach_adapters(lm.model, config.adapter, [1], [0])  # where the frozen prefix ends
+                probe.detach()
+                prefix = FrozenPrefix(lm.model, batch, probe.first_layer)
+                base_metrics = prefix.measure_base()
+                base = _Base(base_metrics.loss, [int(m) for m in batch.mask.sum(1)])
+                size = config.pack or len(todo)
+                for start in range(0, len(todo), size):
+                    pack = todo[start:start + size]
+                    if progress is not None:
+                        ranks = ",".join(str(c.rank) for c in pack)
+                        progress.pack(f"T={ds.n_answer_tokens} seed={seed} ranks={ranks}")
+                    t0 = time.perf_counter()
+                    outcomes = train_cells(lm.model, prefix, batch, pack, config.adapter, config.train,
+                                           objective_kwargs=config.objective_kwargs,
+                                           on_step=progress.step if progress is not None else None)
+                    timing["train_s"] += time.perf_counter() - t0
+                    rows, token_rows = cell_rows(outcomes, T, base, ds.name, len(ds.sequences), ds.n_answer_tokens,
+                                                 config.adapter.kind, probe.params_per_rank)
+                    append_rows(run_dir / "tokens.csv", TOKEN_COLUMNS, token_rows)
+                    append_rows(run_dir / "cells.csv", CELL_COLUMNS, rows)  # last: a cell is done once it is here
+                    timing["cells_run"] += len(rows)
+                    for row in rows:
+                        log(f"cell {row['cell_id']}: dL={float(row['delta_loss']):.3f} "
+                            f"acc={float(row['token_acc']):.2f} EM={float(row['exact_match']):.2f} "
+                            f"steps={row['steps']} ({row['stop_reason']})")
+                    if progress is not None:
+                        progress.cells_done(len(pack))
+        finally:
+            if progress is not None:  # also on an error: a live display left running hides the cursor
+                progress.stop()
     timing["train_s"] = round(timing["train_s"], 2)
     timing["total_s"] = round(time.perf_counter() - t_start, 2)
     timing["finished"] = _now()

@@ -90,6 +90,7 @@ def load_model(spec: str = "embedded", *, device: str | None = None, dtype: str 
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    _quiet_transformers()
     spec = str(spec).strip()
     if spec.lower() in EMBEDDED_NAMES:
         folder = embedded_model_dir()
@@ -123,6 +124,15 @@ def load_model(spec: str = "embedded", *, device: str | None = None, dtype: str 
                              "hidden_size": int(model.config.hidden_size),
                              "vocab_size": int(model.config.vocab_size),
                              "architecture": type(model).__name__})
+
+
+def _quiet_transformers() -> None:
+    """Our own progress display owns the terminal; transformers' per-load bars would interleave with it and
+    with error lines."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _freeze(model):

@@ -1,0 +1,266 @@
+"""run_calibration end to end on a tiny model saved to a folder: the run directory's tables and manifest,
+resuming, growing the grid, refusing another recipe, starting over; and once on the real embedded model."""
+
+import csv
+import json
+import math
+import re
+import shutil
+import string
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from memprobe.calibrate import CELL_COLUMNS, CalibrationConfig, run_calibration
+from memprobe.engine import TrainConfig
+from memprobe.errors import MemprobeError
+
+DESIGN_COLUMNS = ["rank", "tokens", "objective", "adapter", "dataset", "seed", "loss_before", "loss_after",
+                  "delta_loss", "token_acc", "exact_match", "trainable_params", "steps", "seconds", "saturated"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+D_MODEL = 32
+RANKS, TOKENS, STEPS = (1, 2, 4), (8, 16), 15
+
+
+def save_tiny_model(folder: Path) -> Path:
+    """A random tiny Llama and a char-level tokenizer (99 ids, inside the model's 128) saved as a model folder.
+
+    initializer_range 0.2: a sharper random model, so a rank-1 adapter visibly lowers the loss in 15 steps."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + chars)}, merges=[]))
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=D_MODEL, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, initializer_range=0.2,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def config(model_dir):
+    return CalibrationConfig(model=str(model_dir), data="random", ranks=RANKS, tokens=TOKENS,
+                             train=TrainConfig(steps=STEPS))
+
+
+@pytest.fixture(scope="module")
+def calibrated(config, tmp_path_factory):
+    """One finished run; tests that change a run directory work on a copy of it."""
+    run_dir = tmp_path_factory.mktemp("calibration") / "run"
+    return run_dir, run_calibration(config, run_dir)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def last_run(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())["timings"]["runs"][-1]
+
+
+# ----------------------------------------------------------------------------------------- one run
+
+
+def test_loading_the_saved_folder(model_dir):
+    from memprobe.models import load_model
+
+    lm = load_model(str(model_dir), device="cpu")
+    assert lm.source == "folder" and lm.d_model == D_MODEL and lm.n_layers == 2
+    assert lm.tokenizer.pad_token_id == 0 and len(lm.tokenizer) <= lm.model.config.vocab_size
+    assert lm.tokenizer.chat_template == CHAT_TEMPLATE
+
+
+def test_cells_csv_has_one_row_per_cell_with_the_design_columns(calibrated):
+    run_dir, result = calibrated
+    cells = pd.read_csv(run_dir / "cells.csv")
+    assert list(cells.columns) == CELL_COLUMNS
+    assert set(DESIGN_COLUMNS) | {"stop_reason"} <= set(cells.columns)
+    assert len(cells) == len(RANKS) * len(TOKENS)
+    assert sorted(zip(cells["rank"], cells["tokens_requested"])) == sorted((r, T) for r in RANKS for T in TOKENS)
+    assert cells["cell_id"].is_unique
+    # random data: one sequence of exactly T answer tokens
+    assert (cells["tokens"] == cells["tokens_requested"]).all() and (cells["n_sequences"] == 1).all()
+    assert set(cells["objective"]) == {"sft"} and set(cells["adapter"]) == {"mlp-bypass"}
+    assert set(cells["dataset"]) == {"random"} and set(cells["seed"]) == {0}
+    assert cells["delta_loss"].to_numpy() == pytest.approx((cells["loss_before"] - cells["loss_after"]).to_numpy(),
+                                                            abs=2e-6)
+    # mlp-bypass: A (d x r) and B (r x d)
+    assert (cells["trainable_params"] == 2 * D_MODEL * cells["rank"]).all()
+    assert ((cells["steps"] >= 1) & (cells["steps"] <= STEPS)).all()
+    assert set(cells["stop_reason"]) <= {"converged", "plateau", "budget"}
+    assert (cells.loc[cells["stop_reason"] == "budget", "steps"] == STEPS).all()
+    assert (cells["seconds"] >= 0).all()
+    assert (cells["saturated"] == (cells["loss_after"] < math.log(2))).all()
+    # the base model does not depend on the rank: one L_before per T
+    assert (cells.groupby("tokens")["loss_before"].nunique() == 1).all()
+    # 15 steps on a random 32-wide model move the loss, but memorize nothing completely
+    assert (cells["delta_loss"] > 0).all()
+    assert len(result.cells) == len(cells)
+
+
+def test_tokens_csv_holds_every_answer_token_of_every_cell_once(calibrated):
+    run_dir, _ = calibrated
+    cells = pd.read_csv(run_dir / "cells.csv").set_index("cell_id")
+    tokens = pd.read_csv(run_dir / "tokens.csv")
+    assert set(tokens["cell_id"]) == set(cells.index)
+    assert not tokens.duplicated(["cell_id", "seq_index", "position"]).any()
+    for cid, t in tokens.groupby("cell_id"):
+        cell = cells.loc[cid]
+        assert len(t) == cell["tokens"]
+        assert sorted(t["position"]) == list(range(cell["tokens"]))
+        # the cell's metrics are the token table's, aggregated (answer tokens only)
+        assert t["hit"].mean() == pytest.approx(cell["token_acc"], abs=1e-6)
+        assert float(t["hit"].all()) == cell["exact_match"]
+        assert t["loss"].mean() == pytest.approx(cell["loss_after"], rel=1e-4)
+        assert t["p"].to_numpy() == pytest.approx(np.exp(-t["loss"].to_numpy()), rel=1e-4)
+
+
+def test_manifest_records_provenance_budget_and_timings(calibrated, config):
+    run_dir, result = calibrated
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest == json.loads(json.dumps(result.manifest, default=str))
+    assert manifest["schema_version"] == 1
+    assert manifest["versions"]["torch"] and manifest["versions"]["transformers"] and manifest["versions"]["python"]
+    assert manifest["hardware"]["cpu_count"] >= 1
+    assert "git" in manifest and (manifest["git"] is None or isinstance(manifest["git"], str))
+    assert manifest["budget"]["steps"] == STEPS and manifest["budget"]["lr"] == config.train.lr
+    assert manifest["model"]["source"] == "folder" and manifest["model"]["hidden_size"] == D_MODEL
+    assert manifest["config"]["ranks"] == list(RANKS) and manifest["config"]["tokens"] == list(TOKENS)
+    (run,) = manifest["timings"]["runs"]
+    assert run["cells_run"] == len(RANKS) * len(TOKENS)
+    assert run["load_s"] >= 0 and run["total_s"] >= run["train_s"] >= 0
+    fitted = result.fit_error is None
+    assert manifest["status"] == ("complete" if fitted else "cells complete; law not fitted")
+    assert manifest["fit_error"] == result.fit_error
+
+
+def test_law_and_plots_or_one_line_fit_error(calibrated):
+    run_dir, result = calibrated
+    assert (run_dir / "phases.json").is_file() and result.phases is not None
+    assert (run_dir / "phases.png").stat().st_size > 0 and (run_dir / "law.png").stat().st_size > 0
+    if result.fit_error is None:
+        from memprobe.law import load_laws
+
+        assert result.law_path == run_dir / "law.json"
+        assert list(load_laws(run_dir / "law.json")) == ["sft"] == list(result.fits)
+        assert result.fits["sft"].n_used + result.fits["sft"].n_excluded == len(RANKS) * len(TOKENS)
+    else:
+        assert result.fits == {} and result.law_path is None and not (run_dir / "law.json").exists()
+        assert result.fit_error.strip() and "\n" not in result.fit_error
+    doc = result.to_dict()
+    assert json.loads(json.dumps(doc, default=str))["fit_error"] == result.fit_error
+    assert len(doc["cells"]) == len(RANKS) * len(TOKENS)
+
+
+# ----------------------------------------------------------------------------------------- resume
+
+
+def test_resume_grow_refuse_and_start_over(calibrated, config, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(calibrated[0], run_dir)
+    cells_before = (run_dir / "cells.csv").read_bytes()
+    tokens_before = (run_dir / "tokens.csv").read_bytes()
+
+    # a kill between the two appends leaves token rows of a cell that has no cells.csv row: dropped on resume
+    with (run_dir / "tokens.csv").open("a") as f:
+        f.write("sft-r8-T8-s0,0,0,0.5,0.693147,1\n")
+    run_calibration(config, run_dir)
+    assert last_run(run_dir)["cells_run"] == 0 and last_run(run_dir)["load_s"] is None
+    assert (run_dir / "cells.csv").read_bytes() == cells_before
+    assert (run_dir / "tokens.csv").read_bytes() == tokens_before
+
+    # a larger grid trains only the new cells, after the old rows
+    grown = replace(config, ranks=RANKS + (8,))
+    result = run_calibration(grown, run_dir)
+    assert last_run(run_dir)["cells_run"] == len(TOKENS)
+    cells_after = (run_dir / "cells.csv").read_bytes()
+    assert cells_after.startswith(cells_before)
+    new_rows = read_rows(run_dir / "cells.csv")[len(RANKS) * len(TOKENS):]
+    assert sorted(r["cell_id"] for r in new_rows) == sorted(f"sft-r8-T{T}-s0" for T in TOKENS)
+    assert len(result.cells) == len(grown.ranks) * len(TOKENS)
+    tokens = pd.read_csv(run_dir / "tokens.csv")
+    assert not tokens.duplicated(["cell_id", "seq_index", "position"]).any()
+    assert tokens.groupby("cell_id").size().to_dict() == result.cells.set_index("cell_id")["tokens"].to_dict()
+    manifest = (run_dir / "manifest.json").read_bytes()
+
+    # another recipe in the same directory is refused, and the directory is left as it was
+    for other in (TrainConfig(steps=STEPS + 1), TrainConfig(steps=STEPS, lr=3e-2)):
+        with pytest.raises(MemprobeError, match=r"differs in: train\)"):
+            run_calibration(replace(config, train=other), run_dir)
+    with pytest.raises(MemprobeError, match="differs in: data"):
+        run_calibration(replace(config, data="phonebook"), run_dir)
+    assert (run_dir / "cells.csv").read_bytes() == cells_after
+    assert (run_dir / "manifest.json").read_bytes() == manifest
+
+    # fresh: the old cells go, every cell of the new recipe is trained (one cell: the law is not fitted)
+    one_cell = replace(config, ranks=(2,), tokens=(8,), train=TrainConfig(steps=STEPS + 5))
+    result = run_calibration(one_cell, run_dir, fresh=True)
+    runs = json.loads((run_dir / "manifest.json").read_text())["timings"]["runs"]
+    assert len(runs) == 1 and runs[0]["cells_run"] == 1
+    assert [r["cell_id"] for r in read_rows(run_dir / "cells.csv")] == ["sft-r2-T8-s0"]
+    assert set(pd.read_csv(run_dir / "tokens.csv")["cell_id"]) == {"sft-r2-T8-s0"}
+    assert result.manifest["budget"]["steps"] == STEPS + 5 and result.fit_error is not None
+    assert not (run_dir / "law.json").exists()
+
+
+def test_a_run_that_finished_no_cell_does_not_block_the_corrected_command(config, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(MemprobeError, match="model file not found"):
+        run_calibration(replace(config, model=str(tmp_path / "typo.gguf")), run_dir)
+    assert not (run_dir / "cells.csv").exists()
+    one_cell = replace(config, ranks=(1,), tokens=(8,), train=TrainConfig(steps=3))
+    result = run_calibration(one_cell, run_dir)
+    assert len(result.cells) == 1 and last_run(run_dir)["cells_run"] == 1
+    assert json.loads((run_dir / "manifest.json").read_text())["config"]["model"] == config.model
+
+
+@pytest.mark.parametrize("data,ratio,message", [
+    ("nonsense", None, "unknown dataset 'nonsense'"),
+    ("jsonl:missing.jsonl", None, "data file not found: missing.jsonl"),
+    ("text", 0.3, "replace_ratio must be one of 0, 0.2, 0.4, 0.6, 0.8, 1, got 0.3"),
+    ("random", 0.2, "replace_ratio applies only to the 'text' dataset"),
+])
+def test_bad_data_is_reported_before_the_model_loads(tmp_path, data, ratio, message):
+    # the model does not exist: the data spec must be checked first
+    config = CalibrationConfig(model=str(tmp_path / "no-model"), data=data, replace_ratio=ratio, ranks=(1,),
+                               tokens=(8,))
+    with pytest.raises(MemprobeError, match=re.escape(message)):
+        run_calibration(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------- real model
+
+
+@pytest.mark.embedded
+def test_calibration_on_the_embedded_model(tmp_path):
+    config = CalibrationConfig(model="embedded", ranks=(1, 4), tokens=(16, 32), train=TrainConfig(steps=15))
+    result = run_calibration(config, tmp_path / "run")
+    cells = result.cells.set_index(["tokens", "rank"]).sort_index()
+    assert len(cells) == 4
+    # random tokens over a 49k vocabulary: ln(49152) = 10.8 for a uniform guess; a real LM is worse than uniform
+    assert cells["loss_before"].between(12.5, 16).all(), cells["loss_before"]
+    assert (cells["delta_loss"] > 0).all(), cells["delta_loss"]
+    for T in (16, 32):
+        assert cells.loc[(T, 4), "delta_loss"] >= cells.loc[(T, 1), "delta_loss"], cells["delta_loss"]
+    assert (cells["trainable_params"] == 2 * 576 * cells.index.get_level_values("rank")).all()

@@ -1,0 +1,218 @@
+"""`memprobe calibrate` and `memprobe phases` through the command line: JSON output, one-line errors with exit
+code 1, and a calibration killed with SIGKILL that resumes without redoing a finished cell."""
+
+import json
+import os
+import signal
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from memprobe.cli import app, main
+
+runner = CliRunner()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+GRID = ["--data", "random", "--ranks", "1,2,4", "--tokens", "8,16", "--steps", "15"]
+
+
+def save_tiny_model(folder: Path) -> Path:
+    """A random tiny Llama (initializer_range 0.2: it learns in a few steps) and a char-level tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + chars)}, merges=[]))
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, initializer_range=0.2,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def json_run(model_dir, tmp_path_factory):
+    """A finished `memprobe calibrate --json` run: (CliRunner result, run directory)."""
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    result = runner.invoke(app, ["calibrate", "--model", str(model_dir), *GRID, "--out", str(run_dir), "--json"])
+    return result, run_dir
+
+
+def flat(text: str) -> str:
+    """Console text with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
+    assert code == 1, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------- --json
+
+
+def test_json_prints_cells_and_fits_on_stdout(json_run):
+    result, run_dir = json_run
+    doc = json.loads(result.stdout)  # stdout holds the JSON and nothing else
+    assert doc["schema_version"] == 1 and doc["run_dir"] == str(run_dir)
+    assert len(doc["cells"]) == 6
+    assert {c["cell_id"] for c in doc["cells"]} == {f"sft-r{r}-T{T}-s0" for r in (1, 2, 4) for T in (8, 16)}
+    assert {"rank", "tokens", "loss_before", "loss_after", "delta_loss", "exact_match", "stop_reason"} <= set(
+        doc["cells"][0])
+    assert doc["timings"]["runs"][-1]["cells_run"] == 6
+    # progress and per-cell lines go to stderr, so that stdout stays parseable
+    assert "cell sft-r1-T8-s0: dL=" in result.stderr
+    if doc["fit_error"] is None:
+        assert result.exit_code == 0, result.output
+        assert set(doc["fits"]) == {"sft"} and doc["law_file"] == str(run_dir / "law.json")
+        assert set(doc["fits"]["sft"]["params"]) == {"C", "alpha", "beta", "b"}
+        assert doc["fits"]["sft"]["n_used"] + doc["fits"]["sft"]["n_excluded"] == 6
+    else:
+        assert doc["fits"] == {} and doc["law_file"] is None
+        line = assert_one_line_error(result.exit_code, result.stderr.strip().splitlines()[-1])
+        assert "law could not be fitted" in line
+
+
+def test_phases_on_a_finished_run(json_run):
+    _, run_dir = json_run
+    (run_dir / "phases.json").unlink()
+    result = runner.invoke(app, ["phases", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((run_dir / "phases.json").read_text())
+    assert doc["schema_version"] == 1
+    assert f"wrote {run_dir / 'phases.json'}" in flat(result.stdout)
+    result = runner.invoke(app, ["phases", str(run_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == json.loads((run_dir / "phases.json").read_text())
+
+
+def test_phases_on_an_empty_directory(tmp_path, capsys):
+    code = main(["phases", str(tmp_path)])
+    assert_one_line_error(code, capsys.readouterr().err, "cells.csv not found", str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--ranks", "0"], ["rank must be a positive integer, got 0"]),
+    (["--ranks", "a,b"], ["--ranks must be comma-separated positive integers, got 'a,b'"]),
+    (["--tokens", "-5"], ["tokens must be a positive integer, got -5"]),
+    (["--model", "/nonexistent.gguf"], ["model file not found: /nonexistent.gguf"]),
+    (["--model", "EMPTY_DIR"], ["has no config.json"]),
+    (["--data", "jsonl:missing.jsonl"], ["data file not found: missing.jsonl"]),
+    (["--data", "nonsense"], ["unknown dataset 'nonsense'"]),
+    (["--preset", "nope"], ["unknown preset 'nope'", "quick, paper"]),
+    (["--adapter", "nope"], ["adapter must be one of lora, mlp-bypass, got 'nope'"]),
+    (["--objectives", "nope"], ["objectives must be among sft, memft-ot, memft-sw, got nope"]),
+    (["--replace-ratio", "0.3", "--data", "text"], ["replace_ratio must be one of", "got 0.3"]),
+])
+def test_bad_input_is_one_line_and_exit_1(model_dir, tmp_path, capsys, args, fragments):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [str(empty) if a == "EMPTY_DIR" else a for a in args]
+    base = ["calibrate", "--model", str(model_dir), "--ranks", "1", "--tokens", "8", "--steps", "3",
+            "--out", str(tmp_path / "run")]
+    code = main(base + args)  # a repeated option takes its last value
+    assert_one_line_error(code, capsys.readouterr().err, *fragments)
+    assert not (tmp_path / "run" / "cells.csv").exists()
+
+
+def test_a_run_directory_of_another_recipe_is_refused(json_run, model_dir, capsys):
+    _, run_dir = json_run
+    cells = (run_dir / "cells.csv").read_bytes()
+    code = main(["calibrate", "--model", str(model_dir), *GRID, "--lr", "0.03", "--out", str(run_dir)])
+    assert_one_line_error(code, capsys.readouterr().err, str(run_dir), "different calibration",
+                          "differs in: train", "--fresh")
+    assert (run_dir / "cells.csv").read_bytes() == cells
+
+
+# ----------------------------------------------------------------------------------------- a real kill
+
+
+def data_lines(path: Path) -> list[bytes]:
+    """cells.csv rows that are complete (newline-terminated), header excluded."""
+    if not path.exists():
+        return []
+    lines = path.read_bytes().splitlines(keepends=True)[1:]
+    return [line for line in lines if line.endswith(b"\n")]
+
+
+def start_and_kill(cmd: list[str], cells_csv: Path, log: Path, env: dict) -> tuple[list[bytes], bool]:
+    """Start the calibration, SIGKILL it as soon as a cell is in cells.csv. (rows finished, killed mid-run?)"""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 240
+            while proc.poll() is None and time.monotonic() < deadline:
+                if data_lines(cells_csv):
+                    proc.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.002)
+        finally:
+            if proc.poll() is None and not data_lines(cells_csv):
+                proc.kill()
+            proc.wait()
+    return data_lines(cells_csv), proc.returncode == -signal.SIGKILL
+
+
+def test_a_killed_calibration_resumes_without_redoing_finished_cells(model_dir, tmp_path):
+    ranks, tokens = (1, 2), (8, 16, 24, 32)
+    total = len(ranks) * len(tokens)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # cells are trained one at a time (--pack 1); a machine fast enough to finish them all before the kill
+    # lands gets a longer budget per cell
+    for steps in (40, 400):
+        run_dir = tmp_path / f"run-{steps}"
+        args = ["calibrate", "--model", str(model_dir), "--data", "random", "--ranks", "1,2", "--tokens",
+                "8,16,24,32", "--steps", str(steps), "--pack", "1", "--out", str(run_dir)]
+        finished, killed = start_and_kill([sys.executable, "-m", "memprobe.cli", *args], run_dir / "cells.csv",
+                                          tmp_path / f"killed-{steps}.log", env)
+        if killed and 1 <= len(finished) < total:
+            break
+    else:
+        pytest.fail(f"the calibration could not be caught mid-run: {(tmp_path / f'killed-{steps}.log').read_text()}")
+    header = (run_dir / "cells.csv").read_bytes().splitlines(keepends=True)[0]
+    finished_ids = [line.split(b",", 1)[0].decode() for line in finished]
+
+    result = runner.invoke(app, args)  # the same command again, to completion
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert result.exit_code == (0 if manifest["fit_error"] is None else 1), result.output
+    assert f"{len(finished)} cell(s) already done, {total - len(finished)} to go" in flat(result.stdout)
+    assert manifest["timings"]["runs"][-1]["cells_run"] == total - len(finished)
+    assert manifest["status"] in ("complete", "cells complete; law not fitted")
+
+    # the finished cells' rows are untouched and come first; every cell appears once
+    assert (run_dir / "cells.csv").read_bytes().startswith(header + b"".join(finished))
+    cells = pd.read_csv(run_dir / "cells.csv")
+    assert len(cells) == total and cells["cell_id"].is_unique
+    assert set(cells["cell_id"]) == {f"sft-r{r}-T{T}-s0" for r in ranks for T in tokens}
+    assert set(finished_ids) <= set(cells["cell_id"])
+    tokens_t = pd.read_csv(run_dir / "tokens.csv")
+    assert not tokens_t.duplicated(["cell_id", "seq_index", "position"]).any()
+    assert tokens_t.groupby("cell_id").size().to_dict() == cells.set_index("cell_id")["tokens"].to_dict()
