@@ -111,10 +111,10 @@ class LowRankBank(nn.Module):
         G = self.A.shape[0]
         if self.training and self.dropout > 0:
             x = nn.functional.dropout(x, self.dropout)
-        xg = x.reshape(G, (R // G) * S, d_in)
-        A, B = self.A.to(x.dtype), self.B.to(x.dtype)
-        out = torch.bmm(torch.bmm(xg, A), B) * self.scale.to(x.dtype).view(G, 1, 1)  # (G, n*S, d_out)
-        return out.reshape(R, S, -1)
+        # the branch runs in the adapter's dtype (fp32 master weights), as PEFT's LoRA does on a bf16 model
+        xg = x.reshape(G, (R // G) * S, d_in).to(self.A.dtype)
+        out = torch.bmm(torch.bmm(xg, self.A), self.B) * self.scale.view(G, 1, 1)  # (G, n*S, d_out)
+        return out.reshape(R, S, -1).to(x.dtype)
 
     @torch.no_grad()
     def keep(self, groups: list[int]) -> None:

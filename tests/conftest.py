@@ -4,6 +4,8 @@ model, loaded once per session for the tests marked `embedded`."""
 from __future__ import annotations
 
 import os
+import string
+from pathlib import Path
 import sys
 
 import pytest
@@ -95,3 +97,42 @@ def embedded():
     torch.manual_seed(0)
     # no skip when it is missing: these tests are the product's check on a real model, a failure must show
     return load_model("embedded", device="cpu")
+
+
+# ---------------------------------------------------------------- a tiny model saved as a model folder
+
+TINY_D_MODEL = 32
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def save_tiny_model(folder: Path) -> Path:
+    """A random tiny Llama and a char-level tokenizer (99 ids, inside the model's 128) saved as a model folder.
+
+    initializer_range 0.2: a sharper random model, so a rank-1 adapter visibly lowers the loss in 15 steps."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + chars)}, merges=[]))
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=TINY_D_MODEL, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, initializer_range=0.2,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A folder `memprobe calibrate --model DIR` loads: tiny Llama + char-level tokenizer with a chat template."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))

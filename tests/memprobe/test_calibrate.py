@@ -6,7 +6,7 @@ import json
 import math
 import re
 import shutil
-import string
+
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,40 +20,10 @@ from memprobe.errors import MemprobeError
 
 DESIGN_COLUMNS = ["rank", "tokens", "objective", "adapter", "dataset", "seed", "loss_before", "loss_after",
                   "delta_loss", "token_acc", "exact_match", "trainable_params", "steps", "seconds", "saturated"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
 D_MODEL = 32
 RANKS, TOKENS, STEPS = (1, 2, 4), (8, 16), 15
 
 
-def save_tiny_model(folder: Path) -> Path:
-    """A random tiny Llama and a char-level tokenizer (99 ids, inside the model's 128) saved as a model folder.
-
-    initializer_range 0.2: a sharper random model, so a rank-1 adapter visibly lowers the loss in 15 steps."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>"]
-    chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
-    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + chars)}, merges=[]))
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tok.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=D_MODEL, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, initializer_range=0.2,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +57,7 @@ def test_loading_the_saved_folder(model_dir):
     lm = load_model(str(model_dir), device="cpu")
     assert lm.source == "folder" and lm.d_model == D_MODEL and lm.n_layers == 2
     assert lm.tokenizer.pad_token_id == 0 and len(lm.tokenizer) <= lm.model.config.vocab_size
-    assert lm.tokenizer.chat_template == CHAT_TEMPLATE
+    assert "add_generation_prompt" in lm.tokenizer.chat_template  # the template saved with the folder
 
 
 def test_cells_csv_has_one_row_per_cell_with_the_design_columns(calibrated):

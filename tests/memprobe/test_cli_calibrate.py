@@ -4,7 +4,7 @@ code 1, and a calibration killed with SIGKILL that resumes without redoing a fin
 import json
 import os
 import signal
-import string
+
 import subprocess
 import sys
 import time
@@ -17,37 +17,9 @@ from typer.testing import CliRunner
 from memprobe.cli import app, main
 
 runner = CliRunner()
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
 GRID = ["--data", "random", "--ranks", "1,2,4", "--tokens", "8,16", "--steps", "15"]
 
 
-def save_tiny_model(folder: Path) -> Path:
-    """A random tiny Llama (initializer_range 0.2: it learns in a few steps) and a char-level tokenizer."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>"]
-    chars = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
-    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + chars)}, merges=[]))
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tok.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, initializer_range=0.2,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")
