@@ -109,7 +109,9 @@ class App(typer.Typer):
 
 def make_app(help: str) -> App:
     """A guarded app that always dispatches on a command name, even while it has only one command."""
-    app = App(help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
+    # no rich markup: help texts say "[default: ...]", which rich would read as a tag and drop
+    app = App(help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+              rich_markup_mode=None)
 
     @app.callback()
     def _root() -> None:

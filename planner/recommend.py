@@ -155,6 +155,7 @@ class Plan:
     law_source: str | None = None
     budget: dict = field(default_factory=dict)
     adapter: str | None = None
+    adapter_spec: dict | None = None  # the calibrated adapter's settings (layer, modules, alpha), for `memprobe memorize`
     model: str | None = None
 
     def __post_init__(self):
@@ -200,6 +201,7 @@ class Plan:
             "law_source": self.law_source,
             "budget": dict(self.budget),
             "adapter": self.adapter,
+            "adapter_spec": self.adapter_spec,
             "model": self.model,
         }
 
@@ -299,6 +301,7 @@ def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int
         per_objective=per_objective, warnings=tuple(warnings),
         reason=_explain(chosen, rank, target_em, per_objective, em, em_below, below),
         law_source=law_source, budget=law.budget, adapter=law.adapter, model=law.model,
+        adapter_spec=law.provenance.get("adapter_spec"),
     )
 
 
