@@ -136,3 +136,13 @@ def save_tiny_model(folder: Path) -> Path:
 def model_dir(tmp_path_factory):
     """A folder `memprobe calibrate --model DIR` loads: tiny Llama + char-level tokenizer with a chat template."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def assert_one_line_error(result, *fragments):
+    """A CLI user error: exit code 1, exactly one stderr line starting "error: ", no traceback."""
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]

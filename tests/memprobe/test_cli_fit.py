@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from memprobe.cli import app, main
 from memprobe.law import MemoryLaw, load_laws
+from conftest import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "data_fixtures" / "synthetic"
@@ -17,15 +18,6 @@ runner = CliRunner()
 
 def fit(*args):
     return runner.invoke(app, ["fit", *map(str, args)])
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_fit_writes_the_law_and_prints_the_report(tmp_path):

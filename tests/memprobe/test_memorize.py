@@ -4,6 +4,7 @@ import math
 import string
 
 import pytest
+from conftest import assert_one_line_error
 import torch
 from typer.testing import CliRunner
 
@@ -299,15 +300,6 @@ def test_cli_with_a_plan_prints_the_comparison(model_dir, facts, tmp_path):
     doc = json.loads((tmp_path / "adapter" / "memorize.json").read_text())
     assert doc["objective"] == "memft-ot" and doc["train"]["steps"] == 40
     assert doc["plan"]["predicted_em"] == make_plan()["predicted_em"]
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_cli_bad_input_is_one_line_before_any_model_loads(facts, tmp_path):

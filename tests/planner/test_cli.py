@@ -10,6 +10,7 @@ import planner.laws as laws_mod
 from memprobe.law import EMLink, MemoryLaw, save_laws
 from planner.cli import app, main
 from planner.recommend import recommend
+from conftest import assert_one_line_error
 
 runner = CliRunner()
 
@@ -38,15 +39,6 @@ def isolated_law_search(tmp_path, monkeypatch):
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    errors = result.stderr.strip().splitlines()
-    assert len(errors) == 1 and errors[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert f in errors[0], errors[0]
 
 
 def test_recommend_report(law_file):
