@@ -248,13 +248,16 @@ def _train_loop(prefix, adapters, cells, objectives, cfg, keep_state, on_step) -
             tl, hit = token_stats(logits, b.targets.repeat(G, 1))
             tl, hit = tl.view(G, n, -1), hit.view(G, n, -1)  # (G, n, Tm)
         finished = []
+        # the stop check needs two numbers per cell: one device sync per step, not G full metric copies
+        losses, min_ps = _loss_and_min_p(tl.detach(), b.mask)
         for g, i in enumerate(active):
-            metrics = cell_metrics(tl[g], hit[g], b.mask)
-            curves[i].append(metrics.loss)
-            reason = _stop_reason(metrics, curves[i], step, cfg)
+            curves[i].append(losses[g])
+            reason = _stop_reason(min_ps[g], curves[i], step, cfg)
             if reason is not None:
                 if dropout and step < cfg.steps:
                     metrics = _measure_eval(prefix, adapters, G, g)
+                else:
+                    metrics = cell_metrics(tl[g], hit[g], b.mask)
                 outcomes[i] = CellOutcome(cells[i], metrics, step, reason, 0.0, curves[i],
                                           _cell_state(adapters, g) if keep_state else None)
                 finished.append(g)
@@ -292,8 +295,16 @@ def _add_time(seconds: dict, active: list[int], dt: float) -> None:
         seconds[i] += dt / len(active)
 
 
-def _stop_reason(metrics: CellMetrics, curve: list[float], step: int, cfg: TrainConfig) -> str | None:
-    if cfg.stop_p is not None and metrics.min_p >= cfg.stop_p:
+def _loss_and_min_p(token_loss: torch.Tensor, mask: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per cell: mean answer-token loss and the smallest target probability. token_loss (G, n, Tm)."""
+    masked = token_loss.masked_fill(~mask, 0.0).flatten(1)  # (G, n*Tm)
+    loss = masked.sum(1) / mask.sum().clamp(min=1)
+    min_p = torch.exp(-masked.max(1).values)
+    return loss.tolist(), min_p.tolist()
+
+
+def _stop_reason(min_p: float, curve: list[float], step: int, cfg: TrainConfig) -> str | None:
+    if cfg.stop_p is not None and min_p >= cfg.stop_p:
         return "converged"
     if step >= cfg.steps:
         return "budget"
