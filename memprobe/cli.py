@@ -14,7 +14,7 @@ import typer
 
 from memprobe.errors import MemprobeError
 
-from memprobe.cli_support import make_app, parse_list, run_app
+from memprobe.cli_support import emit, make_app, parse_list, run_app
 
 app = make_app("memprobe: measure how much a LoRA adapter memorizes on your model and fit the Parametric Memory Law.")
 
@@ -60,17 +60,10 @@ def fit(
     fits = {objective: fit_law(table, objective=objective, **kw)} if objective else fit_laws(table, **kw)
     out = out if out is not None else cells.parent / "law.json"
     save_laws({name: f.law for name, f in fits.items()}, out)
-    if json_:
-        doc = {"schema_version": 1, "law_file": str(out), "fits": {name: f.to_dict() for name, f in fits.items()}}
-        typer.echo(json.dumps(doc, sort_keys=True))
-        return
-    from rich.console import Console
-
     from memprobe.report import render_fits
 
-    console = Console()
-    console.print(render_fits(fits))
-    console.print(f"wrote {out}")
+    doc = {"schema_version": 1, "law_file": str(out), "fits": {name: f.to_dict() for name, f in fits.items()}}
+    emit(json_, doc, render_fits(fits), f"wrote {out}")
 
 
 @app.command()
@@ -121,12 +114,9 @@ def calibrate(
     console = Console(stderr=json_)
     result = run_calibration(config, out, fresh=fresh, progress=Progress(console),
                              log=lambda msg: console.print(msg, highlight=False))
-    if json_:
-        typer.echo(json.dumps(result.to_dict(), sort_keys=True, default=str))
-    else:
-        from memprobe.report import render_calibration
+    from memprobe.report import render_calibration
 
-        console.print(render_calibration(result))
+    emit(json_, result.to_dict(), render_calibration(result), console=console)
     if result.fit_error:
         raise MemprobeError(f"cells saved in {result.run_dir}, but the law could not be fitted: {result.fit_error}")
 
@@ -145,14 +135,7 @@ def phases(
     report = analyze_phases(cells_t, tokens_t, threshold=threshold)
     report.save(Path(run_dir) / "phases.json")
     png = plot_phases(cells_t, tokens_t, Path(run_dir) / "phases.png", threshold=threshold)
-    if json_:
-        typer.echo(json.dumps(report.to_dict(), sort_keys=True))
-        return
-    from rich.console import Console
-
-    console = Console()
-    console.print(render_phase_summary(report))
-    console.print(f"wrote {Path(run_dir) / 'phases.json'} and {png}")
+    emit(json_, report.to_dict(), render_phase_summary(report), f"wrote {Path(run_dir) / 'phases.json'} and {png}")
 
 
 @app.command()
@@ -209,10 +192,7 @@ def memorize(
                            plan=plan_doc, seed=seed, tokens=tokens, chat=not no_chat, on_step=progress.step)
     finally:
         progress.stop()
-    if json_:
-        typer.echo(json.dumps(result.to_dict(), sort_keys=True, default=str))
-        return
-    console.print(render_memorize(result))
+    emit(json_, result.to_dict(), render_memorize(result), console=console)
 
 
 def main(args=None) -> int:

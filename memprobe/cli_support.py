@@ -16,6 +16,7 @@ Set MEMPROBE_DEBUG=1 to get the traceback instead of the one line.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Callable, Sequence
 
@@ -68,6 +69,19 @@ def parse_list(text: str | None, option: str, kind=int, noun: str | None = None)
         noun = noun or ("integers" if kind is int else "numbers" if kind is float else "values")
         raise MemprobeError(f"{option} must be comma-separated {noun}, got {text!r}")
     return values
+
+
+def emit(as_json: bool, doc: dict, *renderables, console=None) -> None:
+    """Every command's output: sorted JSON on stdout for scripts, or the rich report for people."""
+    if as_json:
+        typer.echo(json.dumps(doc, sort_keys=True, default=str))
+        return
+    if console is None:
+        from rich.console import Console
+
+        console = Console()
+    for r in renderables:
+        console.print(r)
 
 
 def print_error(exc: BaseException) -> None:

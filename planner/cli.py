@@ -6,13 +6,12 @@ else the shipped reference law; the law used is named on stderr and in the outpu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from memprobe.cli_support import make_app, parse_list, run_app
+from memprobe.cli_support import emit, make_app, parse_list, run_app
 from memprobe.errors import MemprobeError
 
 app = make_app("planner: choose the LoRA rank and training objective that reproduce your data exactly.")
@@ -69,14 +68,9 @@ def recommend(
     plan = _with_source(lambda: recommend_(laws, tokens=tokens, target_em=target_em, ranks=rank_list,
                                            max_rank=max_rank, base_loss=base_loss, level=level, objective=objective,
                                            law_source=source), source)
-    if json_:
-        typer.echo(json.dumps(plan.to_dict(), sort_keys=True))
-        return
-    from rich.console import Console
-
     from planner.report import render_plan
 
-    Console().print(render_plan(plan))
+    emit(json_, plan.to_dict(), render_plan(plan))
 
 
 @app.command()
@@ -102,14 +96,9 @@ def curve(
     laws, source = _load(law)
     c = _with_source(lambda: curve_(laws, tokens=tokens, ranks=rank_list, max_rank=max_rank,
                                     base_loss=base_loss, level=level, objective=objective, law_source=source), source)
-    if json_:
-        typer.echo(json.dumps(c.to_dict(), sort_keys=True))
-        return
-    from rich.console import Console
-
     from planner.report import render_curve
 
-    Console().print(render_curve(c))
+    emit(json_, c.to_dict(), render_curve(c))
 
 
 def main(args=None) -> int:
