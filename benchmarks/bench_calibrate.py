@@ -41,7 +41,7 @@ from memprobe.measure import make_batch
 SCHEMA_VERSION = 1
 AGREEMENT_TARGET = 0.02  # |dL_ours - dL_plain| / dL_plain per cell
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CSV_COLUMNS = ["tokens_requested", "tokens", "n_sequences", "seq_len", "rank", "trainable_params",
+CSV_COLUMNS = ["tokens_requested", "tokens", "n_sequences", "seq_len", "shared_prefix", "rank", "trainable_params",
                "steps_ours", "steps_plain", "stop_reason", "loss_before_ours", "loss_before_plain",
                "loss_after_ours", "loss_after_plain", "delta_loss_ours", "delta_loss_plain", "delta_loss_rel_diff",
                "exact_match_ours", "exact_match_plain", "exact_match_equal", "token_acc_ours",
@@ -114,16 +114,17 @@ def layer_linear_params(config) -> int:
     return d * H * hd + 2 * d * KV * hd + H * hd * d + 3 * d * I
 
 
-def attention_flops(config, S: int) -> int:
-    """Scores and weighted values of one causal sequence of length S in one layer (forward)."""
+def attention_flops(config, S: int, start: int = 0) -> int:
+    """Scores and weighted values of the queries at positions start..S-1 of one causal sequence of length S in
+    one layer (forward); start > 0 is a row whose first `start` positions ran in a shared prefix pass."""
     d, H = int(config.hidden_size), int(config.num_attention_heads)
     hd = int(getattr(config, "head_dim", None) or d // H)
-    pairs = S * (S + 1) // 2  # causal: position t attends to t + 1 positions
+    pairs = S * (S + 1) // 2 - start * (start + 1) // 2  # causal: position t attends to t + 1 positions
     return 2 * 2 * pairs * H * hd  # QK^T and PV, a multiply-add each
 
 
 def step_flops_breakdown(config, *, rows: int, S: int, logit_positions: int, adapter_params: int, run_from: int,
-                         grad_from: int, kind: str, backward: bool = True) -> dict[str, float]:
+                         grad_from: int, kind: str, backward: bool = True, shared: int = 0) -> dict[str, float]:
     """Analytic FLOPs of one step on `rows` sequences of length S, by part: linear (the frozen q, k, v, o and MLP
     maps), attention, head (the LM head), adapter.
 
@@ -136,14 +137,16 @@ def step_flops_breakdown(config, *, rows: int, S: int, logit_positions: int, ada
     crossed whole; for lora, layer `grad_from` itself is crossed except the inputs of q, k, v (the cached prefix,
     constant); for mlp-bypass it is not crossed at all (the branch reads the MLP input, which no trained weight
     changes). The adapter's backward is 1.5 of its forward when its input is constant (mlp-bypass: dA and dB
-    only) and 2 when the input carries a gradient (lora above its first layer)."""
+    only) and 2 when the input carries a gradient (lora above its first layer).
+    `shared` > 0: the first `shared` positions, the same in every row, run once (memprobe's shared prefix), so
+    layers see rows * (S - shared) + shared positions."""
     L = int(config.num_hidden_layers)
     d, V = int(config.hidden_size), int(config.vocab_size)
     H, KV = int(config.num_attention_heads), int(config.num_key_value_heads)
     hd = int(getattr(config, "head_dim", None) or d // H)
-    tokens = rows * S
+    tokens = rows * (S - shared) + shared
     linear = 2 * layer_linear_params(config) * tokens
-    attn = rows * attention_flops(config, S)
+    attn = rows * attention_flops(config, S, start=shared) + attention_flops(config, shared)
     adapter = 2 * adapter_params * tokens
     n_fwd = L - run_from
     out = {"linear": n_fwd * linear, "attention": n_fwd * attn, "head": 2 * d * V * logit_positions,
@@ -158,6 +161,12 @@ def step_flops_breakdown(config, *, rows: int, S: int, logit_positions: int, ada
             out["linear"] += linear - qkv
             out["attention"] += 2 * attn
         out["adapter"] += (2.0 if kind == "lora" else 1.5) * adapter
+        if shared and L - 1 > grad_from:
+            # the shared prefix's output of the top layer is never read, only its keys and values are: no gradient
+            # flows through its q, o, MLP or attention there
+            kv = 2 * 2 * d * KV * hd * shared
+            out["linear"] -= 2 * layer_linear_params(config) * shared - kv
+            out["attention"] -= 2 * attention_flops(config, shared)
     return {k: float(v) for k, v in out.items()}
 
 
@@ -167,15 +176,15 @@ def step_flops(config, **kwargs) -> float:
 
 
 def cell_train_flops(config, *, n: int, S: int, Tm: int, adapter_params: int, first_layer: int, kind: str,
-                     steps: int, plain: bool) -> float:
-    """Training FLOPs of one cell. Ours: layers from the first adapted one, logits at answer positions, then one
-    forward-only measurement. Plain: every layer and full-vocabulary logits at every position (its measurement,
-    a forward and generate(), is not counted)."""
+                     steps: int, plain: bool, shared: int = 0) -> float:
+    """Training FLOPs of one cell. Ours: layers from the first adapted one, the shared prompt prefix once,
+    logits at answer positions, then one forward-only measurement. Plain: every layer, every row whole and
+    full-vocabulary logits at every position (its measurement, a forward and generate(), is not counted)."""
     common = dict(rows=n, S=S, adapter_params=adapter_params, grad_from=first_layer, kind=kind)
     if plain:
         return steps * step_flops(config, logit_positions=n * S, run_from=0, **common)
-    train = steps * step_flops(config, logit_positions=n * Tm, run_from=first_layer, **common)
-    return train + step_flops(config, logit_positions=n * Tm, run_from=first_layer, backward=False, **common)
+    ours = dict(common, logit_positions=n * Tm, run_from=first_layer, shared=shared)
+    return steps * step_flops(config, **ours) + step_flops(config, backward=False, **ours)
 
 
 def measure_peak_flops(device: torch.device | str, dtype: torch.dtype, seconds: float = 2.0,
@@ -212,6 +221,7 @@ class OursRun:
     train_seconds: float  # train_cells alone
     first_layer: int
     params_per_rank: int
+    shared_prefix: int  # prompt positions every row shares, run once per cell (0: none)
 
 
 def run_ours(model, sequences, spec: AdapterSpec, cfg: TrainConfig, ranks, seed: int = 0, *,
@@ -230,7 +240,8 @@ def run_ours(model, sequences, spec: AdapterSpec, cfg: TrainConfig, ranks, seed:
     outcomes = train_cells(model, prefix, batch, [CellSpec(int(r), seed) for r in ranks], spec, cfg)
     synchronize(device)
     t2 = time.perf_counter()
-    return OursRun(base.loss, outcomes, t2 - t0, t2 - t1, probe.first_layer, probe.params_per_rank)
+    shared = 0 if spec.dropout > 0 else prefix.P  # with dropout the engine trains rows whole
+    return OursRun(base.loss, outcomes, t2 - t0, t2 - t1, probe.first_layer, probe.params_per_rank, shared)
 
 
 def rel_diff(ours: float, plain: float) -> float:
@@ -273,7 +284,9 @@ def compare_dataset(model, sequences, spec: AdapterSpec, cfg: TrainConfig, ranks
             "seconds_ours": sec_ours, "seconds_plain": sec_plain, "speedup": sec_plain / sec_ours,
             "answer_tok_per_s_ours": n_answer * o.steps / sec_ours,
             "answer_tok_per_s_plain": n_answer * p.steps / sec_plain,
-            "train_flops_ours": cell_train_flops(model.config, steps=o.steps, plain=False, **flops),
+            "shared_prefix": ours.shared_prefix,
+            "train_flops_ours": cell_train_flops(model.config, steps=o.steps, plain=False, shared=ours.shared_prefix,
+                                                 **flops),
             "train_flops_plain": cell_train_flops(model.config, steps=p.steps, plain=True, **flops),
         })
     timing = {"tokens": n_answer, "seconds_ours": ours.seconds, "train_seconds_ours": ours.train_seconds,

@@ -4,6 +4,8 @@ optimizer state, clipping and early stop.
 
 Where the time goes, and what this file does about it:
 - the frozen layers below the first adapted layer run once per dataset (`FrozenPrefix`);
+- above them, the prompt prefix every row shares (a chat template's system header) runs once per cell, not
+  once per row: its keys and values are handed to every row's attention (`shared_prefix_length`);
 - logits are computed only at answer positions (the vocabulary is 49k-152k wide);
 - the training forward with dropout off IS the teacher-forced measurement of the current weights, so the
   early-stop check costs nothing;
@@ -100,31 +102,95 @@ class FrozenPrefix:
     """Runs the model from the first adapted layer on hidden states computed once.
 
     Layers below `first_layer` never change, so their output for this dataset is cached; each step runs
-    only layers[first_layer:], the final norm, and the LM head at answer positions."""
+    only layers[first_layer:], the final norm, and the LM head at answer positions.
 
-    def __init__(self, model, batch: AnswerBatch, first_layer: int):
+    Rows that start with the same tokens (a chat template's system header in front of every key) share those
+    positions' hidden states in every layer, for a given adapter: causal attention never lets a position see
+    what follows it. So the shared prefix runs once per adapter and its keys and values are prepended to every
+    row's attention: the same numbers as running every row whole, with (n - 1) * P fewer positions per adapter.
+    `share_prefix=False` turns that off (tests compare both ways)."""
+
+    def __init__(self, model, batch: AnswerBatch, first_layer: int, share_prefix: bool = True):
         self.model, self.batch, self.k = model, batch, first_layer
         self.layers = decoder_layers(model)
         device = next(model.parameters()).device
         self.batch = batch.to(device)
         self.h, self.position_ids, self.position_embeddings = capture_layer_input(model, self.batch.input_ids, first_layer)
+        self.P = shared_prefix_length(self.batch) if share_prefix else 0
 
-    def logits(self, G: int = 1) -> torch.Tensor:
-        """(G*n, Tm, V) logits at answer positions, rows grouped by adapter: [adapter 0 rows, adapter 1 rows, ...]."""
+    def logits(self, G: int = 1, share_prefix: bool = True) -> torch.Tensor:
+        """(G*n, Tm, V) logits at answer positions, rows grouped by adapter: [adapter 0 rows, adapter 1 rows, ...].
+
+        `share_prefix=False` runs every row whole: the engine asks for it while adapter dropout is on, since a
+        shared prefix would share one dropout mask between the rows of a cell."""
+        P = self.P if share_prefix else 0
+        h = self._upper_layers_shared(G, P) if P else self._upper_layers(G)  # (G*n, S - P, d)
+        pred_pos = (self.batch.pred_pos - P).clamp(min=0).repeat(G, 1)  # (G*n, Tm); padded entries are masked
+        h = h.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (G*n, Tm, d)
+        h = self.model.model.norm(h)  # RMSNorm is per position: norm after gathering is the same
+        return self.model.lm_head(h)
+
+    def _upper_layers(self, G: int) -> torch.Tensor:
         h = self.h.repeat(G, 1, 1) if G > 1 else self.h  # (G*n, S, d)
         for layer in self.layers[self.k:]:
             # no mask: sdpa applies is_causal, which with right padding is exact for every real position
             h = layer(h, attention_mask=None, position_ids=self.position_ids,
                       position_embeddings=self.position_embeddings)
-        pred_pos = self.batch.pred_pos.repeat(G, 1)  # (G*n, Tm)
-        h = h.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (G*n, Tm, d)
-        h = self.model.model.norm(h)  # RMSNorm is per position: norm after gathering is the same
-        return self.model.lm_head(h)
+        return h
+
+    def _upper_layers_shared(self, G: int, P: int) -> torch.Tensor:
+        n, S = self.h.shape[0], self.h.shape[1]
+        cos, sin = self.position_embeddings
+        kv = _PrefixKV(rows_per_adapter=n)
+        hp = self.h[:1, :P].expand(G, -1, -1)  # (G, P, d): the shared prefix, once per adapter
+        for layer in self.layers[self.k:]:
+            hp = layer(hp, attention_mask=None, position_ids=self.position_ids[:, :P], past_key_values=kv,
+                       position_embeddings=(cos[..., :P, :], sin[..., :P, :]))
+        kv.recording = False
+        h = self.h[:, P:].repeat(G, 1, 1)  # (G*n, S - P, d): every row's own positions
+        # suffix position i (absolute P + i) sees keys 0 .. P + i: the prefix and the causal part of its own row
+        mask = torch.ones(S - P, S, dtype=torch.bool, device=h.device).tril(diagonal=P)[None, None]
+        for layer in self.layers[self.k:]:
+            h = layer(h, attention_mask=mask, position_ids=self.position_ids[:, P:], past_key_values=kv,
+                      position_embeddings=(cos[..., P:, :], sin[..., P:, :]))
+        return h
 
     def measure_base(self) -> CellMetrics:
         with torch.no_grad():
             tl, hit = token_stats(self.logits(1), self.batch.targets)
         return cell_metrics(tl, hit, self.batch.mask)
+
+
+def shared_prefix_length(batch: AnswerBatch, min_saving: float = 0.05) -> int:
+    """Tokens every row starts with, up to the first answer prediction (those outputs must be per row); 0 when
+    sharing would save less than `min_saving` of the positions (one row, or a prefix of a token or two)."""
+    ids = batch.input_ids  # (n, S)
+    n, S = ids.shape
+    if n < 2:
+        return 0
+    same = (ids == ids[:1]).all(0)  # (S,) position holds the same token in every row
+    P = int(same.long().cumprod(0).sum())
+    P = min(P, int(batch.pred_pos[batch.mask].min()))
+    return P if (n - 1) * P >= min_saving * n * S else 0
+
+
+class _PrefixKV:
+    """Stands in for a Hugging Face cache: attention layers call `update(key, value, layer_idx)` after rotary.
+
+    Recording (the prefix pass): keep each layer's prefix keys and values, (G, KV, P, hd), and return them as
+    they are. Then (the rows' pass): return them repeated for the n rows of each adapter ahead of the rows' own
+    keys and values. The repeat is inside autograd, so every row's gradient reaches the shared prefix."""
+
+    def __init__(self, rows_per_adapter: int):
+        self.n, self.recording, self.kv = rows_per_adapter, True, {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.recording:
+            self.kv[layer_idx] = (key_states, value_states)
+            return key_states, value_states
+        k, v = self.kv[layer_idx]
+        return (torch.cat([k.repeat_interleave(self.n, dim=0), key_states], dim=2),
+                torch.cat([v.repeat_interleave(self.n, dim=0), value_states], dim=2))
 
 
 class _Captured(Exception):
@@ -244,7 +310,7 @@ def _train_loop(prefix, adapters, cells, objectives, cfg, keep_state, on_step) -
         G = len(active)
         adapters.train(step < cfg.steps)
         with torch.set_grad_enabled(step < cfg.steps):
-            logits = prefix.logits(G)  # (G*n, Tm, V)
+            logits = prefix.logits(G, share_prefix=not (dropout and step < cfg.steps))  # (G*n, Tm, V)
             tl, hit = token_stats(logits, b.targets.repeat(G, 1))
             tl, hit = tl.view(G, n, -1), hit.view(G, n, -1)  # (G, n, Tm)
         finished = []

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from memprobe.adapters import AdapterSpec
+from memprobe.adapters import AdapterSpec, attach_adapters
 from memprobe.engine import (
     CellOutcome,
     CellSpec,
@@ -12,6 +12,7 @@ from memprobe.engine import (
     StackedAdamW,
     TrainConfig,
     is_saturated,
+    shared_prefix_length,
     train_cells,
 )
 from memprobe.errors import MemprobeError
@@ -103,6 +104,91 @@ def test_training_leaves_the_model_as_it_was(make_tiny_model, batch):
     assert all(torch.equal(before[k], after[k]) for k in before)
     # hooks are removed: the model computes what it computed before
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- shared prompt prefix
+
+
+def with_shared_header(seqs, header):
+    """The same sequences with `header` in front of every prompt, as a chat template's system header is."""
+    from memprobe.data import Sequence
+
+    return [Sequence(s.key, s.answer, tuple(header) + s.prompt_ids, s.answer_ids) for s in seqs]
+
+
+@pytest.fixture
+def header_batch(make_sequences):
+    return make_batch(with_shared_header(make_sequences(5, [2, 4, 3], [3, 6, 4], seed=2), [7, 8, 9, 10, 11, 12]))
+
+
+def test_shared_prefix_length_stops_at_the_first_difference_and_the_first_prediction(make_sequences):
+    seqs = make_sequences(4, [3, 2], [4, 5], seed=0)
+    assert shared_prefix_length(make_batch(with_shared_header(seqs, [5, 6, 7, 8]))) == 4
+    # rows equal beyond the prompt: the shared part ends where the first answer token is predicted (position 2),
+    # since from there on every row needs its own output
+    from memprobe.data import Sequence
+
+    same_key = [Sequence("k", "a", (5, 6, 7), (1, 2, 3)), Sequence("k", "b", (5, 6, 7), (1, 4, 5))]
+    assert shared_prefix_length(make_batch(same_key)) == 2
+    assert shared_prefix_length(make_batch(seqs[:1])) == 0  # one row: nothing to share
+    assert shared_prefix_length(make_batch(seqs)) == 0  # random starts: nothing in common
+    # a one-token header saves too little to be worth a second pass
+    long = with_shared_header(make_sequences(3, [40], [40], seed=0), [5])
+    assert shared_prefix_length(make_batch(long)) == 0
+
+
+@pytest.mark.parametrize("adapter", [BYPASS, LORA_1, AdapterSpec("lora")], ids=["bypass", "lora-1", "lora-all"])
+def test_a_shared_prefix_gives_the_same_logits_and_gradients_as_whole_rows(make_tiny_model, header_batch, adapter):
+    model = make_tiny_model(num_hidden_layers=3)
+    adapters = attach_adapters(model, adapter, [1, 2, 4], [0, 1, 2])
+    try:
+        with torch.no_grad():
+            for bank in adapters.banks.values():  # B starts at zero: give the branches something to do
+                bank.B.normal_(0, 0.3, generator=torch.Generator().manual_seed(5))
+        prefix = FrozenPrefix(model, header_batch, adapters.first_layer)
+        assert prefix.P == 6
+        grads = []
+        for share in (True, False):
+            logits = prefix.logits(3, share_prefix=share)  # (3n, Tm, V)
+            tl, _ = token_stats(logits, header_batch.targets.repeat(3, 1))
+            (tl * header_batch.mask.repeat(3, 1)).sum().backward()
+            grads.append(([p.grad.clone() for p in adapters.parameters()], logits.detach()))
+            for p in adapters.parameters():
+                p.grad = None
+    finally:
+        adapters.detach()
+    (g_shared, l_shared), (g_whole, l_whole) = grads
+    m = header_batch.mask.repeat(3, 1)
+    assert rel_diff(l_shared[m], l_whole[m]) < 1e-5
+    for a, b in zip(g_shared, g_whole):
+        assert rel_norm_diff(a, b) < 1e-5
+
+
+def test_training_with_a_shared_prefix_equals_training_whole_rows(make_tiny_model, header_batch):
+    model = make_tiny_model()
+    cfg = TrainConfig(steps=6, stop_p=None)
+    cells = [CellSpec(1), CellSpec(4)]
+    shared = train_cells(model, FrozenPrefix(model, header_batch, 1), header_batch, cells, BYPASS, cfg, keep_state=True)
+    whole = train_cells(model, FrozenPrefix(model, header_batch, 1, share_prefix=False), header_batch, cells, BYPASS,
+                        cfg, keep_state=True)
+    for a, b in zip(shared, whole):
+        assert a.curve == pytest.approx(b.curve, rel=1e-5)
+        for name in a.state:
+            assert rel_norm_diff(a.state[name][1], b.state[name][1]) < 1e-5
+
+
+def test_with_adapter_dropout_every_row_runs_whole(make_tiny_model, header_batch):
+    # a shared prefix would give all rows of a cell one dropout mask: the engine runs rows whole instead, so the
+    # same seed gives the same run whether or not the prefix could be shared
+    model = make_tiny_model()
+    spec = AdapterSpec("mlp-bypass", layer=1, dropout=0.2)
+    cfg = TrainConfig(steps=4, stop_p=None)
+    runs = []
+    for share in (True, False):
+        torch.manual_seed(3)
+        runs.append(train_cells(model, FrozenPrefix(model, header_batch, 1, share_prefix=share), header_batch,
+                                [CellSpec(2)], spec, cfg)[0].curve)
+    assert runs[0] == runs[1]
 
 
 # ----------------------------------------------------------------------------- StackedAdamW
