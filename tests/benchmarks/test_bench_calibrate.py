@@ -73,6 +73,11 @@ def test_ours_and_the_plain_way_agree_cell_by_cell(make_tiny_model, sequences, t
     assert s["speedup"] == pytest.approx(timing["seconds_plain"] / timing["seconds_ours"])
     assert s["seconds_ours"] == pytest.approx(sum(r["seconds_ours"] for r in rows))
     assert s["fraction_of_peak_ours"] == pytest.approx(s["train_flops_ours"] / timing["train_seconds_ours"] / 1e12)
+    assert s["work_ratio"] == pytest.approx(s["train_flops_plain"] / s["train_flops_ours"]) and s["work_ratio"] > 1
+    # the ceiling is the speed-up if our steps ran at the peak: never below what was measured at our real FLOP/s
+    assert s["train_speedup_ceiling"] == pytest.approx(s["work_ratio"] / s["fraction_of_peak_plain"])
+    assert s["train_speedup"] == pytest.approx(timing["train_seconds_plain"] / timing["train_seconds_ours"])
+    assert s["train_speedup_ceiling"] >= s["train_speedup"]
     assert not summarize(rows, [timing], peak_flops=1e12, same_budget=False)["agreement_ok"]
 
     json_path, csv_path = write_results({"schema_version": 1, "cells": rows, "summary": s}, tmp_path / "b.json")
