@@ -64,7 +64,7 @@ class CalibrationConfig:
     objective_kwargs: dict = field(default_factory=dict)
     device: str | None = None
     dtype: str | None = None
-    pack: int = 0  # most cells trained together in one pass (0 = every cell of a dataset)
+    pack: int = 0  # most cells trained together in one pass (0 = as many of a dataset as fit in memory)
 
     def __post_init__(self):
         for name in ("ranks", "tokens"):
@@ -381,7 +381,7 @@ def run_calibration(config: CalibrationConfig, run_dir: Path | None = None, *, f
                 prefix = FrozenPrefix(lm.model, batch, probe.first_layer)
                 base_metrics = prefix.measure_base()
                 base = _Base(base_metrics.loss, [int(m) for m in batch.mask.sum(1)])
-                size = config.pack or len(todo)
+                size = config.pack or _fitting_pack_size(lm.model, prefix, config.adapter, todo, log)
                 for start in range(0, len(todo), size):
                     pack = todo[start:start + size]
                     if progress is not None:
@@ -418,6 +418,16 @@ def run_calibration(config: CalibrationConfig, run_dir: Path | None = None, *, f
     manifest["fit_error"] = result.fit_error
     write_json(run_dir / "manifest.json", manifest)
     return result
+
+
+def _fitting_pack_size(model, prefix, adapter, todo, log) -> int:
+    """Every remaining cell of the dataset in one pack when they fit in memory, else packs that do."""
+    from memprobe.memory import plan_packs
+
+    plan = plan_packs(model, prefix, adapter, [c.rank for c in todo])
+    if plan.size < len(todo):
+        log(plan.describe(len(todo)))
+    return plan.size
 
 
 def budget_of(config: CalibrationConfig) -> dict:

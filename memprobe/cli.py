@@ -87,7 +87,7 @@ def calibrate(
     clip: Optional[float] = typer.Option(None, "--clip", help="gradient clipping norm [preset]"),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="adapter dropout [preset]"),
     stop_p: Optional[float] = typer.Option(None, "--stop-p", help="stop a cell once every answer token has p >= this [0.9]"),
-    pack: int = typer.Option(0, "--pack", help="most cells trained together in one pass [0 = all cells of a dataset]"),
+    pack: int = typer.Option(0, "--pack", help="most cells trained together in one pass [0 = as many as fit in memory]"),
     no_chat: bool = typer.Option(False, "--no-chat", help="do not wrap keys in the chat template"),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda[:N] [auto]"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | float32 | bfloat16 [auto: bf16 on CUDA]"),
