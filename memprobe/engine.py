@@ -148,8 +148,11 @@ class FrozenPrefix:
                        position_embeddings=(cos[..., :P, :], sin[..., :P, :]))
         kv.recording = False
         h = self.h[:, P:].repeat(G, 1, 1)  # (G*n, S - P, d): every row's own positions
-        # suffix position i (absolute P + i) sees keys 0 .. P + i: the prefix and the causal part of its own row
-        mask = torch.ones(S - P, S, dtype=torch.bool, device=h.device).tril(diagonal=P)[None, None]
+        # suffix position i (absolute P + i) sees keys 0 .. P + i: the prefix and the causal part of its own row.
+        # Additive (0 / most negative), the form both the sdpa and the eager attention of transformers take
+        seen = torch.ones(S - P, S, dtype=torch.bool, device=h.device).tril(diagonal=P)
+        mask = torch.zeros(S - P, S, dtype=h.dtype, device=h.device).masked_fill(~seen, torch.finfo(h.dtype).min)
+        mask = mask[None, None]  # (1, 1, S - P, S)
         for layer in self.layers[self.k:]:
             h = layer(h, attention_mask=mask, position_ids=self.position_ids[:, P:], past_key_values=kv,
                       position_embeddings=(cos[..., P:, :], sin[..., P:, :]))

@@ -164,6 +164,27 @@ def test_a_shared_prefix_gives_the_same_logits_and_gradients_as_whole_rows(make_
         assert rel_norm_diff(a, b) < 1e-5
 
 
+def test_a_shared_prefix_is_exact_on_qwen3_too(header_batch):
+    # Qwen3 (the headline 8B) normalizes q and k per head before rotary: the prefix's keys must be cached after it
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from memprobe.models import _freeze
+
+    torch.manual_seed(0)
+    config = Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, vocab_size=128, max_position_embeddings=128,
+                         initializer_range=0.2)
+    for attention in ("sdpa", "eager"):  # memprobe loads models with sdpa; eager takes the mask another way
+        config._attn_implementation = attention
+        model = _freeze(Qwen3ForCausalLM(config).float())
+        prefix = FrozenPrefix(model, header_batch, 1)
+        assert prefix.P == 6
+        with torch.no_grad():
+            shared, whole = prefix.logits(2), prefix.logits(2, share_prefix=False)
+        m = header_batch.mask.repeat(2, 1)
+        assert rel_diff(shared[m], whole[m]) < 1e-5
+
+
 def test_training_with_a_shared_prefix_equals_training_whole_rows(make_tiny_model, header_batch):
     model = make_tiny_model()
     cfg = TrainConfig(steps=6, stop_p=None)
