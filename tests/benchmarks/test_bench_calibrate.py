@@ -87,6 +87,24 @@ def test_ours_and_the_plain_way_agree_cell_by_cell(make_tiny_model, sequences, t
     assert lines[0].split(",") == CSV_COLUMNS and len(lines) == 3
 
 
+def test_a_shared_prompt_prefix_is_timed_both_ways_and_still_agrees(make_tiny_model, sequences):
+    from memprobe.data import Sequence
+
+    headed = [Sequence(s.key, s.answer, (9, 8, 7, 6, 5, 4) + s.prompt_ids, s.answer_ids) for s in sequences]
+    rows, timing = compare_dataset(make_tiny_model(), headed, AdapterSpec("mlp-bypass", layer=1),
+                                   TrainConfig(steps=8, lr=0.3, **FIXED), [1, 4])
+    assert timing["shared_prefix"] == 6 and timing["train_seconds_ours_whole_rows"] > 0
+    assert all(r["shared_prefix"] == 6 and r["delta_loss_rel_diff"] < 1e-4 and r["exact_match_equal"] for r in rows)
+    s = summarize(rows, [timing], peak_flops=1e12, same_budget=True)
+    assert s["shared_prefix_speedup"] == pytest.approx(timing["train_seconds_ours_whole_rows"]
+                                                       / timing["train_seconds_ours"])
+    # without a shared prefix nothing is run twice
+    _, plain_timing = compare_dataset(make_tiny_model(), sequences, AdapterSpec("mlp-bypass", layer=1),
+                                      TrainConfig(steps=2, **FIXED), [1])
+    assert plain_timing["train_seconds_ours_whole_rows"] is None
+    assert summarize(rows[:1], [plain_timing], 1e12, True)["shared_prefix_speedup"] is None
+
+
 def test_the_plain_way_leaves_the_model_as_it_was(make_tiny_model, sequences):
     model = make_tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
