@@ -48,9 +48,13 @@ def saved_bytes(model, prefix, adapter: AdapterSpec, rank: int, G: int) -> int:
         return t
 
     adapters = attach_adapters(model, adapter, [rank] * G, list(range(G)))
+    device = next(model.parameters()).device
+    # adapter dropout draws random masks: measure on a copy of the RNG so that training draws what it would have
+    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     try:
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            logits = prefix.logits(G)  # (G*n, Tm, V)
+        with rng, torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            share = adapter.dropout == 0  # as the engine trains: rows whole under dropout
+            logits = prefix.logits(G, share_prefix=share)  # (G*n, Tm, V)
             token_stats(logits, prefix.batch.targets.repeat(G, 1))
     finally:
         adapters.detach()

@@ -46,6 +46,14 @@ def test_plan_packs_splits_the_cells_when_memory_is_short(prefix):
     assert plan_packs(prefix.model, prefix, BYPASS, [4]) == PackPlan(1, 0, None)  # one cell: nothing to measure
 
 
+def test_measuring_with_dropout_leaves_the_random_stream_alone(prefix):
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    plan_packs(prefix.model, prefix, AdapterSpec("mlp-bypass", layer=1, dropout=0.1), [1, 2], free_bytes=10**12)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_free_memory_reads_this_machine():
     free = free_memory(torch.device("cpu"))
     assert free is None or 0 < free < 2**50
