@@ -34,6 +34,7 @@ import torch
 
 from benchmarks.plain_baseline import quiet_transformers, run_plain, synchronize
 from memprobe.adapters import ALL_LINEAR, AdapterSpec, attach_adapters
+from memprobe.calibrate import PRESETS
 from memprobe.engine import CellSpec, FrozenPrefix, TrainConfig, train_cells
 from memprobe.errors import MemprobeError
 from memprobe.measure import make_batch
@@ -57,8 +58,8 @@ class BenchConfig:
     layer: int | None = None  # mlp-bypass layer (None = about 2/3 of the depth)
     lora_layers: tuple[int, ...] | None = None  # None = every layer
     lora_targets: tuple[str, ...] = ALL_LINEAR
-    ranks: tuple[int, ...] = (1, 2, 4, 8)
-    tokens: tuple[int, ...] = (48, 96)
+    ranks: tuple[int, ...] = PRESETS["quick"]["ranks"]  # the default calibration grid
+    tokens: tuple[int, ...] = PRESETS["quick"]["tokens"]
     steps: int = 100
     lr: float = 1e-2
     schedule: str = "constant"
@@ -530,7 +531,7 @@ def build_app():
         lora_layers: str = typer.Option(None, help="lora layers, e.g. 24-35 or 0,4,8 (default: all)"),
         lora_targets: str = typer.Option(",".join(ALL_LINEAR), help="lora target modules"),
         ranks: str = typer.Option(None, help="ranks, e.g. 1,2,4,8 (default 1,2,4,8; --quick 1,2)"),
-        tokens: str = typer.Option(None, help="answer tokens per dataset, e.g. 48,96 (default 48,96; --quick 16)"),
+        tokens: str = typer.Option(None, help="answer tokens per dataset, e.g. 48,96 (default 48,96,192; --quick 16)"),
         steps: int = typer.Option(None, help="training steps per cell (default 100; --quick 5)"),
         lr: float = typer.Option(1e-2, help="learning rate"),
         schedule: str = typer.Option("constant", help="constant or linear"),

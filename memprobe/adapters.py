@@ -107,14 +107,27 @@ class LowRankBank(nn.Module):
         self.ranks = list(ranks)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """scale_g * dropout(x) @ A_g @ B_g for each adapter's rows; x (G*n, S, d_in) -> (G*n, S, d_out)."""
+        R, S, d_in = x.shape
+        return torch.bmm(self._scaled_xa(x), self.B).reshape(R, S, -1).to(x.dtype)
+
+    def add_to(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """output + delta(x), the add fused into the second product (one pass over the wide output, not three)."""
+        R, S, d_out = output.shape
+        G = self.A.shape[0]
+        if output.dtype != self.A.dtype:  # bf16 model, fp32 branch: add in the model's dtype, as PEFT does
+            return output + self.delta(x)
+        return torch.baddbmm(output.reshape(G, (R // G) * S, d_out), self._scaled_xa(x), self.B).reshape(R, S, d_out)
+
+    def _scaled_xa(self, x: torch.Tensor) -> torch.Tensor:
         R, S, d_in = x.shape  # (G*n, S, d_in)
         G = self.A.shape[0]
         if self.training and self.dropout > 0:
             x = nn.functional.dropout(x, self.dropout)
-        # the branch runs in the adapter's dtype (fp32 master weights), as PEFT's LoRA does on a bf16 model
+        # the branch runs in the adapter's dtype (fp32 master weights), as PEFT's LoRA does on a bf16 model;
+        # the scale goes on the r-wide product, the cheapest place for it
         xg = x.reshape(G, (R // G) * S, d_in).to(self.A.dtype)
-        out = torch.bmm(torch.bmm(xg, self.A), self.B) * self.scale.view(G, 1, 1)  # (G, n*S, d_out)
-        return out.reshape(R, S, -1).to(x.dtype)
+        return torch.bmm(xg, self.A) * self.scale.view(G, 1, 1)  # (G, n*S, r_max)
 
     @torch.no_grad()
     def keep(self, groups: list[int]) -> None:
@@ -166,7 +179,7 @@ class AttachedAdapters:
 
 def _add_branch_hook(bank: LowRankBank):
     def hook(module, args, output):
-        return output + bank.delta(args[0])
+        return bank.add_to(output, args[0])
 
     return hook
 

@@ -160,7 +160,7 @@ def test_step_flops_match_torch_flop_counter(make_tiny_model, make_sequences, sp
         adapters.detach()
     counts = counter.get_flop_counts()["Global"]
     # matrix products only: the counter does not see the fused attention kernel, which is counted separately
-    counted = sum(v for op, v in counts.items() if str(op).split(".")[-1] in ("mm", "bmm", "addmm"))
+    counted = sum(v for op, v in counts.items() if str(op).split(".")[-1] in ("mm", "bmm", "addmm", "baddbmm"))
     n, S = batch.input_ids.shape
     parts = step_flops_breakdown(model.config, rows=n, S=S, logit_positions=n * batch.targets.shape[1],
                                  adapter_params=adapters.params_per_rank * r, run_from=adapters.first_layer,
