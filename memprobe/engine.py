@@ -23,7 +23,7 @@ import torch
 
 from memprobe.adapters import AdapterSpec, AttachedAdapters, attach_adapters, decoder_layers
 from memprobe.errors import MemprobeError
-from memprobe.measure import LN2, AnswerBatch, CellMetrics, cell_metrics, token_stats
+from memprobe.measure import LN2, AnswerBatch, CellMetrics, cell_metrics, head_token_stats, token_stats
 
 SCHEDULES = ("constant", "linear")
 
@@ -123,12 +123,25 @@ class FrozenPrefix:
 
         `share_prefix=False` runs every row whole: the engine asks for it while adapter dropout is on, since a
         shared prefix would share one dropout mask between the rows of a cell."""
+        return self.model.lm_head(self.answer_hidden(G, share_prefix))
+
+    def token_stats(self, G: int = 1, share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G*n, Tm) per-token loss and argmax hit: `token_stats(self.logits(G), targets)` computed by blocks of
+        the vocabulary (`head_token_stats`), never holding the full logits in more than one copy."""
+        h = self.answer_hidden(G, share_prefix)
+        targets = self.batch.targets.repeat(G, 1)
+        head = self.model.lm_head
+        if getattr(head, "bias", None) is not None:  # no fused path for a biased head
+            return token_stats(head(h), targets)
+        return head_token_stats(h, head.weight, targets)
+
+    def answer_hidden(self, G: int = 1, share_prefix: bool = True) -> torch.Tensor:
+        """(G*n, Tm, d) final-normed hidden states at the positions that predict answer tokens."""
         P = self.P if share_prefix else 0
         h = self._upper_layers_shared(G, P) if P else self._upper_layers(G)  # (G*n, S - P, d)
         pred_pos = (self.batch.pred_pos - P).clamp(min=0).repeat(G, 1)  # (G*n, Tm); padded entries are masked
         h = h.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (G*n, Tm, d)
-        h = self.model.model.norm(h)  # RMSNorm is per position: norm after gathering is the same
-        return self.model.lm_head(h)
+        return self.model.model.norm(h)  # RMSNorm is per position: norm after gathering is the same
 
     def _upper_layers(self, G: int) -> torch.Tensor:
         h = self.h.repeat(G, 1, 1) if G > 1 else self.h  # (G*n, S, d)
@@ -160,7 +173,7 @@ class FrozenPrefix:
 
     def measure_base(self) -> CellMetrics:
         with torch.no_grad():
-            tl, hit = token_stats(self.logits(1), self.batch.targets)
+            tl, hit = self.token_stats(1)
         return cell_metrics(tl, hit, self.batch.mask)
 
 
@@ -313,8 +326,7 @@ def _train_loop(prefix, adapters, cells, objectives, cfg, keep_state, on_step) -
         G = len(active)
         adapters.train(step < cfg.steps)
         with torch.set_grad_enabled(step < cfg.steps):
-            logits = prefix.logits(G, share_prefix=not (dropout and step < cfg.steps))  # (G*n, Tm, V)
-            tl, hit = token_stats(logits, b.targets.repeat(G, 1))
+            tl, hit = prefix.token_stats(G, share_prefix=not (dropout and step < cfg.steps))  # (G*n, Tm)
             tl, hit = tl.view(G, n, -1), hit.view(G, n, -1)  # (G, n, Tm)
         finished = []
         # the stop check needs two numbers per cell: one device sync per step, not G full metric copies
@@ -388,7 +400,7 @@ def _stop_reason(min_p: float, curve: list[float], step: int, cfg: TrainConfig) 
 def _measure_eval(prefix, adapters, G, g) -> CellMetrics:
     adapters.train(False)
     with torch.no_grad():
-        tl, hit = token_stats(prefix.logits(G), prefix.batch.targets.repeat(G, 1))
+        tl, hit = prefix.token_stats(G)
     n = prefix.batch.n_rows
     adapters.train(True)
     return cell_metrics(tl[g * n:(g + 1) * n], hit[g * n:(g + 1) * n], prefix.batch.mask)

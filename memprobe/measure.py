@@ -73,6 +73,67 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
     return token_loss, hit
 
 
+VOCAB_CHUNK = 4096  # columns of the head per block: a (rows x chunk) block of logits stays in cache
+
+
+def head_token_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     vocab_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_stats(h @ weight.T, targets)` without the full-vocabulary elementwise passes.
+
+    h (R, Tm, d) final-normed hidden states, weight (V, d) the frozen LM head, targets (R, Tm). Same numbers
+    as the plain path (tested), computed block by block over the vocabulary with an online log-sum-exp: each
+    block of logits is written once, and read once more in the backward pass, where it becomes its gradient in
+    place. The plain path sweeps the (rows x V) logits ~10 times (upcast, log-softmax, argmax, the NLL's zero
+    fill, the log-softmax backward), a sixth of a CPU step at T = 192 on a 49k vocabulary."""
+    R, Tm, d = h.shape
+    chunk = vocab_chunk or (weight.shape[0] if h.is_cuda else VOCAB_CHUNK)
+    loss, hit = _HeadCrossEntropy.apply(h.reshape(R * Tm, d), weight, targets.reshape(-1), chunk)
+    return loss.view(R, Tm), hit.view(R, Tm)
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Forward: logits block by block (each block's statistics taken while it is in cache) into one (N, V)
+    buffer kept for the backward pass, with a running max, argmax and sum of exponentials per row. Backward:
+    the buffer turns into g * (softmax - onehot) in place, block by block, and meets the head in one product.
+    No double backward (the buffer is overwritten)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        N, V = h.shape[0], weight.shape[0]
+        z = h.new_empty(N, V)
+        m = torch.full((N,), -math.inf, device=h.device)  # running max of the logits, fp32
+        total = torch.zeros(N, device=h.device)  # running sum of exp(z - m)
+        arg = torch.zeros(N, dtype=torch.long, device=h.device)
+        for lo in range(0, V, chunk):
+            hi = min(lo + chunk, V)
+            zb = h @ weight[lo:hi].T  # (N, hi - lo)
+            z[:, lo:hi] = zb
+            zf = zb.float()
+            block_max, block_arg = zf.max(dim=1)
+            arg = torch.where(block_max > m, block_arg + lo, arg)  # strict: a tie keeps the first index, as argmax
+            new_m = torch.maximum(m, block_max)
+            total = total * torch.exp(m - new_m) + torch.exp(zf - new_m[:, None]).sum(1)
+            m = new_m
+        lse = m + torch.log(total)
+        loss = lse - z.gather(1, targets[:, None]).squeeze(1).float()
+        ctx.save_for_backward(h, weight, targets, z, lse)
+        ctx.chunk = chunk
+        hit = arg == targets
+        ctx.mark_non_differentiable(hit)
+        return loss, hit
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_hit):
+        h, weight, targets, z, lse = ctx.saved_tensors
+        g = grad_loss.float()
+        for lo in range(0, z.shape[1], ctx.chunk):
+            zb = z[:, lo:lo + ctx.chunk]
+            zb.copy_(torch.exp(zb.float() - lse[:, None]).mul_(g[:, None]))  # g * softmax, in place
+        rows = torch.arange(z.shape[0], device=z.device)
+        z[rows, targets] -= g.to(z.dtype)  # - g * onehot
+        return z @ weight, None, None, None
+
+
 @dataclass
 class CellMetrics:
     """Metrics of one cell from one teacher-forced pass (answer tokens only)."""

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from memprobe.adapters import AdapterSpec, attach_adapters
-from memprobe.measure import token_stats
 
 HEADROOM = 0.8  # of the free memory: the allocator's fragmentation and the optimizer's transient tensors
 
@@ -54,8 +53,7 @@ def saved_bytes(model, prefix, adapter: AdapterSpec, rank: int, G: int) -> int:
     try:
         with rng, torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             share = adapter.dropout == 0  # as the engine trains: rows whole under dropout
-            logits = prefix.logits(G, share_prefix=share)  # (G*n, Tm, V)
-            token_stats(logits, prefix.batch.targets.repeat(G, 1))
+            prefix.token_stats(G, share_prefix=share)
     finally:
         adapters.detach()
     return sum(storages.values())

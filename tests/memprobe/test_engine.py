@@ -75,6 +75,23 @@ def test_frozen_prefix_repeats_rows_per_adapter_and_measures_the_base(make_tiny_
     assert torch.equal(base.hit, ref.hit)
 
 
+def test_prefix_token_stats_are_the_token_stats_of_its_logits(make_tiny_model, header_batch):
+    model = make_tiny_model()
+    adapters = attach_adapters(model, LORA_1, [2, 4], [0, 1])
+    try:
+        with torch.no_grad():
+            for bank in adapters.banks.values():
+                bank.B.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+        prefix = FrozenPrefix(model, header_batch, adapters.first_layer)
+        with torch.no_grad():
+            tl, hit = prefix.token_stats(2)
+            ref_tl, ref_hit = token_stats(prefix.logits(2), header_batch.targets.repeat(2, 1))
+    finally:
+        adapters.detach()
+    m = header_batch.mask.repeat(2, 1)
+    assert rel_diff(tl[m], ref_tl[m]) < 1e-5 and torch.equal(hit[m], ref_hit[m])
+
+
 def test_frozen_layers_run_once_and_a_matching_prefix_is_reused(make_tiny_model, batch):
     model = make_tiny_model()
     calls = {0: 0, 1: 0}

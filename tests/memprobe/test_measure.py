@@ -8,7 +8,7 @@ from memprobe.adapters import AdapterSpec, attach_adapters
 from memprobe.data import Sequence, build_dataset
 from memprobe.engine import CellSpec, TrainConfig, train_cells
 from memprobe.errors import MemprobeError
-from memprobe.measure import LN2, cell_metrics, first_failure, make_batch, token_stats
+from memprobe.measure import LN2, cell_metrics, first_failure, head_token_stats, make_batch, token_stats
 
 
 def seq(prompt, answer):
@@ -215,3 +215,50 @@ def test_exact_match_equals_generate_on_the_embedded_model(embedded):
     out, = train_cells(model, None, batch, [CellSpec(8, 0)], spec, cfg, keep_state=True)
     assert 0 < out.after.exact_match < 1, out.after.hit  # some numbers recalled, some not
     check_one_pass_equals_generate(model, seqs, out, spec, 8)
+
+
+# ----------------------------------------------------------------------------- head_token_stats
+
+
+@pytest.mark.parametrize("chunk", [64, 300, 1000, 4096], ids=["blocks", "partial-last-block", "one-block", "wide"])
+def test_the_blockwise_head_gives_the_plain_loss_hits_and_gradient(chunk):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 7, 16, generator=g).requires_grad_()
+    W = torch.randn(1000, 16, generator=g) * 2  # sharp logits: some targets are the argmax
+    W[[0, 320]] *= 3  # two long rows: hidden states along them have these columns as their argmax
+    W[[5, 6]] = W[0].clone()  # ties inside a block
+    W[[640, 999]] = W[320].clone()  # ties across blocks
+    with torch.no_grad():
+        h[1, :3] = W[[0, 320, 0]] / 4
+    targets = torch.randint(0, 1000, (3, 7), generator=g)
+    logits = h.detach() @ W.T
+    targets[0] = logits[0].argmax(-1)  # hits to find
+    targets[1, :3] = torch.tensor([0, 320, 5])  # tied maxima: the first column is the hit, as with argmax
+    upstream = torch.randn(3, 7, generator=g)
+
+    loss, hit = head_token_stats(h, W, targets, vocab_chunk=chunk)
+    (loss * upstream).sum().backward()
+    grad, h.grad = h.grad.clone(), None
+    ref_loss, ref_hit = token_stats(h @ W.T, targets)
+    (ref_loss * upstream).sum().backward()
+
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert torch.equal(hit, ref_hit) and hit[0].all() and hit[1, :3].tolist() == [True, True, False]
+    # by norm: where tied maxima cancel (softmax 1/3 on three equal rows minus the target row) both paths are
+    # left with their own fp32 round-off, ~1e-4 on an exact zero
+    assert float((grad - h.grad).norm() / h.grad.norm()) < 2e-5
+
+
+def test_the_blockwise_head_in_bf16_agrees_with_the_plain_bf16_path():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 5, 32, generator=g).bfloat16().requires_grad_()
+    W = torch.randn(500, 32, generator=g).bfloat16()
+    targets = torch.randint(0, 500, (2, 5), generator=g)
+    loss, hit = head_token_stats(h, W, targets, vocab_chunk=128)
+    loss.sum().backward()
+    grad, h.grad = h.grad.clone(), None
+    ref_loss, ref_hit = token_stats(h @ W.T, targets)
+    ref_loss.sum().backward()
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grad.float(), h.grad.float(), rtol=5e-2, atol=5e-2)
