@@ -6,7 +6,8 @@ Where the time goes, and what this file does about it:
 - the frozen layers below the first adapted layer run once per dataset (`FrozenPrefix`);
 - above them, the prompt prefix every row shares (a chat template's system header) runs once per cell, not
   once per row: its keys and values are handed to every row's attention (`shared_prefix_length`);
-- logits are computed only at answer positions (the vocabulary is 49k-152k wide);
+- logits are computed only at answer positions (the vocabulary is 49k-152k wide), and the loss and argmax over
+  them by blocks of the vocabulary (`measure.head_token_stats`): one logits buffer, no log-softmax copy;
 - the training forward with dropout off IS the teacher-forced measurement of the current weights, so the
   early-stop check costs nothing;
 - a finished cell leaves the pack (its rows and its optimizer state), so the pack shrinks as cells converge.
