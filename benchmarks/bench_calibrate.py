@@ -177,14 +177,16 @@ def step_flops(config, **kwargs) -> float:
 
 
 def cell_train_flops(config, *, n: int, S: int, Tm: int, adapter_params: int, first_layer: int, kind: str,
-                     steps: int, plain: bool, shared: int = 0) -> float:
-    """Training FLOPs of one cell. Ours: layers from the first adapted one, the shared prompt prefix once,
-    logits at answer positions, then one forward-only measurement. Plain: every layer, every row whole and
-    full-vocabulary logits at every position (its measurement, a forward and generate(), is not counted)."""
-    common = dict(rows=n, S=S, adapter_params=adapter_params, grad_from=first_layer, kind=kind)
+                     steps: int, plain: bool, shared: int = 0, S_ours: int | None = None) -> float:
+    """Training FLOPs of one cell. Ours: layers from the first adapted one over the S_ours positions up to the
+    last answer prediction (default S - 1), the shared prompt prefix once, logits at answer positions, then one
+    forward-only measurement. Plain: every layer, every row whole and full-vocabulary logits at every position
+    (its measurement, a forward and generate(), is not counted)."""
+    common = dict(rows=n, adapter_params=adapter_params, grad_from=first_layer, kind=kind)
     if plain:
-        return steps * step_flops(config, logit_positions=n * S, run_from=0, **common)
-    ours = dict(common, logit_positions=n * Tm, run_from=first_layer, shared=shared)
+        return steps * step_flops(config, S=S, logit_positions=n * S, run_from=0, **common)
+    S_ours = S - 1 if S_ours is None else S_ours
+    ours = dict(common, S=S_ours, logit_positions=n * Tm, run_from=first_layer, shared=shared)
     return steps * step_flops(config, **ours) + step_flops(config, backward=False, **ours)
 
 
@@ -223,6 +225,7 @@ class OursRun:
     first_layer: int
     params_per_rank: int
     shared_prefix: int  # prompt positions every row shares, run once per cell (0: none)
+    seq_len: int  # positions the layers above the prefix run (up to the last answer prediction)
 
 
 def run_ours(model, sequences, spec: AdapterSpec, cfg: TrainConfig, ranks, seed: int = 0, *,
@@ -243,7 +246,8 @@ def run_ours(model, sequences, spec: AdapterSpec, cfg: TrainConfig, ranks, seed:
     synchronize(device)
     t2 = time.perf_counter()
     shared = 0 if spec.dropout > 0 else prefix.P  # with dropout the engine trains rows whole
-    return OursRun(base.loss, outcomes, t2 - t0, t2 - t1, probe.first_layer, probe.params_per_rank, shared)
+    return OursRun(base.loss, outcomes, t2 - t0, t2 - t1, probe.first_layer, probe.params_per_rank, shared,
+                   prefix.h.shape[1])
 
 
 def rel_diff(ours: float, plain: float) -> float:
@@ -291,7 +295,7 @@ def compare_dataset(model, sequences, spec: AdapterSpec, cfg: TrainConfig, ranks
             "answer_tok_per_s_plain": n_answer * p.steps / sec_plain,
             "shared_prefix": ours.shared_prefix,
             "train_flops_ours": cell_train_flops(model.config, steps=o.steps, plain=False, shared=ours.shared_prefix,
-                                                 **flops),
+                                                 S_ours=ours.seq_len, **flops),
             "train_flops_plain": cell_train_flops(model.config, steps=p.steps, plain=True, **flops),
         })
     timing = {"tokens": n_answer, "seconds_ours": ours.seconds, "train_seconds_ours": ours.train_seconds,

@@ -116,7 +116,12 @@ class FrozenPrefix:
         self.layers = decoder_layers(model)
         device = next(model.parameters()).device
         self.batch = batch.to(device)
-        self.h, self.position_ids, self.position_embeddings = capture_layer_input(model, self.batch.input_ids, first_layer)
+        h, position_ids, (cos, sin) = capture_layer_input(model, self.batch.input_ids, first_layer)
+        # positions after the last one that predicts an answer token (the final answer token, padding) feed no
+        # loss, and causal attention never lets them change an earlier position: the layers above skip them
+        S = int(self.batch.pred_pos[self.batch.mask].max()) + 1 if bool(self.batch.mask.any()) else h.shape[1]
+        self.h, self.position_ids = h[:, :S], position_ids[:, :S]
+        self.position_embeddings = (cos[..., :S, :], sin[..., :S, :])
         self.P = shared_prefix_length(self.batch) if share_prefix else 0
 
     def logits(self, G: int = 1, share_prefix: bool = True) -> torch.Tensor:

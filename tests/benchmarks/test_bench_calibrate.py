@@ -161,7 +161,8 @@ def test_step_flops_match_torch_flop_counter(make_tiny_model, make_sequences, sp
     counts = counter.get_flop_counts()["Global"]
     # matrix products only: the counter does not see the fused attention kernel, which is counted separately
     counted = sum(v for op, v in counts.items() if str(op).split(".")[-1] in ("mm", "bmm", "addmm", "baddbmm"))
-    n, S = batch.input_ids.shape
+    n, S = prefix.h.shape[:2]  # the positions up to the last answer prediction
+    assert S == batch.input_ids.shape[1] - 1
     parts = step_flops_breakdown(model.config, rows=n, S=S, logit_positions=n * batch.targets.shape[1],
                                  adapter_params=adapters.params_per_rank * r, run_from=adapters.first_layer,
                                  grad_from=adapters.first_layer, kind=spec.kind, shared=prefix.P)
@@ -177,8 +178,10 @@ def test_cell_flops_count_what_each_way_runs(make_tiny_model):
     kw = dict(n=2, S=20, Tm=8, adapter_params=256, first_layer=2, kind="mlp-bypass", steps=10)
     step = dict(rows=2, S=20, adapter_params=256, grad_from=2, kind="mlp-bypass")
     ours = cell_train_flops(config, plain=False, **kw)
-    assert ours == pytest.approx(10 * step_flops(config, logit_positions=16, run_from=2, **step)
-                                 + step_flops(config, logit_positions=16, run_from=2, backward=False, **step))
+    # ours stops at the last answer prediction: the final position (S - 1) feeds no loss
+    step_ours = {**step, "S": 19}
+    assert ours == pytest.approx(10 * step_flops(config, logit_positions=16, run_from=2, **step_ours)
+                                 + step_flops(config, logit_positions=16, run_from=2, backward=False, **step_ours))
     # the plain way runs every layer and the full-vocabulary head at every position
     assert cell_train_flops(config, plain=True, **kw) == pytest.approx(
         10 * step_flops(config, logit_positions=40, run_from=0, **step))
