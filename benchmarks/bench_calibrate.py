@@ -35,7 +35,7 @@ import torch
 from benchmarks.plain_baseline import quiet_transformers, run_plain, synchronize
 from memprobe.adapters import ALL_LINEAR, AdapterSpec, attach_adapters
 from memprobe.calibrate import PRESETS
-from memprobe.engine import CellSpec, FrozenPrefix, TrainConfig, train_cells
+from memprobe.engine import CellSpec, FrozenPrefix, TrainConfig, shares_prefix_in_training, train_cells
 from memprobe.errors import MemprobeError
 from memprobe.measure import make_batch
 
@@ -245,7 +245,7 @@ def run_ours(model, sequences, spec: AdapterSpec, cfg: TrainConfig, ranks, seed:
     outcomes = train_cells(model, prefix, batch, [CellSpec(int(r), seed) for r in ranks], spec, cfg)
     synchronize(device)
     t2 = time.perf_counter()
-    shared = 0 if spec.dropout > 0 else prefix.P  # with dropout the engine trains rows whole
+    shared = prefix.P if shares_prefix_in_training(spec) else 0
     return OursRun(base.loss, outcomes, t2 - t0, t2 - t1, probe.first_layer, probe.params_per_rank, shared,
                    prefix.h.shape[1])
 

@@ -123,12 +123,10 @@ class FrozenPrefix:
         self.h, self.position_ids = h[:, :S], position_ids[:, :S]
         self.position_embeddings = (cos[..., :S, :], sin[..., :S, :])
         self.P = shared_prefix_length(self.batch) if share_prefix else 0
+        self._suffix_mask = _suffix_attention_mask(self.P, S, h.dtype, h.device) if self.P else None
 
     def logits(self, G: int = 1, share_prefix: bool = True) -> torch.Tensor:
-        """(G*n, Tm, V) logits at answer positions, rows grouped by adapter: [adapter 0 rows, adapter 1 rows, ...].
-
-        `share_prefix=False` runs every row whole: the engine asks for it while adapter dropout is on, since a
-        shared prefix would share one dropout mask between the rows of a cell."""
+        """(G*n, Tm, V) logits at answer positions, rows grouped by adapter: [adapter 0 rows, adapter 1 rows, ...]."""
         return self.model.lm_head(self.answer_hidden(G, share_prefix))
 
     def token_stats(self, G: int = 1, share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,9 +140,11 @@ class FrozenPrefix:
         return head_token_stats(h, head.weight, targets)
 
     def answer_hidden(self, G: int = 1, share_prefix: bool = True) -> torch.Tensor:
-        """(G*n, Tm, d) final-normed hidden states at the positions that predict answer tokens."""
+        """(G*n, Tm, d) final-normed hidden states at the positions that predict answer tokens.
+
+        `share_prefix=False` runs every row whole (see `shares_prefix_in_training`)."""
         P = self.P if share_prefix else 0
-        h = self._upper_layers_shared(G, P) if P else self._upper_layers(G)  # (G*n, S - P, d)
+        h = self._upper_layers_shared(G) if P else self._upper_layers(G)  # (G*n, S - P, d)
         pred_pos = (self.batch.pred_pos - P).clamp(min=0).repeat(G, 1)  # (G*n, Tm); padded entries are masked
         h = h.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (G*n, Tm, d)
         return self.model.model.norm(h)  # RMSNorm is per position: norm after gathering is the same
@@ -157,8 +157,8 @@ class FrozenPrefix:
                       position_embeddings=self.position_embeddings)
         return h
 
-    def _upper_layers_shared(self, G: int, P: int) -> torch.Tensor:
-        n, S = self.h.shape[0], self.h.shape[1]
+    def _upper_layers_shared(self, G: int) -> torch.Tensor:
+        n, P = self.h.shape[0], self.P
         cos, sin = self.position_embeddings
         kv = _PrefixKV(rows_per_adapter=n)
         hp = self.h[:1, :P].expand(G, -1, -1)  # (G, P, d): the shared prefix, once per adapter
@@ -167,13 +167,8 @@ class FrozenPrefix:
                        position_embeddings=(cos[..., :P, :], sin[..., :P, :]))
         kv.recording = False
         h = self.h[:, P:].repeat(G, 1, 1)  # (G*n, S - P, d): every row's own positions
-        # suffix position i (absolute P + i) sees keys 0 .. P + i: the prefix and the causal part of its own row.
-        # Additive (0 / most negative), the form both the sdpa and the eager attention of transformers take
-        seen = torch.ones(S - P, S, dtype=torch.bool, device=h.device).tril(diagonal=P)
-        mask = torch.zeros(S - P, S, dtype=h.dtype, device=h.device).masked_fill(~seen, torch.finfo(h.dtype).min)
-        mask = mask[None, None]  # (1, 1, S - P, S)
         for layer in self.layers[self.k:]:
-            h = layer(h, attention_mask=mask, position_ids=self.position_ids[:, P:], past_key_values=kv,
+            h = layer(h, attention_mask=self._suffix_mask, position_ids=self.position_ids[:, P:], past_key_values=kv,
                       position_embeddings=(cos[..., P:, :], sin[..., P:, :]))
         return h
 
@@ -181,6 +176,19 @@ class FrozenPrefix:
         with torch.no_grad():
             tl, hit = self.token_stats(1)
         return cell_metrics(tl, hit, self.batch.mask)
+
+
+def _suffix_attention_mask(P: int, S: int, dtype, device) -> torch.Tensor:
+    """(1, 1, S - P, S): suffix position i (absolute P + i) sees keys 0 .. P + i, the shared prefix and the causal
+    part of its own row. Additive (0 / most negative), the form both sdpa and eager attention of transformers take."""
+    seen = torch.ones(S - P, S, dtype=torch.bool, device=device).tril(diagonal=P)
+    return torch.zeros(S - P, S, dtype=dtype, device=device).masked_fill(~seen, torch.finfo(dtype).min)[None, None]
+
+
+def shares_prefix_in_training(adapter: AdapterSpec) -> bool:
+    """A shared prefix would give all rows of a cell one adapter-dropout mask: with dropout, training steps run
+    every row whole (measurements, with dropout off, still share)."""
+    return adapter.dropout == 0
 
 
 def shared_prefix_length(batch: AnswerBatch, min_saving: float = 0.05) -> int:
@@ -332,7 +340,8 @@ def _train_loop(prefix, adapters, cells, objectives, cfg, keep_state, on_step) -
         G = len(active)
         adapters.train(step < cfg.steps)
         with torch.set_grad_enabled(step < cfg.steps):
-            tl, hit = prefix.token_stats(G, share_prefix=not (dropout and step < cfg.steps))  # (G*n, Tm)
+            share = step == cfg.steps or shares_prefix_in_training(adapters.spec)
+            tl, hit = prefix.token_stats(G, share_prefix=share)  # (G*n, Tm)
             tl, hit = tl.view(G, n, -1), hit.view(G, n, -1)  # (G, n, Tm)
         finished = []
         # the stop check needs two numbers per cell: one device sync per step, not G full metric copies

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from memprobe.adapters import AdapterSpec, attach_adapters
+from memprobe.engine import shares_prefix_in_training
 
 HEADROOM = 0.8  # of the free memory: the allocator's fragmentation and the optimizer's transient tensors
 
@@ -52,8 +53,7 @@ def saved_bytes(model, prefix, adapter: AdapterSpec, rank: int, G: int) -> int:
     rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     try:
         with rng, torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            share = adapter.dropout == 0  # as the engine trains: rows whole under dropout
-            prefix.token_stats(G, share_prefix=share)
+            prefix.token_stats(G, share_prefix=shares_prefix_in_training(adapter))  # as the engine trains
     finally:
         adapters.detach()
     return sum(storages.values())
