@@ -21,63 +21,8 @@ import torch
 from torch import nn
 
 from memprobe.errors import MemprobeError
-
-ADAPTER_KINDS = ("lora", "mlp-bypass")
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """What to adapt. `layer` is used by mlp-bypass (None = about 2/3 of the depth, as in the paper),
-    `layers` and `target_modules` by lora (layers None = all). lora's scale is alpha / r with
-    alpha = alpha_ratio * r unless a fixed `alpha` is given (so the default scale is rank-independent)."""
-
-    kind: str = "mlp-bypass"
-    layer: int | None = None
-    layers: tuple[int, ...] | None = None
-    target_modules: tuple[str, ...] = ALL_LINEAR
-    alpha: float | None = None
-    alpha_ratio: float = 2.0
-    dropout: float = 0.0
-
-    def __post_init__(self):
-        if self.kind not in ADAPTER_KINDS:
-            raise MemprobeError(f"adapter must be one of {', '.join(ADAPTER_KINDS)}, got {self.kind!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise MemprobeError(f"adapter dropout must be in [0, 1), got {self.dropout}")
-        if self.alpha is not None and self.alpha <= 0:
-            raise MemprobeError(f"lora alpha must be positive, got {self.alpha}")
-        if not self.target_modules:
-            raise MemprobeError("lora needs at least one target module")
-
-    def bypass_layer(self, n_layers: int) -> int:
-        k = self.layer if self.layer is not None else default_bypass_layer(n_layers)
-        if not 0 <= k < n_layers:
-            raise MemprobeError(f"layer must be in 0..{n_layers - 1} for this model, got {k}")
-        return k
-
-    def lora_layers(self, n_layers: int) -> tuple[int, ...]:
-        layers = tuple(range(n_layers)) if self.layers is None else tuple(sorted(set(self.layers)))
-        bad = [k for k in layers if not 0 <= k < n_layers]
-        if bad or not layers:
-            raise MemprobeError(f"lora layers must be in 0..{n_layers - 1} for this model, got {list(self.layers or [])}")
-        return layers
-
-    def scale(self, r: int) -> float:
-        if self.kind == "mlp-bypass":
-            return 1.0
-        alpha = self.alpha if self.alpha is not None else self.alpha_ratio * r
-        return alpha / r
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "layer": self.layer, "layers": list(self.layers) if self.layers else None,
-                "target_modules": list(self.target_modules), "alpha": self.alpha,
-                "alpha_ratio": self.alpha_ratio, "dropout": self.dropout}
-
-
-def default_bypass_layer(n_layers: int) -> int:
-    # the public code uses k = 24 of 36 (Qwen3-8B) and 18 of 32 (Llama-3.1-8B): about 2/3 of the depth
-    return int(round(n_layers * 2 / 3))
+# the adapter's settings are part of the recipe (torch-free), so they are defined with it
+from memprobe.rundir import ADAPTER_KINDS, ALL_LINEAR, AdapterSpec, default_bypass_layer  # noqa: F401
 
 
 def cell_seed(seed: int, r: int) -> int:

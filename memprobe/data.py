@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-import memprobe
+from memprobe import resources
 from memprobe.errors import MemprobeError
 
-SPECS = ("phonebook", "random", "text", "jsonl:PATH")
 
 # rho -> offsets replaced inside every block of 5 answer tokens, so any prefix keeps the nominal ratio
 BLOCK = 5
@@ -118,39 +117,30 @@ def _as_ids(ids, what: str) -> tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------------------------------
-# shipped fixtures
+# shipped data (memprobe/resources)
 
 
-def fixtures_dir() -> Path:
-    """The data_fixtures folder next to the package (the project installs editable)."""
-    return Path(memprobe.__file__).resolve().parents[1] / "data_fixtures"
-
-
-def _read_list(path: Path) -> list[str]:
-    if not path.is_file():
-        raise MemprobeError(f"fixture file not found: {path}")
-    items = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+def _read_list(name: str) -> list[str]:
+    items = [line.strip() for line in resources.resource_text(name).splitlines()]
     items = [s for s in items if s]
     if len(set(items)) != len(items):
-        raise MemprobeError(f"fixture file has duplicate lines: {path}")
+        raise MemprobeError(f"shipped data file has duplicate lines: {resources.resource(name)}")
     return items
 
 
 @lru_cache(maxsize=1)
 def _name_pool() -> tuple[str, ...]:
     """Every "First Last" pair (first != last, so no "Kelly Kelly"), in a fixed order."""
-    d = fixtures_dir() / "names"
-    first, last = _read_list(d / "first_names.txt"), _read_list(d / "last_names.txt")
+    first, last = _read_list("names/first_names.txt"), _read_list("names/last_names.txt")
     return tuple(f"{f} {l}" for f in first for l in last if f != l)
 
 
 def shipped_text() -> str:
     """All shipped natural text, the files in name order, joined by blank lines."""
-    d = fixtures_dir() / "text"
-    paths = sorted(d.glob("*.txt"))
-    if not paths:
-        raise MemprobeError(f"no text fixtures (*.txt) found in {d}")
-    return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in paths)
+    names = resources.resource_names("text", ".txt")
+    if not names:
+        raise MemprobeError(f"no shipped text (*.txt) found in {resources.resource('text')}")
+    return "\n\n".join(resources.resource_text(n).strip() for n in names)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,7 +285,7 @@ def _check_seed(seed) -> int:
     return int(seed)
 
 
-def _check_ratio(replace_ratio) -> float:
+def check_ratio(replace_ratio) -> float:
     allowed = ", ".join(f"{r:g}" for r in REPLACE_OFFSETS)
     if replace_ratio is None:
         return 0.0
@@ -318,7 +308,7 @@ def _prefix_length(lengths, T: int) -> int:
 
 
 def build_dataset(
-    spec: str,
+    spec,
     tokenizer,
     tokens: int | None,
     *,
@@ -326,27 +316,22 @@ def build_dataset(
     replace_ratio: float | None = None,
     chat: bool = True,
 ) -> Dataset:
-    """Build the Dataset named by spec ("phonebook", "random", "text" or "jsonl:PATH") for a
-    budget of `tokens` answer tokens counted with `tokenizer`."""
-    if not isinstance(spec, str):
-        raise MemprobeError(f"dataset spec must be a string, one of {', '.join(SPECS)}; got {spec!r}")
+    """Build the Dataset named by spec (a DataSpec, or "phonebook", "random", "text" or "jsonl:PATH" with
+    `chat` and `replace_ratio`) for a budget of `tokens` answer tokens counted with `tokenizer`."""
+    from memprobe.rundir import DataSpec
+
+    if not isinstance(spec, DataSpec):
+        spec = DataSpec.parse(spec, chat=chat, replace_ratio=replace_ratio)
     seed = _check_seed(seed)
-    kind = "jsonl" if spec.startswith("jsonl:") else spec
-    if kind not in ("phonebook", "random", "text", "jsonl"):
-        raise MemprobeError(f"unknown dataset {spec!r}; choose one of {', '.join(SPECS)}")
-    if kind != "text" and replace_ratio is not None:
-        raise MemprobeError(f"replace_ratio applies only to the 'text' dataset, got {replace_ratio!r} for {spec!r}")
+    kind = spec.kind
     T = _check_tokens(tokens, kind, required=kind in ("phonebook", "random"))
     if kind == "phonebook":
-        return _build_phonebook(tokenizer, T, seed, chat)
+        return _build_phonebook(tokenizer, T, seed, spec.chat)
     if kind == "random":
-        return _build_random(tokenizer, T, seed, chat)
+        return _build_random(tokenizer, T, seed, spec.chat)
     if kind == "text":
-        return _build_text(tokenizer, T, seed, _check_ratio(replace_ratio), chat)
-    path = spec[len("jsonl:"):].strip()
-    if not path:
-        raise MemprobeError(f"jsonl dataset needs a path, e.g. 'jsonl:data.jsonl', got {spec!r}")
-    return _build_jsonl(tokenizer, T, Path(path).expanduser(), seed, chat)
+        return _build_text(tokenizer, T, seed, check_ratio(spec.replace_ratio), spec.chat)
+    return _build_jsonl(tokenizer, T, Path(spec.path).expanduser(), seed, spec.chat)
 
 
 def _spec(kind: str, tokenizer, T, seed: int, chat: bool, **extra) -> dict:
@@ -377,7 +362,7 @@ def _build_phonebook(tokenizer, T: int, seed: int, chat: bool) -> Dataset:
         Sequence(key=f"{name}:", answer=num, prompt_ids=prompt_ids(tokenizer, f"{name}:", chat), answer_ids=a)
         for (name, num), a in zip(entries[:n], answer_ids[:n])
     )
-    src = fixtures_dir() / "names"
+    src = resources.resource("names")
     return Dataset("phonebook", seqs, _spec("phonebook", tokenizer, T, seed, chat, replace_ratio=None,
                                             source=str(src), n_sequences=n))
 
@@ -401,7 +386,7 @@ def replace_tokens(ids, rho: float, allowed: np.ndarray, seed: int) -> np.ndarra
     the nominal positions differ from the original.
     """
     ids = np.asarray(ids, dtype=np.int64)  # (T,)
-    offsets = REPLACE_OFFSETS[_check_ratio(rho)]
+    offsets = REPLACE_OFFSETS[check_ratio(rho)]
     pos = np.arange(ids.size)
     hit = np.isin(pos % BLOCK, offsets)
     j = _uniform_draw(len(allowed), ids.size, seed, _STREAM_TEXT)
@@ -412,7 +397,7 @@ def replace_tokens(ids, rho: float, allowed: np.ndarray, seed: int) -> np.ndarra
 
 
 def _build_text(tokenizer, T: int | None, seed: int, rho: float, chat: bool) -> Dataset:
-    source = _encode_answer(tokenizer, shipped_text(), f"shipped text in {fixtures_dir() / 'text'}")
+    source = _encode_answer(tokenizer, shipped_text(), f"shipped text in {resources.resource('text')}")
     if T is not None and T > len(source):
         raise MemprobeError(
             f"tokens={T} exceeds the {len(source)} tokens of shipped text with this tokenizer; "
@@ -425,7 +410,7 @@ def _build_text(tokenizer, T: int | None, seed: int, rho: float, chat: bool) -> 
     seq = Sequence(TEXT_KEY, answer, prompt_ids(tokenizer, TEXT_KEY, chat), answer_ids)
     name = f"text-rho{round(rho * 100)}"
     return Dataset(name, (seq,), _spec("text", tokenizer, T, seed, chat, replace_ratio=rho, key=TEXT_KEY,
-                                       source=str(fixtures_dir() / "text"), n_sequences=1))
+                                       source=str(resources.resource("text")), n_sequences=1))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,61 +15,16 @@ Where the time goes, and what this file does about it:
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from memprobe.adapters import AdapterSpec, AttachedAdapters, attach_adapters, decoder_layers
 from memprobe.errors import MemprobeError
-from memprobe.measure import LN2, AnswerBatch, CellMetrics, cell_metrics, head_token_stats, token_stats
-
-SCHEDULES = ("constant", "linear")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The training budget a law is calibrated with (recorded in the law: plans must train at least this)."""
-
-    steps: int = 150
-    lr: float = 1e-2
-    schedule: str = "constant"
-    warmup: int = 0
-    clip: float | None = None
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    stop_p: float | None = 0.9  # converged: every answer token has p >= stop_p (ordered phase with margin)
-    plateau_window: int = 30  # plateau: loss fell by less than plateau_tol (relative) over this many steps
-    plateau_tol: float = 0.01
-    min_steps: int = 10
-
-    def __post_init__(self):
-        if int(self.steps) != self.steps or self.steps <= 0:
-            raise MemprobeError(f"steps must be a positive integer, got {self.steps}")
-        if not self.lr > 0:
-            raise MemprobeError(f"learning rate must be positive, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise MemprobeError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.clip is not None and self.clip <= 0:
-            raise MemprobeError(f"clip must be positive (or none), got {self.clip}")
-        if self.stop_p is not None and not 0.5 <= self.stop_p < 1:
-            raise MemprobeError(f"stop_p must be in [0.5, 1), got {self.stop_p}")
-
-    def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        if self.schedule == "linear":
-            return self.lr * max(0.0, 1.0 - step / self.steps)
-        return self.lr
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
+from memprobe.rundir import LN2, TrainConfig, is_saturated  # noqa: F401 (the budget is part of the recipe)
+from memprobe.measure import AnswerBatch, CellMetrics, cell_metrics, head_token_stats, token_stats
 
 @dataclass(frozen=True)
 class CellSpec:
@@ -89,6 +44,14 @@ class CellOutcome:
     seconds: float
     curve: list[float] = field(default_factory=list)  # training loss (mean CE over answer tokens) per step
     state: dict | None = None  # adapter weights of this cell (when requested)
+    curve_ordered: list[float] = field(default_factory=list)  # share of answer tokens with p > 0.5, per step
+    curve_em: list[float] = field(default_factory=list)  # share of sequences with every argmax right, per step
+
+    def curve_rows(self, cell_id: str) -> list[dict]:
+        """curves.csv rows (memprobe.rundir.CURVE_COLUMNS): step 0 is before any update."""
+        return [{"cell_id": cell_id, "step": s, "loss": f"{loss:.6g}", "ordered_frac": f"{o:.6g}",
+                 "exact_match": f"{em:.6g}"}
+                for s, (loss, o, em) in enumerate(zip(self.curve, self.curve_ordered, self.curve_em))]
 
     def final_slope(self, window: int = 10) -> float:
         """Relative loss decrease per step over the last `window` steps (near 0 = at its plateau)."""
@@ -97,6 +60,14 @@ class CellOutcome:
             return float("nan")
         w = min(window, len(c) - 1)
         return (c[-1 - w] - c[-1]) / max(c[-1 - w], 1e-12) / w
+
+
+def prepare_prefix(model, batch: AnswerBatch, adapter: AdapterSpec) -> tuple["FrozenPrefix", int]:
+    """The frozen layers below `adapter`'s first adapted layer run once for `batch`; returns that prefix and the
+    adapter's trainable parameters per unit of rank (a probe adapter is attached to find both, then removed)."""
+    probe = attach_adapters(model, adapter, [1], [0])
+    probe.detach()
+    return FrozenPrefix(model, batch, probe.first_layer), probe.params_per_rank
 
 
 class FrozenPrefix:
@@ -332,6 +303,8 @@ def _train_loop(prefix, adapters, cells, objectives, cfg, keep_state, on_step) -
     active = list(range(len(cells)))  # indices into `cells` of the adapters still in the pack, in bank order
     outcomes: dict[int, CellOutcome] = {}
     curves = {i: [] for i in active}
+    ordered = {i: [] for i in active}
+    em = {i: [] for i in active}
     seconds = {i: 0.0 for i in active}
     opt = StackedAdamW(adapters.parameters(), cfg)
     dropout = adapters.spec.dropout > 0
@@ -344,10 +317,12 @@ def _train_loop(prefix, adapters, cells, objectives, cfg, keep_state, on_step) -
             tl, hit = prefix.token_stats(G, share_prefix=share)  # (G*n, Tm)
             tl, hit = tl.view(G, n, -1), hit.view(G, n, -1)  # (G, n, Tm)
         finished = []
-        # the stop check needs two numbers per cell: one device sync per step, not G full metric copies
-        losses, min_ps = _loss_and_min_p(tl.detach(), b.mask)
+        # the stop check and the curves need four numbers per cell: one device sync per step, not G metric copies
+        losses, min_ps, ordered_fracs, ems = _step_stats(tl.detach(), hit, b.mask)
         for g, i in enumerate(active):
             curves[i].append(losses[g])
+            ordered[i].append(ordered_fracs[g])
+            em[i].append(ems[g])
             reason = _stop_reason(min_ps[g], curves[i], step, cfg)
             if reason is not None:
                 if dropout and step < cfg.steps:
@@ -355,7 +330,7 @@ def _train_loop(prefix, adapters, cells, objectives, cfg, keep_state, on_step) -
                 else:
                     metrics = cell_metrics(tl[g], hit[g], b.mask)
                 outcomes[i] = CellOutcome(cells[i], metrics, step, reason, 0.0, curves[i],
-                                          _cell_state(adapters, g) if keep_state else None)
+                                          _cell_state(adapters, g) if keep_state else None, ordered[i], em[i])
                 finished.append(g)
         if step == cfg.steps or len(finished) == G:
             _add_time(seconds, active, time.perf_counter() - t0)
@@ -391,12 +366,17 @@ def _add_time(seconds: dict, active: list[int], dt: float) -> None:
         seconds[i] += dt / len(active)
 
 
-def _loss_and_min_p(token_loss: torch.Tensor, mask: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per cell: mean answer-token loss and the smallest target probability. token_loss (G, n, Tm)."""
+def _step_stats(token_loss: torch.Tensor, hit: torch.Tensor, mask: torch.Tensor) -> tuple[list, list, list, list]:
+    """Per cell: mean answer-token loss, smallest target probability, ordered fraction (loss < ln 2) and exact
+    match. token_loss, hit (G, n, Tm); mask (n, Tm)."""
     masked = token_loss.masked_fill(~mask, 0.0).flatten(1)  # (G, n*Tm)
-    loss = masked.sum(1) / mask.sum().clamp(min=1)
+    n_tok = mask.sum().clamp(min=1)
+    loss = masked.sum(1) / n_tok
     min_p = torch.exp(-masked.max(1).values)
-    return loss.tolist(), min_p.tolist()
+    ordered = ((token_loss < LN2) & mask).flatten(1).sum(1) / n_tok
+    em = (hit | ~mask).all(dim=2).float().mean(1)  # (G,)
+    stats = torch.stack([loss, min_p, ordered.to(loss.dtype), em.to(loss.dtype)]).tolist()
+    return stats[0], stats[1], stats[2], stats[3]
 
 
 def _stop_reason(min_p: float, curve: list[float], step: int, cfg: TrainConfig) -> str | None:
@@ -419,13 +399,3 @@ def _measure_eval(prefix, adapters, G, g) -> CellMetrics:
     n = prefix.batch.n_rows
     adapters.train(True)
     return cell_metrics(tl[g * n:(g + 1) * n], hit[g * n:(g + 1) * n], prefix.batch.mask)
-
-
-def is_saturated(loss_after: float) -> bool:
-    """Saturated cells (every-token-average below ln 2) have a loss reduction capped by L_before: the law
-    is fitted without them."""
-    return loss_after < LN2
-
-
-def nan_to_none(x: float):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

@@ -27,10 +27,12 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from memprobe import rundir
 from memprobe.errors import MemprobeError
-from memprobe.law import LN2, PARAMS, EMLink, MemoryLaw, objective_order
+from memprobe.law import PARAMS, EMLink, MemoryLaw, save_laws
+from memprobe.rundir import LAW_COLUMNS as REQUIRED_COLUMNS
+from memprobe.rundir import Recipe, check_columns, coerce_numeric, is_saturated, objective_order, read_cells  # noqa: F401
 
-REQUIRED_COLUMNS = ("rank", "tokens", "loss_before", "loss_after")
 N_PARAMS = len(PARAMS)
 PROVENANCE_FIELDS = ("model", "adapter", "dataset")
 
@@ -112,42 +114,14 @@ class LawFit:
 # -------------------------------------------------------------------- reading and checking cells
 
 
-def read_cells(path) -> pd.DataFrame:
-    """A cells.csv as a DataFrame; missing, empty or malformed files raise MemprobeError."""
-    path = Path(path)
-    if not path.exists():
-        raise MemprobeError(f"cells file not found: {path}")
-    if not path.is_file():
-        raise MemprobeError(f"cells file is not a file: {path}")
-    try:
-        cells = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise MemprobeError(f"cells file {path} is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
-        msg = " ".join(str(e).split())
-        raise MemprobeError(f"cells file {path} is not a valid CSV ({msg})") from None
-    if cells.empty:
-        raise MemprobeError(f"cells file {path} has a header but no rows")
-    return cells
-
-
 def check_cells(cells) -> pd.DataFrame:
     """A clean copy of the cells: required columns present, numeric, positive where they must be."""
     if not isinstance(cells, pd.DataFrame):
         raise MemprobeError(f"cells must be a pandas DataFrame, got {type(cells).__name__}")
-    missing = [c for c in REQUIRED_COLUMNS if c not in cells.columns]
-    if missing:
-        raise MemprobeError(f"cells table is missing column(s) {', '.join(missing)} (needs {', '.join(REQUIRED_COLUMNS)})")
+    check_columns(cells, REQUIRED_COLUMNS, "cells table")
     if cells.empty:
         raise MemprobeError("cells table has no rows")
-    df = cells.reset_index(drop=True).copy()
-    for col in REQUIRED_COLUMNS:
-        values = pd.to_numeric(df[col], errors="coerce")
-        bad = values.isna() | ~np.isfinite(values.astype(float))
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise MemprobeError(f"column {col} has {int(bad.sum())} missing or non-numeric value(s), first {df[col].iloc[i]!r} in row {i + 1}")
-        df[col] = values.astype(float)
+    df = coerce_numeric(cells.reset_index(drop=True).copy(), REQUIRED_COLUMNS, "cells table")
     for col, strictly in (("rank", True), ("tokens", True), ("loss_before", True), ("loss_after", False)):
         bad = df[col] <= 0 if strictly else df[col] < 0
         if bad.any():
@@ -340,13 +314,13 @@ def _params_per_rank(cells: pd.DataFrame) -> float | None:
 
 
 def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int, holdout: bool,
-             provenance: Mapping | None, ci_level: float) -> LawFit:
+             provenance: Mapping | None, ci_level: float, recipe: Recipe | None = None) -> LawFit:
     r = cells["rank"].to_numpy(dtype=float)
     T = cells["tokens"].to_numpy(dtype=float)
     Lb = cells["loss_before"].to_numpy(dtype=float)
     La = cells["loss_after"].to_numpy(dtype=float)
     dL = Lb - La
-    saturated = La < LN2
+    saturated = is_saturated(La)
     used = ~saturated
     n_used, n_excluded = int(used.sum()), int(saturated.sum())
     where = f"objective {objective!r}: " if objective else ""
@@ -404,18 +378,22 @@ def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int
     base_loss = float(np.sum(Lb[used] * T_u) / np.sum(T_u))
 
     prov = dict(provenance or {})
-    info = {f: prov.pop(f, None) or _single_value(cells, f) for f in PROVENANCE_FIELDS}
-    budget = dict(prov.pop("budget", None) or {})
-    if not budget and "steps" in cells.columns:
-        steps = pd.to_numeric(cells["steps"], errors="coerce").dropna()
-        if len(steps):
-            budget = {"steps": int(steps.max()), "note": "inferred from the cells (largest steps)"}
+    if recipe is not None:  # the law's model, adapter, dataset and budget are its recipe's
+        info, budget = {}, {}
+        recipe = recipe.replace(objective=objective)
+    else:  # a bare cells table: what its columns say
+        info = {f: prov.pop(f, None) or _single_value(cells, f) for f in PROVENANCE_FIELDS}
+        budget = dict(prov.pop("budget", None) or {})
+        if not budget and "steps" in cells.columns:
+            steps = pd.to_numeric(cells["steps"], errors="coerce").dropna()
+            if len(steps):
+                budget = {"steps": int(steps.max()), "note": "inferred from the cells (largest steps)"}
 
     law = MemoryLaw(
         C=theta[0], alpha=theta[1], beta=theta[2], b=theta[3], objective=objective, em_link=link,
         base_loss=base_loss, params_per_rank=_params_per_rank(cells),
         rank_range=(float(r_u.min()), float(r_u.max())), tokens_range=(float(T_u.min()), float(T_u.max())),
-        **info, budget=budget, stderr=stderr, ci=ci, ci_level=ci_level, samples=tuple(map(tuple, samples.tolist())),
+        **info, budget=budget, recipe=recipe, stderr=stderr, ci=ci, ci_level=ci_level, samples=tuple(map(tuple, samples.tolist())),
         fit_stats={
             "r2": r2, "mape": mape, "n_used": n_used, "n_excluded": n_excluded, "n_bootstrap": n_bootstrap,
             "seed": seed, "holdout": None if ho is None else ho.to_dict(),
@@ -440,12 +418,15 @@ def _check_options(ci_level) -> float:
 
 
 def fit_law(cells: pd.DataFrame, *, objective: str | None = None, n_bootstrap: int = 200, seed: int = 0,
-            holdout: bool = True, provenance: Mapping | None = None, ci_level: float = 0.95) -> LawFit:
+            holdout: bool = True, provenance: Mapping | None = None, ci_level: float = 0.95,
+            recipe: Recipe | None = None) -> LawFit:
     """Fit dL(r, T) = C r^alpha T^-beta + b to the non-saturated cells of one objective.
 
     cells needs the columns rank, tokens, loss_before, loss_after; optional: objective
     (one law per objective: choose with `objective`, or use fit_laws), exact_match (the EM
     link), trainable_params (params_per_rank), model/adapter/dataset/steps (provenance).
+    recipe: the calibration's recipe (memprobe.rundir.Recipe), recorded in the law so that a plan retrains it;
+    without one, model/adapter/dataset come from provenance or the cells' columns.
     provenance: dict with model, adapter, dataset, budget (dict) and anything else to record.
     """
     df = check_cells(cells)
@@ -461,15 +442,39 @@ def fit_law(cells: pd.DataFrame, *, objective: str | None = None, n_bootstrap: i
             raise MemprobeError(f"no cells for objective {objective!r} (the cells hold: {', '.join(present)})")
         df = df[df["objective"] == objective].reset_index(drop=True)
     return _fit_one(df, objective, n_bootstrap=n_bootstrap, seed=seed, holdout=holdout,
-                    provenance=provenance, ci_level=level)
+                    provenance=provenance, ci_level=level, recipe=recipe)
 
 
 def fit_laws(cells: pd.DataFrame, *, n_bootstrap: int = 200, seed: int = 0, holdout: bool = True,
-             provenance: Mapping | None = None, ci_level: float = 0.95) -> dict[str, LawFit]:
+             provenance: Mapping | None = None, ci_level: float = 0.95,
+             recipe: Recipe | None = None) -> dict[str, LawFit]:
     """One LawFit per objective present in the cells, simplest objective first."""
     df = check_cells(cells)
     return {
         obj: fit_law(df, objective=obj, n_bootstrap=n_bootstrap, seed=seed, holdout=holdout,
-                     provenance=provenance, ci_level=ci_level)
+                     provenance=provenance, ci_level=ci_level, recipe=recipe)
         for obj in objectives_in(df)
     }
+
+
+def fit_run(cells: pd.DataFrame, out, *, manifest: Mapping | None = None, run_dir=None,
+            objective: str | None = None, n_bootstrap: int = 200, seed: int = 0,
+            extra_provenance: Mapping | None = None) -> tuple[dict[str, LawFit], Path]:
+    """Fit the laws of a run's cells with the run's recipe and write the law file `out`: the one path from a cells
+    table to law.json, for `memprobe calibrate` and `memprobe fit` alike (so a refit keeps the recipe)."""
+    recipe = rundir.manifest_recipe(manifest) if manifest else None
+    prov = {**rundir.provenance(manifest, run_dir), **(extra_provenance or {})}
+    kw = dict(n_bootstrap=n_bootstrap, seed=seed, provenance=prov, recipe=recipe)
+    fits = {objective: fit_law(cells, objective=objective, **kw)} if objective else fit_laws(cells, **kw)
+    return fits, save_laws({name: f.law for name, f in fits.items()}, out)
+
+
+def fit_cells_file(cells_path, out=None, **kw) -> tuple[dict[str, LawFit], Path]:
+    """`memprobe fit CELLS.csv`: the cells, and the recipe of the run directory they sit in when it has a
+    manifest; the law goes to `out` (default law.json next to the cells)."""
+    cells_path = Path(cells_path)
+    cells = read_cells(cells_path)
+    manifest = rundir.read_manifest(cells_path.parent)
+    out = Path(out) if out is not None else cells_path.parent / "law.json"
+    return fit_run(cells, out, manifest=manifest, run_dir=cells_path.parent if manifest else None,
+                   extra_provenance={"cells": str(cells_path)}, **kw)

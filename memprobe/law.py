@@ -14,8 +14,9 @@ i.e. a logistic in ln L_after: monotone decreasing, EM -> 1 as L_after -> 0, EM 
 L_after = L50.
 
 File format (JSON, sorted keys):
-    {"format": "memprobe-law", "schema_version": 1, "laws": {"sft": {...}, "memft-ot": {...}}}
-one law per training objective.
+    {"format": "memprobe-law", "schema_version": 2, "laws": {"sft": {...}, "memft-ot": {...}}}
+one law per training objective; each carries the recipe it was calibrated with (memprobe.rundir.Recipe:
+model, data and prompt format, adapter, objective, budget), which a plan hands to `memprobe memorize`.
 """
 
 from __future__ import annotations
@@ -32,13 +33,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from memprobe.errors import MemprobeError
+from memprobe.rundir import LN2, OBJECTIVES, Recipe, objective_order  # noqa: F401 (re-exported)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: each law carries its recipe
 FILE_FORMAT = "memprobe-law"
-LN2 = math.log(2.0)
-
-# simplest first: ties between objectives go to the one earlier in this list
-OBJECTIVES = ("sft", "memft-ot", "memft-sw")
 
 PARAMS = ("C", "alpha", "beta", "b")
 
@@ -47,11 +45,6 @@ PARAMS = ("C", "alpha", "beta", "b")
 # the ordered phase (p > 0.5); k = 4 makes EM fall from ~0.99 at L = 0.1 to ~0.06 at L = ln 2.
 DEFAULT_L50 = LN2 / 2.0
 DEFAULT_K = 4.0
-
-
-def objective_order(name: str) -> tuple[int, str]:
-    """Sort key: known objectives from simplest to most elaborate, then others by name."""
-    return (OBJECTIVES.index(name), name) if name in OBJECTIVES else (len(OBJECTIVES), name)
 
 
 def _finite(name: str, value: Any) -> float:
@@ -189,6 +182,7 @@ class MemoryLaw:
     adapter: str | None = None
     dataset: str | None = None
     budget: dict = field(default_factory=dict)
+    recipe: Recipe | None = None  # the calibration's recipe; sets model, adapter, dataset and budget when given
     stderr: dict = field(default_factory=dict)  # param -> standard error (lmfit covariance)
     ci: dict = field(default_factory=dict)  # param -> (lo, hi)
     ci_level: float = 0.95
@@ -208,6 +202,19 @@ class MemoryLaw:
             set_("em_link", EMLink.from_dict(self.em_link))
         if not isinstance(self.em_link, EMLink):
             raise MemprobeError(f"em_link must be an EMLink, got {self.em_link!r}")
+        if isinstance(self.recipe, Mapping):
+            set_("recipe", Recipe.from_dict(self.recipe, "law recipe"))
+        if self.recipe is not None:
+            if not isinstance(self.recipe, Recipe):
+                raise MemprobeError(f"recipe must be a memprobe.rundir.Recipe, got {self.recipe!r}")
+            if self.recipe.objective != self.objective:
+                raise MemprobeError(f"the law is for objective {self.objective!r} but its recipe trains "
+                                    f"{self.recipe.objective!r}")
+            # one owner: what the law says of its model, adapter, data and budget is its recipe
+            set_("model", self.recipe.model)
+            set_("adapter", self.recipe.adapter.kind)
+            set_("dataset", self.recipe.data.describe())
+            set_("budget", self.recipe.budget.to_dict())
         if self.base_loss is not None:
             set_("base_loss", _positive("base_loss", self.base_loss))
         if self.params_per_rank is not None:
@@ -338,6 +345,7 @@ class MemoryLaw:
             "adapter": self.adapter,
             "dataset": self.dataset,
             "budget": dict(self.budget),
+            "recipe": self.recipe.to_dict() if self.recipe is not None else None,
             "stderr": dict(self.stderr),
             "ci": {k: list(v) for k, v in self.ci.items()},
             "ci_level": self.ci_level,

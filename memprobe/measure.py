@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from memprobe.errors import MemprobeError
+from memprobe.rundir import LN2  # noqa: F401 (l_t < ln 2  <=>  p_t > 0.5: the ordered phase)
 
-LN2 = math.log(2.0)
 
 
 @dataclass

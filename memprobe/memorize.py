@@ -18,7 +18,7 @@ What is saved in the out folder:
 
 from __future__ import annotations
 
-import datetime as dt
+import dataclasses
 import json
 import math
 import numbers
@@ -27,23 +27,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from memprobe.adapters import ADAPTER_KINDS, AdapterSpec
-from memprobe.engine import TrainConfig
+from memprobe import rundir
 from memprobe.errors import MemprobeError
+from memprobe.rundir import PLAN_FORMAT, PLAN_SCHEMA_VERSION, AdapterSpec, DataSpec, Recipe, TrainConfig, \
+    normalize_objective
 
 SCHEMA_VERSION = 1
-PLAN_SCHEMA_VERSION = 1
 SUMMARY_FILE = "memorize.json"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 BYPASS_CONFIG = "bypass.json"
 BYPASS_WEIGHTS = "bypass.safetensors"
 BYPASS_FORMAT = "memprobe-mlp-bypass"
-OBJECTIVES = ("sft", "memft-ot", "memft-sw")
 DEFAULT_OUT_ROOT = "memprobe_adapters"
 MAX_FAILURES_LISTED = 50
 EM_METHOD = ("teacher-forced argmax at every answer position, one pass; equal to greedy decoding, which "
              "reproduces an answer iff every teacher-forced argmax is right")
+# what describes the calibration corpus rather than how to train: the user's own data replaces it by design
+CORPUS_FIELDS = ("data.kind", "data.path", "data.replace_ratio")
 
 
 # ----------------------------------------------------------------------------------------- input checks
@@ -54,14 +55,6 @@ def check_rank(rank) -> int:
             or int(rank) != rank or rank <= 0:
         raise MemprobeError(f"rank must be a positive integer, got {rank!r}")
     return int(rank)
-
-
-def check_objective(objective) -> str:
-    # the same spelling rule as memprobe.objectives ("MemFT_OT" is memft-ot)
-    name = objective.strip().lower().replace("_", "-") if isinstance(objective, str) else None
-    if name not in OBJECTIVES:
-        raise MemprobeError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    return name
 
 
 def read_plan(path) -> dict:
@@ -81,21 +74,33 @@ def read_plan(path) -> dict:
 
 
 def check_plan(doc, where: str = "plan") -> dict:
-    """A plan dict (Plan.to_dict() of schema_version 1) with a usable rank and objective."""
+    """A plan dict (Plan.to_dict() of PLAN_SCHEMA_VERSION) with a usable rank, objective and recipe."""
     if not isinstance(doc, dict):
         raise MemprobeError(f"{where} is not a planner plan: expected a JSON object, got {type(doc).__name__}")
     if doc.get("format") == "memprobe-law":
         raise MemprobeError(f"{where} is a law file, not a plan: make a plan with `planner recommend --json`")
     if doc.get("schema_version") != PLAN_SCHEMA_VERSION:
         raise MemprobeError(f"{where} is not a planner plan of schema_version {PLAN_SCHEMA_VERSION} "
-                            f"(got schema_version {doc.get('schema_version')!r})")
+                            f"(got schema_version {doc.get('schema_version')!r}): make it again with "
+                            f"`planner recommend --json`")
     missing = [k for k in ("rank", "objective", "predicted_em") if k not in doc]
     if missing:
         raise MemprobeError(f"{where} is not a planner plan (no {', '.join(missing)}): "
                             f"make one with `planner recommend --json`")
     check_rank(doc["rank"])
-    check_objective(doc["objective"])
+    normalize_objective(doc["objective"])
+    plan_recipe(doc, where)
     return doc
+
+
+def plan_recipe(plan: dict, where: str = "plan") -> Recipe | None:
+    """The recipe the plan's law was calibrated with (None when its law recorded none)."""
+    if plan.get("recipe") is None:
+        return None
+    recipe = Recipe.from_dict(plan["recipe"], f"{where} recipe")
+    if recipe.objective != normalize_objective(plan["objective"]):
+        raise MemprobeError(f"{where}: its recipe trains {recipe.objective!r}, not its objective {plan['objective']!r}")
+    return recipe
 
 
 # ----------------------------------------------------------------------------------------- settings
@@ -103,105 +108,79 @@ def check_plan(doc, where: str = "plan") -> dict:
 
 @dataclass(frozen=True)
 class MemorizeSettings:
-    """What to train: rank, objective, adapter and budget, each from a flag, else the plan, else the default.
-    `from_plan` names the settings the plan supplied."""
+    """What to train: a rank and a recipe (model, prompt format, adapter, objective, budget), each setting from a
+    flag, else the plan's recipe, else the default. `from_plan` names the settings the plan supplied;
+    `calibrated` is the plan's recipe, the one its prediction holds for."""
 
     rank: int
-    objective: str
-    adapter: AdapterSpec
-    train: TrainConfig
+    recipe: Recipe
     from_plan: tuple[str, ...] = ()
+    calibrated: Recipe | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "rank", check_rank(self.rank))
-        object.__setattr__(self, "objective", check_objective(self.objective))
+
+    @property
+    def objective(self) -> str:
+        return self.recipe.objective
+
+    @property
+    def adapter(self) -> AdapterSpec:
+        return self.recipe.adapter
+
+    @property
+    def train(self) -> TrainConfig:
+        return self.recipe.budget
 
 
-def _plan_adapter(plan: dict) -> dict:
-    """Adapter settings a plan carries: its "adapter_spec" (AdapterSpec.to_dict()) when present, else the
-    kind named by "adapter" (a law records the kind; a layer other than the default must then be given)."""
-    spec = plan.get("adapter_spec")
-    out = {}
-    if isinstance(spec, dict):
-        for key in ("kind", "layer", "layers", "target_modules", "alpha", "alpha_ratio", "dropout"):
-            if spec.get(key) is not None:
-                out[key] = tuple(spec[key]) if key in ("layers", "target_modules") else spec[key]
-    kind = plan.get("adapter")
-    if isinstance(kind, dict):
-        kind = kind.get("kind")
-    if "kind" not in out and isinstance(kind, str) and kind in ADAPTER_KINDS:
-        out["kind"] = kind
-    return out
-
-
-def _plan_budget(plan: dict) -> dict:
-    budget = plan.get("budget") if isinstance(plan.get("budget"), dict) else {}
-    out = {k: budget[k] for k in ("steps", "lr", "schedule", "clip", "warmup", "weight_decay", "eps")
-           if budget.get(k) is not None}
-    if isinstance(budget.get("betas"), (list, tuple)) and len(budget["betas"]) == 2:
-        out["betas"] = tuple(float(b) for b in budget["betas"])
-    stop = budget.get("early_stop") if isinstance(budget.get("early_stop"), dict) else {}
-    # a budget calibrated without the convergence stop still gets it here: a cell stops only once every
-    # answer token is the argmax with margin (EM = 1 already), so no prediction about EM can change
-    for key in ("stop_p", "plateau_window", "plateau_tol"):
-        if stop.get(key) is not None:
-            out[key] = stop[key]
-    if budget.get("dropout") is not None:
-        out["dropout"] = budget["dropout"]
-    return out
+# flag name -> (recipe part, field)
+_ADAPTER_FLAGS = ("layer", "layers", "target_modules", "alpha", "dropout")
+_BUDGET_FLAGS = ("steps", "lr", "schedule", "clip", "stop_p")
 
 
 def settings_from_plan(plan: dict | None = None, *, rank: int | None = None, objective: str | None = None,
-                       adapter: str | None = None, layer: int | None = None, layers=None, target_modules=None,
-                       alpha: float | None = None, dropout: float | None = None, steps: int | None = None,
-                       lr: float | None = None, schedule: str | None = None, clip: float | None = None,
+                       model: str | None = None, chat: bool | None = None, adapter: str | None = None,
+                       layer: int | None = None, layers=None, target_modules=None, alpha: float | None = None,
+                       dropout: float | None = None, steps: int | None = None, lr: float | None = None,
+                       schedule: str | None = None, clip: float | None = None,
                        stop_p: float | None = None) -> MemorizeSettings:
-    """Merge explicit values (not None) over the plan's over the defaults. clip=0 turns clipping off."""
+    """Explicit values (not None) over the plan's recipe over the defaults. clip=0 turns clipping off."""
     plan = check_plan(plan) if plan is not None else None
     if plan is None and rank is None:
         raise MemprobeError("a rank is needed: pass --rank R, or --plan plan.json from `planner recommend --json`")
+    calibrated = plan_recipe(plan) if plan is not None else None
+    base = calibrated or Recipe()
     from_plan = []
-    p_adapter = _plan_adapter(plan) if plan else {}
-    p_budget = _plan_budget(plan) if plan else {}
 
-    def pick(name, given, plan_value, default):
+    def pick(name, given, plan_value):
         if given is not None:
             return given
-        if plan_value is not None:
+        if plan is not None and (calibrated is not None or name in ("rank", "objective")):
             from_plan.append(name)
-            return plan_value
-        return default
+        return plan_value
 
-    rank = pick("rank", rank, plan.get("rank") if plan else None, None)
-    objective = pick("objective", objective, plan.get("objective") if plan else None, "sft")
-    kind = pick("adapter", adapter, p_adapter.get("kind"), AdapterSpec.kind)
-    if kind != p_adapter.get("kind"):
-        p_adapter = {}  # a layer or target list of another adapter kind does not apply
-    spec_kw = {"kind": kind}
-    for name, given in (("layer", layer), ("layers", tuple(layers) if layers is not None else None),
-                        ("target_modules", tuple(target_modules) if target_modules is not None else None),
-                        ("alpha", alpha), ("alpha_ratio", None)):
-        value = pick(name, given, p_adapter.get(name), None)
-        if value is not None:
-            spec_kw[name] = value
-    drop = pick("dropout", dropout, p_adapter.get("dropout", p_budget.get("dropout")), None)
-    if drop is not None:
-        spec_kw["dropout"] = drop
-    train_kw = {}
-    for name, given in (("steps", steps), ("lr", lr), ("schedule", schedule), ("clip", clip), ("stop_p", stop_p),
-                        ("warmup", None), ("weight_decay", None), ("eps", None), ("betas", None),
-                        ("plateau_window", None), ("plateau_tol", None)):
-        value = pick(name, given, p_budget.get(name), None)
-        if value is not None:
-            train_kw[name] = value
-    if "clip" in train_kw and train_kw["clip"] == 0:
-        train_kw["clip"] = None
+    rank = pick("rank", rank, plan.get("rank") if plan else None)
+    kind = pick("adapter", adapter, base.adapter.kind)
+    # another adapter kind than the calibrated one: its layer or module list does not apply
+    spec = base.adapter if kind == base.adapter.kind else AdapterSpec(kind=kind, dropout=base.adapter.dropout)
+    given = dict(layer=layer, layers=tuple(layers) if layers is not None else None,
+                 target_modules=tuple(target_modules) if target_modules is not None else None, alpha=alpha,
+                 dropout=dropout)
+    spec_kw = {k: pick(k, given[k], getattr(spec, k)) for k in _ADAPTER_FLAGS}
+    budget_given = dict(steps=steps, lr=lr, schedule=schedule, clip=clip, stop_p=stop_p)
+    budget_kw = {k: pick(k, budget_given[k], getattr(base.budget, k)) for k in _BUDGET_FLAGS}
+    if budget_kw["clip"] == 0:
+        budget_kw["clip"] = None
     try:
-        adapter_spec = AdapterSpec(**spec_kw)
-        train = TrainConfig(**train_kw)
-    except (TypeError, ValueError) as e:  # a plan field of the wrong type (e.g. "steps": "many")
-        raise MemprobeError(f"plan budget or adapter has a value of the wrong type: {e}") from None
-    return MemorizeSettings(rank, objective, adapter_spec, train, tuple(from_plan))
+        recipe = base.replace(
+            model=pick("model", model, base.model),
+            objective=pick("objective", objective, plan["objective"] if plan else base.objective),
+            data=dataclasses.replace(base.data, chat=pick("chat", chat, base.data.chat)),
+            adapter=dataclasses.replace(spec, kind=kind, **spec_kw),
+            budget=dataclasses.replace(base.budget, **budget_kw))
+    except (TypeError, ValueError) as e:  # e.g. a non-numeric value that slipped past the flags
+        raise MemprobeError(f"memorize settings have a value of the wrong type: {e}") from None
+    return MemorizeSettings(rank, recipe, tuple(from_plan), calibrated)
 
 
 # ----------------------------------------------------------------------------------------- the result
@@ -269,6 +248,7 @@ class MemorizeResult:
     plan: PlanCheck | None = None
     warnings: list[str] = field(default_factory=list)
     created: str = ""
+    recipe: Recipe | None = None  # what was trained, comparable with the plan's calibration recipe
 
     @property
     def delta_loss(self) -> float:
@@ -276,7 +256,7 @@ class MemorizeResult:
 
     @property
     def saturated(self) -> bool:
-        return self.loss_after < math.log(2.0)
+        return bool(rundir.is_saturated(self.loss_after))
 
     @property
     def n_failed(self) -> int:
@@ -288,8 +268,6 @@ class MemorizeResult:
         return f"memprobe.memorize.load_bypass(model, {str(self.out_dir)!r})"
 
     def to_dict(self) -> dict:
-        from memprobe.calibrate import git_hash, versions
-
         return {
             "schema_version": SCHEMA_VERSION, "format": "memprobe-memorize", "created": self.created,
             "out_dir": str(self.out_dir), "files": list(self.files), "load": self.load_hint(),
@@ -308,7 +286,8 @@ class MemorizeResult:
             "loss_curve": [round(x, 6) for x in self.curve],
             "plan": self.plan.to_dict() if self.plan is not None else None,
             "warnings": list(self.warnings),
-            "versions": versions(), "git": git_hash(),
+            "recipe": self.recipe.to_dict() if self.recipe is not None else None,
+            "versions": rundir.versions(), "git": rundir.git_hash(),
         }
 
 
@@ -333,7 +312,7 @@ def compare_with_plan(plan: dict, exact_match: float, delta_loss: float, saturat
     dl_int = _interval(plan.get("predicted_delta_loss_interval"))
     dl = plan.get("predicted_delta_loss")
     return PlanCheck(
-        rank=int(plan["rank"]), objective=check_objective(plan["objective"]),
+        rank=int(plan["rank"]), objective=normalize_objective(plan["objective"]),
         tokens=plan.get("tokens") if isinstance(plan.get("tokens"), int) else None,
         predicted_em=float(plan["predicted_em"]), predicted_em_interval=em_int,
         level=float(plan["level"]) if isinstance(plan.get("level"), (int, float)) else None,
@@ -344,39 +323,45 @@ def compare_with_plan(plan: dict, exact_match: float, delta_loss: float, saturat
         law_source=plan.get("law_source") if isinstance(plan.get("law_source"), str) else None)
 
 
-def _plan_warnings(plan: dict, rank: int, objective: str, adapter: AdapterSpec, train: TrainConfig,
-                   tokens: int, model_name: str) -> list[str]:
+def recipe_warnings(trained: Recipe, calibrated: Recipe | None) -> list[str]:
+    """One line per setting in which this run departs from the recipe the plan's law was calibrated with."""
+    if calibrated is None:
+        return ["the plan's law records no recipe: trained with the settings given and the defaults, which the "
+                "prediction may not hold for"]
+    return [f"{d} differs from the law's calibration: the prediction does not apply"
+            for d in trained.differences(calibrated) if not d.startswith(CORPUS_FIELDS)]
+
+
+def _plan_warnings(plan: dict, rank: int, trained: Recipe, tokens: int) -> list[str]:
     """Where this run departs from the plan, so its prediction does not strictly apply."""
     out = []
     if int(plan["rank"]) != rank:
         out.append(f"trained at rank {rank}, but the plan's prediction is for rank {plan['rank']}")
-    if check_objective(plan["objective"]) != objective:
-        out.append(f"trained with {objective}, but the plan's prediction is for {plan['objective']}")
-    kind = plan.get("adapter")
-    if isinstance(kind, str) and kind in ADAPTER_KINDS and kind != adapter.kind:
-        out.append(f"trained a {adapter.kind} adapter, but the plan's law was calibrated with {kind}")
     planned_T = plan.get("tokens")
     if isinstance(planned_T, int) and planned_T != tokens:
         out.append(f"the plan was made for {planned_T} answer tokens, the data has {tokens}")
-    budget = plan.get("budget") if isinstance(plan.get("budget"), dict) else {}
-    if isinstance(budget.get("steps"), int) and train.steps < budget["steps"]:
-        out.append(f"{train.steps} steps is less than the {budget['steps']} the law was calibrated with")
-    if isinstance(plan.get("model"), str) and plan["model"] != model_name:
-        out.append(f"the plan's law was calibrated on {plan['model']!r}, this run uses {model_name!r}")
-    return out
+    return out + recipe_warnings(trained, plan_recipe(plan))
 
 
 # ----------------------------------------------------------------------------------------- training
 
 
 def _unpack_model(model, tokenizer):
-    """(transformers model, tokenizer or None, display name) from a LoadedModel or a bare model."""
+    """(transformers model, tokenizer or None, display name, the recipe's model spec) from a LoadedModel or a
+    bare model."""
     from memprobe.models import LoadedModel
 
     if isinstance(model, LoadedModel):
-        return model.model, tokenizer or model.tokenizer, model.name
+        return model.model, tokenizer or model.tokenizer, model.name, model.spec or model.name
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    return model, tokenizer, name
+    return model, tokenizer, name, name
+
+
+def _trained_data_spec(data, ds, chat: bool) -> DataSpec:
+    """The DataSpec of what was trained: the spec itself when one was given, else its prompt format alone."""
+    if isinstance(data, str):
+        return DataSpec.parse(data, chat=chat)
+    return DataSpec("jsonl", path=ds.name, chat=chat)
 
 
 def _as_dataset(data, tokenizer, tokens, chat: bool):
@@ -421,25 +406,22 @@ def memorize(model, data, rank: int, objective: str = "sft", adapter: AdapterSpe
     or a spec such as "jsonl:PATH" (tokenized with the model's tokenizer; `tokens` takes a prefix).
     plan: a Plan.to_dict() (see `read_plan`), used only for the comparison; choose settings from it with
     `settings_from_plan`."""
-    from memprobe.adapters import attach_adapters
-    from memprobe.engine import CellSpec, FrozenPrefix, train_cells
+    from memprobe.engine import CellSpec, prepare_prefix, train_cells
     from memprobe.measure import make_batch
 
-    rank, objective = check_rank(rank), check_objective(objective)
+    rank, objective = check_rank(rank), normalize_objective(objective)
     adapter = adapter if adapter is not None else AdapterSpec()
     train = train if train is not None else TrainConfig()
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise MemprobeError(f"seed must be a non-negative integer, got {seed!r}")
     plan = check_plan(plan) if plan is not None else None
-    hf_model, tok, model_name = _unpack_model(model, tokenizer)
+    hf_model, tok, model_name, model_spec = _unpack_model(model, tokenizer)
     ds = _as_dataset(data, tok, tokens, chat)
     out = Path(out) if out is not None else default_out_dir(ds.name, adapter.kind, rank)
 
     pad_id = getattr(tok, "pad_token_id", None) or 0
     batch = make_batch(ds.sequences, pad_id=pad_id)
-    probe = attach_adapters(hf_model, adapter, [rank], [seed])  # where the frozen prefix ends, params per rank
-    probe.detach()
-    prefix = FrozenPrefix(hf_model, batch, probe.first_layer)
+    prefix, params_per_rank = prepare_prefix(hf_model, batch, adapter)
     before = prefix.measure_base()
     t0 = time.perf_counter()
     (outcome,) = train_cells(hf_model, prefix, batch, [CellSpec(rank, seed, objective)], adapter, train,
@@ -449,8 +431,10 @@ def memorize(model, data, rank: int, objective: str = "sft", adapter: AdapterSpe
                          base_model_name=model_name if hf_model is not model else "")
 
     after = outcome.after
-    saturated = after.loss < math.log(2.0)
-    warnings = _plan_warnings(plan, rank, objective, adapter, train, ds.n_answer_tokens, model_name) if plan else []
+    saturated = rundir.is_saturated(after.loss)
+    recipe = Recipe(model=model_spec, data=_trained_data_spec(data, ds, chat), adapter=adapter, budget=train,
+                    objective=objective)
+    warnings = _plan_warnings(plan, rank, recipe, ds.n_answer_tokens) if plan else []
     if outcome.stop_reason == "budget" and after.exact_match < 1.0:
         warnings.append(f"the budget ({train.steps} steps) ended before every answer was memorized: "
                         "train longer (--steps) or at a higher rank")
@@ -460,15 +444,36 @@ def memorize(model, data, rank: int, objective: str = "sft", adapter: AdapterSpe
     result = MemorizeResult(
         out_dir=out, files=files + [SUMMARY_FILE], model=model_name, dataset=ds.name, dataset_spec=dict(ds.spec),
         n_sequences=len(ds.sequences), tokens=ds.n_answer_tokens, rank=rank, objective=objective, seed=int(seed),
-        adapter=adapter, train=train, trainable_params=probe.trainable_params(rank), loss_before=before.loss,
+        adapter=adapter, train=train, trainable_params=params_per_rank * rank, loss_before=before.loss,
         loss_after=after.loss, token_acc=after.token_acc, exact_match=after.exact_match,
         ordered_frac=after.ordered_frac, min_p=after.min_p, steps=outcome.steps, stop_reason=outcome.stop_reason,
         seconds=seconds, final_slope=outcome.final_slope(), curve=list(outcome.curve),
         failures=_failures(ds, after),
         plan=compare_with_plan(plan, after.exact_match, before.loss - after.loss, saturated) if plan else None,
-        warnings=warnings, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        warnings=warnings, created=rundir.now(), recipe=recipe)
     (out / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str))
     return result
+
+
+def memorize_data(settings: MemorizeSettings, data: str, out=None, *, plan: dict | None = None, seed: int = 0,
+                  tokens: int | None = None, device: str | None = None, dtype: str | None = None,
+                  progress=None) -> MemorizeResult:
+    """`memprobe memorize`: load the settings' model and train their recipe at their rank on `data` (a spec such
+    as "jsonl:PATH"). The data is checked before the model loads: its mistakes need no model to be found."""
+    from memprobe.models import load_model
+
+    DataSpec.parse(data, chat=settings.recipe.data.chat).check_readable()
+    lm = load_model(settings.recipe.model, device=device, dtype=dtype)
+    if progress is not None:
+        progress.start(1, settings.train.steps)
+        progress.pack(f"{settings.adapter.kind} r={settings.rank} {settings.objective}")
+    try:
+        return memorize(lm, data, settings.rank, settings.objective, settings.adapter, settings.train, out,
+                        plan=plan, seed=seed, tokens=tokens, chat=settings.recipe.data.chat,
+                        on_step=progress.step if progress is not None else None)
+    finally:
+        if progress is not None:
+            progress.stop()
 
 
 # ----------------------------------------------------------------------------------------- saving
@@ -620,64 +625,3 @@ def load_bypass(model, path) -> AttachedBypass:
 
     handle = layers[k].mlp.register_forward_hook(add_branch)
     return AttachedBypass(k, int(meta["rank"]), A, B, handle)
-
-
-# ----------------------------------------------------------------------------------------- report
-
-
-def render_memorize(result: MemorizeResult):
-    """A rich renderable: the run's settings and metrics, and the plan's prediction next to them."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    t = Table(title=f"memorize: {result.dataset} ({result.n_sequences} sequences, {result.tokens} answer tokens)",
-              show_header=True, header_style="bold")
-    t.add_column("")
-    t.add_column("achieved", justify="right")
-    plan = result.plan
-    if plan is not None:
-        t.add_column("plan predicted", justify="right")
-        t.add_column("inside interval", justify="center")
-
-    def row(name, value, predicted="", inside=None):
-        cells = [name, value]
-        if plan is not None:
-            mark = "" if inside is None else ("[green]yes[/]" if inside else "[red]no[/]")
-            cells += [predicted, mark]
-        t.add_row(*cells)
-
-    def with_interval(x, interval, fmt):
-        if x is None:
-            return "-"
-        s = format(x, fmt)
-        return s + (f" [{format(interval[0], fmt)}, {format(interval[1], fmt)}]" if interval else "")
-
-    row("exact match", f"{result.exact_match:.3f}",
-        with_interval(plan.predicted_em, plan.predicted_em_interval, ".3f") if plan else "",
-        plan.em_inside if plan else None)
-    row("token accuracy", f"{result.token_acc:.3f}")
-    row("loss before, after", f"{result.loss_before:.3f}, {result.loss_after:.3f}")
-    row("loss reduction", f"{result.delta_loss:.3f}",
-        with_interval(plan.predicted_delta_loss, plan.predicted_delta_loss_interval, ".3f") if plan else "",
-        plan.delta_loss_inside if plan else None)
-    row("tokens p > 0.5", f"{result.ordered_frac:.3f}")
-    row("steps", f"{result.steps} ({result.stop_reason})")
-    row("last slope", f"{result.final_slope:.2e}/step" if math.isfinite(result.final_slope) else "-")
-    row("adapter", f"{result.adapter.kind} r={result.rank}, {result.trainable_params:,} params")
-    row("objective", result.objective)
-    row("time", f"{result.seconds:.1f} s")
-    parts = [t, Text(f"Exact match and accuracy come from one teacher-forced pass over the answer tokens; greedy "
-                     f"decoding reproduces an answer exactly iff every teacher-forced argmax is right, so this is "
-                     f"the exact match of greedy decoding.", style="dim")]
-    if plan is not None and plan.level is not None and plan.predicted_em_interval is not None:
-        parts.append(Text(f"Plan intervals are {plan.level:.0%} prediction intervals"
-                          + (f" (law: {plan.law_source})" if plan.law_source else "") + ".", style="dim"))
-    if result.failures:
-        shown = ", ".join(f"{f['key']!r} (wrong from token {f['first_failure']})" for f in result.failures[:5])
-        more = f" and {result.n_failed - 5} more" if result.n_failed > 5 else ""
-        parts.append(Text(f"not reproduced: {shown}{more}", style="yellow"))
-    for w in result.warnings:
-        parts.append(Text(f"warning: {w}", style="yellow"))
-    parts.append(Text(f"saved {', '.join(result.files)} in {result.out_dir}; load with {result.load_hint()}"))
-    return Group(*parts)

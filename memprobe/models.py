@@ -31,6 +31,7 @@ class LoadedModel:
     device: str
     dtype: str
     info: dict = field(default_factory=dict)
+    spec: str = ""  # what the user asked for ("embedded", a hub id, a folder): the recipe's model
 
     @property
     def n_layers(self) -> int:
@@ -117,7 +118,7 @@ def load_model(spec: str = "embedded", *, device: str | None = None, dtype: str 
         model, tok = _load_pretrained(spec, torch_dtype, spec)
         name, source = spec, "hub"
     model = _freeze(model.to(device))
-    return LoadedModel(model=model, tokenizer=tok, name=name, source=source, device=device,
+    return LoadedModel(model=model, tokenizer=tok, name=name, source=source, device=device, spec=spec,
                        dtype=str(torch_dtype).replace("torch.", ""),
                        info={"n_params": sum(p.numel() for p in model.parameters()),
                              "n_layers": int(model.config.num_hidden_layers),

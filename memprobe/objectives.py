@@ -44,9 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from memprobe.errors import MemprobeError
+from memprobe.rundir import LN2, OBJECTIVES, normalize_objective  # noqa: F401 (l_t < ln 2  <=>  p_t > 0.5)
 
-LN2 = math.log(2.0)  # l_t < ln 2  <=>  p_t > 0.5: the target is surely the argmax
-OBJECTIVES = ("sft", "memft-ot", "memft-sw")
 FALLBACKS = ("mean", "skip")
 SAMPLE_ID_KEY = "sample_id"  # batch column MemFTTrainer reads the stable per-sample ids from
 STATE_FILE = "memft_objective.json"  # sliding state saved next to each Trainer checkpoint
@@ -89,12 +88,7 @@ class ObjectiveConfig:
     seed: int = 0  # seeds the curriculum permutation
 
     def __post_init__(self):
-        if not isinstance(self.name, str):
-            raise MemprobeError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.name!r}")
-        name = self.name.strip().lower().replace("_", "-")
-        if name not in OBJECTIVES:
-            raise MemprobeError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.name!r}")
-        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "name", normalize_objective(self.name))
 
         if self.fallback not in FALLBACKS:
             raise MemprobeError(f"fallback must be 'mean' or 'skip', got {self.fallback!r}")
@@ -113,7 +107,7 @@ class ObjectiveConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise MemprobeError(f"seed must be an integer, got {self.seed!r}")
 
-        sw = name == "memft-sw"
+        sw = self.name == "memft-sw"
         for key in ("spatial", "curriculum"):
             value = getattr(self, key)
             if value is None:
@@ -121,7 +115,7 @@ class ObjectiveConfig:
             elif not isinstance(value, bool):
                 raise MemprobeError(f"{key} must be true or false, got {value!r}")
         if self.spatial and not sw:
-            raise MemprobeError(f"spatial sliding is a memft-sw mechanism, got spatial=True for objective {name!r}")
+            raise MemprobeError(f"spatial sliding is a memft-sw mechanism, got spatial=True for objective {self.name!r}")
 
         fractions = self._as_float_tuple("stage_fractions")
         boundaries = self._as_float_tuple("stage_boundaries")
@@ -338,9 +332,6 @@ class Objective:
         return torch.isin(ids, self.active_samples(n_samples, progress).to(ids.device))
 
     # -- state ----------------------------------------------------------------------
-
-    def reset_state(self) -> None:
-        self._anchors.clear()
 
     def state_dict(self) -> dict:
         """JSON-ready sliding state, so a resumed run continues where it stopped."""

@@ -24,12 +24,13 @@ import numpy as np
 import pandas as pd
 
 from memprobe.errors import MemprobeError
+from memprobe.rundir import LN2
 
 SCHEMA_VERSION = 1
-LN2 = math.log(2.0)
 
-CELL_COLUMNS = ("cell_id", "rank", "tokens", "objective", "loss_after", "exact_match")
-TOKEN_COLUMNS = ("cell_id", "seq_index", "position", "p", "hit")
+# what the analysis needs of the run's tables (memprobe.rundir defines them whole)
+NEEDED_CELL_COLUMNS = ("cell_id", "rank", "tokens", "objective", "loss_after", "exact_match")
+NEEDED_TOKEN_COLUMNS = ("cell_id", "seq_index", "position", "p", "hit")
 # cells that agree on these (and differ only in rank) were trained on the same nested
 # sequences, so (seq_index, position) names the same answer token in each of them
 GROUP_KEYS = ("dataset", "adapter", "tokens", "objective", "seed")
@@ -84,7 +85,7 @@ def _as_bool(series: pd.Series, column: str, table: str) -> pd.Series:
 
 def check_cells(cells: pd.DataFrame) -> pd.DataFrame:
     """A cleaned copy of a cells table: cell_id as text, numeric columns as floats."""
-    _require_columns(cells, CELL_COLUMNS, "cells")
+    _require_columns(cells, NEEDED_CELL_COLUMNS, "cells")
     if len(cells) == 0:
         raise MemprobeError("cells table has no rows")
     out = cells.copy()
@@ -109,7 +110,7 @@ def check_cells(cells: pd.DataFrame) -> pd.DataFrame:
 
 def check_tokens(tokens: pd.DataFrame) -> pd.DataFrame:
     """A cleaned copy of a per-token table; `loss` is derived from p when absent."""
-    _require_columns(tokens, TOKEN_COLUMNS, "tokens")
+    _require_columns(tokens, NEEDED_TOKEN_COLUMNS, "tokens")
     out = tokens.copy()
     out["cell_id"] = out["cell_id"].astype(str)
     for col in ("seq_index", "position"):
@@ -367,126 +368,29 @@ def analyze_phases(cells: pd.DataFrame, tokens: pd.DataFrame, threshold: float =
 # files
 
 
-def _read_csv(path: Path, name: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise MemprobeError(f"{name} not found: {path}")
-    try:
-        df = pd.read_csv(path, dtype={"cell_id": str})
-    except pd.errors.EmptyDataError:
-        raise MemprobeError(f"{name} is empty: {path}") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MemprobeError(f"{name} is not a readable CSV file ({first_line}): {path}") from None
-    if len(df) == 0:
-        raise MemprobeError(f"{name} has a header but no rows: {path}")
-    return df
-
-
-def _read_tokens(run_dir: Path) -> pd.DataFrame:
-    csv, parquet = run_dir / "tokens.csv", run_dir / "tokens.parquet"
-    if csv.is_file() or not parquet.is_file():
-        return _read_csv(csv, "tokens.csv")
-    try:
-        df = pd.read_parquet(parquet)
-    except ImportError:
-        raise MemprobeError(f"reading {parquet} needs pyarrow; pip install pyarrow") from None
-    except Exception as e:  # a corrupt parquet file raises library-specific errors
-        raise MemprobeError(f"tokens.parquet is not readable ({type(e).__name__}): {parquet}") from None
-    if len(df) == 0:
-        raise MemprobeError(f"tokens.parquet has no rows: {parquet}")
-    return df
-
-
 def load_run_tables(run_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(cells, tokens) of a calibration run directory, checked and cleaned.
+    """(cells, tokens) of a calibration run directory (cells.csv, tokens.csv), checked and cleaned."""
+    from memprobe.rundir import read_table
 
-    Reads ``cells.csv`` and ``tokens.csv`` (or ``tokens.parquet`` when there is no CSV).
-    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise MemprobeError(f"run directory not found: {run_dir}")
-    cells = _read_csv(run_dir / "cells.csv", "cells.csv")
-    tokens = _read_tokens(run_dir)
+    cells = read_table(run_dir / "cells.csv", "cells.csv", required=("cell_id",))
+    tokens = read_table(run_dir / "tokens.csv", "tokens.csv", required=("cell_id",))
     try:
         return check_cells(cells), check_tokens(tokens)
     except MemprobeError as e:
         raise MemprobeError(f"{e} (in {run_dir})") from None
 
 
-# ----------------------------------------------------------------------------------------
-# rich summary
+def analyse_run_phases(run_dir, threshold: float = 0.5) -> tuple["PhaseReport", list[Path]]:
+    """`memprobe phases RUN_DIR`: the analysis of a run's tables, saved as phases.json and phases.png."""
+    from memprobe.plots import plot_phases
 
+    run_dir = Path(run_dir)
+    cells, tokens = load_run_tables(run_dir)
+    report = analyze_phases(cells, tokens, threshold=threshold)
+    report.save(run_dir / "phases.json")
+    png = plot_phases(cells, tokens, run_dir / "phases.png", threshold=threshold)
+    return report, [run_dir / "phases.json", Path(png)]
 
-def _fmt(x, spec: str = ".2f", missing: str = "-") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return missing
-    return format(x, spec)
-
-
-def _fmt_rank(r) -> str:
-    r = float(r)
-    return str(int(r)) if r.is_integer() else f"{r:g}"
-
-
-def render_phase_summary(report: PhaseReport):
-    """A rich renderable: per-cell table, stubborn positions, the Spearman bound, misalignment."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    thr = f"{report.threshold:g}"
-    table = Table(title=f"Token phases (ordered: p > {thr})", title_justify="left")
-    for name, justify in [("cell", "left"), ("r", "right"), ("T", "right"), ("objective", "left"),
-                          ("ordered", "right"), ("acc", "right"), ("EM", "right"),
-                          ("L_after", "right"), ("1st failure", "right"),
-                          (f"1st p<{thr}", "right"), ("", "left")]:
-        table.add_column(name, justify=justify)
-    per_cell = report.per_cell.sort_values(["objective", "tokens", "rank"], kind="stable")
-    for row in per_cell.itertuples(index=False):
-        flag = Text("misaligned", style="bold red") if row.misaligned else Text("")
-        table.add_row(
-            # Text, not str: a cell id like "[r1]" is data, not rich markup
-            Text(str(row.cell_id)), _fmt_rank(row.rank), _fmt_rank(row.tokens), Text(str(row.objective)),
-            _fmt(row.ordered_frac, ".1%"), _fmt(row.acc, ".1%"), _fmt(row.exact_match, ".1%"),
-            _fmt(row.loss_after, ".3f"), _fmt(row.first_failure, ".1f"),
-            _fmt(row.earliest_stubborn, ".1f"), flag,
-        )
-
-    lines = [table, _stubborn_text(report), _spearman_text(report.spearman, thr)]
-    if report.misaligned_cells:
-        lines.append(Text.assemble(
-            ("Loss-accuracy misalignment: ", "bold red"),
-            f"{len(report.misaligned_cells)} cell(s) whose mean loss is below "
-            f"{report.loss_threshold:.3g} nats while sequences fail or tokens stay at p < {thr}: "
-            f"{', '.join(report.misaligned_cells)}"))
-    else:
-        lines.append(Text("Loss-accuracy misalignment: none"))
-    return Group(*lines)
-
-
-def _stubborn_text(report: PhaseReport):
-    from rich.text import Text
-
-    s = report.stubborn
-    thr = f"{report.threshold:g}"
-    if s.empty:
-        return Text(f"Stubborn positions (p < {thr} at every rank): none")
-    keys = [k for k in GROUP_KEYS if k in s.columns]
-    parts = []
-    for key, g in s.groupby(keys, dropna=False, sort=True):
-        key = key if isinstance(key, tuple) else (key,)
-        label = ", ".join(f"{k}={_fmt_rank(v) if k == 'tokens' else v}" for k, v in zip(keys, key))
-        first = g.iloc[0]
-        parts.append(f"  {label}: {len(g)} over {int(first['n_ranks'])} ranks "
-                     f"(earliest: sequence {int(first['seq_index'])}, position {int(first['position'])})")
-    return Text(f"Stubborn positions (p < {thr} at every rank): {len(s)}\n" + "\n".join(parts))
-
-
-def _spearman_text(sp: SpearmanResult, thr: str):
-    from rich.text import Text
-
-    head = f"Spearman(earliest p < {thr} position, first greedy failure): "
-    if not math.isfinite(sp.rho):
-        why = "need >= 3 pairs" if sp.n < 3 else "one side is constant"
-        return Text(head + f"n/a (n = {sp.n}; {why})")
-    return Text(head + f"rho = {sp.rho:.3f} (p = {sp.p_value:.2g}, n = {sp.n})")

@@ -19,7 +19,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from memprobe.errors import MemprobeError
-from memprobe.phases import LN2, _as_bool, _check_threshold, _numeric, _require_columns, check_cells, \
+from memprobe.rundir import is_saturated
+from memprobe.phases import _as_bool, _check_threshold, _numeric, _require_columns, check_cells, \
     check_tokens, group_keys
 
 MAX_POSITIONS = 512
@@ -79,7 +80,7 @@ def _law_table(cells: pd.DataFrame) -> pd.DataFrame:
         out["saturated"] = _as_bool(cells["saturated"], "saturated", "cells")
     elif "loss_after" in cells.columns:
         # the fit's exclusion rule: past ln 2 the loss reduction is capped by L_before
-        out["saturated"] = (_numeric(cells, "loss_after", "cells", allow_nan=True) < LN2).to_numpy()
+        out["saturated"] = is_saturated(_numeric(cells, "loss_after", "cells", allow_nan=True)).to_numpy()
     else:
         out["saturated"] = False
     return out

@@ -1,6 +1,8 @@
-"""Rich renderables for laws, fits and cells tables (no torch; pandas only duck-typed).
+"""Rich renderables for laws, fits, cells tables, token phases and memorize runs (no torch; pandas only duck-typed).
 
-Each render_* function returns something `rich.console.Console.print` accepts.
+Each render_* function returns something `rich.console.Console.print` accepts. They are laid out for 80 columns
+(a CI log, a pipe): short headers, one table per objective instead of an objective column, numbers never wrapped,
+and long values (paths, cell ids) folded onto further lines rather than cut.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ import math
 
 from rich import box
 from rich.console import Group
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
 from memprobe.law import PARAMS, MemoryLaw
+from memprobe.rundir import objective_order
 
 
 def _g(x, digits: int = 4) -> str:
@@ -25,14 +29,56 @@ def _pct(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f} %"
 
 
+def _fmt(x, spec: str = ".2f", missing: str = "-") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return missing
+    return format(x, spec)
+
+
+def _fmt_rank(r) -> str:
+    r = float(r)
+    return str(int(r)) if r.is_integer() else f"{r:g}"
+
+
+def report_table(title: str | None = None, **kw) -> Table:
+    # two spaces between columns and one at each edge: what the widest tables here need to fit 80 columns.
+    # The table is at least as wide as its title, which would otherwise wrap over a narrow table; the title is
+    # Text, as an objective or a path in brackets is data, not rich markup.
+    return Table(title=None if title is None else Text(title), title_justify="left", box=box.SIMPLE_HEAD,
+                 pad_edge=False, collapse_padding=True, min_width=None if title is None else len(title), **kw)
+
+
+def add_number_column(t: Table, header: str, **kw) -> None:
+    # not no_wrap: rich crops a no_wrap cell that does not fit. A table here fits 80 columns unwrapped; on a
+    # narrower console an interval wraps at its space and a lone number folds, but no digit is lost.
+    t.add_column(header, justify="right", overflow="fold", **kw)
+
+
+def add_text_column(t: Table, header: str = "", **kw) -> None:
+    t.add_column(header, overflow="fold", **kw)
+
+
+def key_value_table(title: str | None = None) -> Table:
+    t = report_table(title, show_header=False)
+    t.add_column("key", style="bold", no_wrap=True)
+    add_text_column(t, "value")
+    return t
+
+
+def by_objective(df) -> list[tuple[str | None, object]]:
+    """(objective, rows) from the simplest objective to the most elaborate; (None, df) without that column."""
+    if "objective" not in df.columns:
+        return [(None, df)]
+    groups = dict(tuple(df.groupby("objective", sort=False)))
+    return [(o, groups[o]) for o in sorted(groups, key=lambda o: objective_order(str(o)))]
+
+
 def render_params(law: MemoryLaw, title: str | None = None) -> Table:
     """C, alpha, beta, b with standard errors and confidence intervals."""
-    level = f"{round(100 * law.ci_level)} % CI"
-    t = Table(title=title or f"dL(r, T) = C r^alpha T^-beta + b   [{law.objective}]", box=box.SIMPLE_HEAVY)
-    t.add_column("param")
-    t.add_column("value", justify="right")
-    t.add_column("stderr", justify="right")
-    t.add_column(level, justify="right")
+    t = report_table(title or f"dL(r, T) = C r^alpha T^-beta + b   [{law.objective}]")
+    t.add_column("param", no_wrap=True)
+    for header in ("value", "stderr", f"{round(100 * law.ci_level)} % CI"):
+        add_number_column(t, header)
     for p in PARAMS:
         ci = law.ci.get(p)
         t.add_row(p, _g(getattr(law, p)), _g(law.stderr.get(p), 2), f"[{_g(ci[0])}, {_g(ci[1])}]" if ci else "-")
@@ -41,9 +87,7 @@ def render_params(law: MemoryLaw, title: str | None = None) -> Table:
 
 def render_provenance(law: MemoryLaw) -> Table:
     """Where the law comes from and what it holds for: adapter, budget, calibrated ranges, EM link."""
-    t = Table(box=box.SIMPLE, show_header=False)
-    t.add_column("key", style="bold")
-    t.add_column("value")
+    t = key_value_table()
     link = law.em_link
     rows = {
         "objective": law.objective,
@@ -61,7 +105,7 @@ def render_provenance(law: MemoryLaw) -> Table:
     }
     for k, v in rows.items():
         if v is not None:
-            t.add_row(k, str(v))
+            t.add_row(k, Text(str(v)))
     return t
 
 
@@ -71,9 +115,7 @@ def render_law(law: MemoryLaw) -> Group:
 
 def render_quality(fit) -> Table:
     """R², MAPE, held-out error and the cells used / excluded for one LawFit."""
-    t = Table(box=box.SIMPLE, show_header=False)
-    t.add_column("key", style="bold")
-    t.add_column("value")
+    t = key_value_table()
     t.add_row("R²", f"{fit.r2:.4f}")
     t.add_row("MAPE", _pct(fit.mape))
     if fit.holdout is not None:
@@ -105,38 +147,60 @@ def render_fits(fits: dict) -> Group:
     return Group(*(render_fit(f) for f in fits.values()))
 
 
-CELL_COLUMNS = ("objective", "rank", "tokens", "loss_before", "loss_after", "delta_loss", "token_acc",
-                "exact_match", "saturated", "predicted")
+# cells column -> (header, format). The objective is each table's title, and the fixed decimals and short (two-line)
+# headers keep a calibration's widest table, every column below, inside 80 columns.
+CELL_COLUMNS = {
+    "rank": ("r", "count"), "tokens": ("T", "count"), "loss_before": ("L\nbefore", ".3f"),
+    "loss_after": ("L\nafter", ".3f"), "delta_loss": ("dL", ".3f"), "predicted": ("predicted", ".3f"),
+    "token_acc": ("acc", ".3f"), "exact_match": ("EM", ".3f"), "saturated": ("sat.", "yes"),
+    "steps": ("steps", "count"), "stop_reason": ("stop", "text"), "final_slope": ("slope", ".2%"),
+}
 
 
-def render_cells(cells, max_rows: int = 50) -> Table:
-    """A cells table (pandas DataFrame), the known columns that are present, first max_rows rows."""
+def _cell_value(value, fmt: str) -> str | Text:
+    if fmt == "text":
+        return Text(str(value))
+    if fmt == "yes":
+        return "yes" if bool(value) else ""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return Text(str(value))
+    if not math.isfinite(x):
+        return "-"
+    return _fmt_rank(x) if fmt == "count" else format(x, fmt)
+
+
+def render_cells(cells, max_rows: int = 50) -> Group:
+    """A cells table (pandas DataFrame): the known columns that are present, first max_rows rows, one table per
+    objective."""
     cols = [c for c in CELL_COLUMNS if c in cells.columns]
-    t = Table(box=box.SIMPLE, title=f"{len(cells)} cells" + (f" (first {max_rows})" if len(cells) > max_rows else ""))
-    for c in cols:
-        t.add_column(c, justify="left" if c == "objective" else "right")
-    for _, row in cells.head(max_rows).iterrows():
-        t.add_row(*(_g(v) if isinstance(v, float) else str(v) for v in (row[c] for c in cols)))
-    return t
-
-
-RUN_CELL_COLUMNS = ("objective", "rank", "tokens", "loss_before", "loss_after", "delta_loss", "token_acc",
-                    "exact_match", "saturated", "steps", "stop_reason", "final_slope")
+    shown = cells.head(max_rows)
+    totals = cells["objective"].value_counts() if "objective" in cells.columns else None
+    tables = []
+    for objective, rows in by_objective(shown):
+        n = len(cells) if objective is None else int(totals[objective])
+        t = report_table(("" if objective is None else f"{objective}: ") + f"{n} cells"
+                   + (f" (first {len(rows)})" if len(rows) < n else ""))
+        for c in cols:
+            header, fmt = CELL_COLUMNS[c]
+            (add_text_column if fmt == "text" else add_number_column)(t, header)
+        for _, row in rows.iterrows():
+            t.add_row(*(_cell_value(row[c], CELL_COLUMNS[c][1]) for c in cols))
+        tables.append(t)
+    return Group(*tables)
 
 
 def render_calibration(result) -> Group:
     """The calibrate report: the cells, the law(s), the token phases, where everything was written."""
-    from memprobe.phases import render_phase_summary
-
     cells = result.cells
-    cols = [c for c in RUN_CELL_COLUMNS if c in cells.columns]
-    parts = [render_cells(cells[cols], max_rows=200)]
+    parts = [render_cells(cells, max_rows=200)]
     slopes = cells.loc[~cells["saturated"].astype(bool), "final_slope"] if "final_slope" in cells.columns else None
     if slopes is not None and len(slopes):
         parts.append(Text(
-            f"last-10-step loss slope of non-saturated cells: median {slopes.median():.2%} per step "
-            f"(near 0: cells sit at their plateau, the law measures capacity; large: it measures speed at this budget)",
-            style="dim"))
+            f"slope: loss decrease per step over the last 10 steps; median of the non-saturated cells "
+            f"{slopes.median():.2%} (near 0: cells sit at their plateau, the law measures capacity; large: it "
+            f"measures speed at this budget)", style="dim"))
     if result.fits:
         parts.append(render_fits(result.fits))
     if result.fit_error:
@@ -151,4 +215,131 @@ def render_calibration(result) -> Group:
     written = [p for p in ("cells.csv", "tokens.csv", "law.json", "phases.json", "law.png", "phases.png")
                if (result.run_dir / p).exists()]
     parts.append(Text(f"run directory {result.run_dir}: {', '.join(written)}"))
+    return Group(*parts)
+
+
+# -------------------------------------------------------------------- token phases
+
+
+def render_phase_summary(report) -> Group:
+    """Per-cell tables (one per objective), stubborn positions, the Spearman bound, misalignment."""
+    thr = f"{report.threshold:g}"
+    flag = bool(report.misaligned_cells)
+    per_cell = report.per_cell.sort_values(["tokens", "rank"], kind="stable")
+    lines = []
+    for objective, rows in by_objective(per_cell):
+        table = report_table(f"Token phases of {objective} (ordered: p > {thr})")
+        # the cell id is the only column that may fold: on a console too narrow for all of them it gives way
+        add_text_column(table, "cell")
+        # two-line headers: "1st failure" on one line would cost the 80 columns their last spare characters
+        for name in ("r", "T", "ordered", "acc", "EM", "L\nafter", "1st\nfail", f"1st\np<{thr}"):
+            add_number_column(table, name)
+        if flag:
+            table.add_column("", style="bold red", no_wrap=True)
+        for row in rows.itertuples(index=False):
+            cells = [
+                # Text, not str: a cell id like "[r1]" is data, not rich markup
+                Text(str(row.cell_id)), _fmt_rank(row.rank), _fmt_rank(row.tokens),
+                _fmt(row.ordered_frac, ".1%"), _fmt(row.acc, ".1%"), _fmt(row.exact_match, ".1%"),
+                _fmt(row.loss_after, ".3f"), _fmt(row.first_failure, ".1f"), _fmt(row.earliest_stubborn, ".1f"),
+            ]
+            table.add_row(*cells, *(["!" if row.misaligned else ""] if flag else []))
+        lines.append(table)
+
+    lines += [_stubborn_text(report), _spearman_text(report.spearman, thr)]
+    if report.misaligned_cells:
+        lines.append(Text.assemble(
+            ("Loss-accuracy misalignment: ", "bold red"),
+            f"{len(report.misaligned_cells)} cell(s) misaligned (! above), mean loss below "
+            f"{report.loss_threshold:.3g} nats while sequences fail or tokens stay at p < {thr}: "
+            f"{', '.join(report.misaligned_cells)}"))
+    else:
+        lines.append(Text("Loss-accuracy misalignment: none"))
+    return Group(*lines)
+
+
+def _stubborn_text(report):
+    # imported here: memprobe.phases brings pandas, and the planner renders its plans with this module's tables
+    from memprobe.phases import GROUP_KEYS
+
+    s = report.stubborn
+    thr = f"{report.threshold:g}"
+    head = Text(f"Stubborn positions (p < {thr} at every rank): " + (f"{len(s)}" if not s.empty else "none"))
+    if s.empty:
+        return head
+    keys = [k for k in GROUP_KEYS if k in s.columns]
+    parts = []
+    for key, g in s.groupby(keys, dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        label = ", ".join(f"{k}={_fmt_rank(v) if k == 'tokens' else v}" for k, v in zip(keys, key))
+        first = g.iloc[0]
+        parts.append(f"{label}: {len(g)} over {int(first['n_ranks'])} ranks "
+                     f"(earliest: sequence {int(first['seq_index'])}, position {int(first['position'])})")
+    # indented as a block: a group that wraps stays visibly one entry
+    return Group(head, *(Padding(Text(p), (0, 0, 0, 2), expand=False) for p in parts))
+
+
+def _spearman_text(sp, thr: str):
+    head = f"Spearman(earliest p < {thr} position, first greedy failure): "
+    if not math.isfinite(sp.rho):
+        why = "need >= 3 pairs" if sp.n < 3 else "one side is constant"
+        return Text(head + f"n/a (n = {sp.n}; {why})")
+    return Text(head + f"rho = {sp.rho:.3f} (p = {sp.p_value:.2g}, n = {sp.n})")
+
+
+# -------------------------------------------------------------------- memorize
+
+
+def render_memorize(result) -> Group:
+    """The run's settings and metrics, and the plan's prediction next to them."""
+    t = report_table(f"memorize: {result.dataset} ({result.n_sequences} sequences, {result.tokens} answer tokens)",
+               header_style="bold")
+    t.add_column("", no_wrap=True)
+    add_number_column(t, "achieved")
+    plan = result.plan
+    if plan is not None:
+        add_number_column(t, "plan predicted")
+        t.add_column("inside interval", justify="center", overflow="fold")
+
+    def row(name, value, predicted="", inside=None):
+        cells = [name, value]
+        if plan is not None:
+            mark = "" if inside is None else ("[green]yes[/]" if inside else "[red]no[/]")
+            cells += [predicted, mark]
+        t.add_row(*cells)
+
+    def with_interval(x, interval, fmt):
+        if x is None:
+            return "-"
+        s = format(x, fmt)
+        return s + (f" [{format(interval[0], fmt)}, {format(interval[1], fmt)}]" if interval else "")
+
+    row("exact match", f"{result.exact_match:.3f}",
+        with_interval(plan.predicted_em, plan.predicted_em_interval, ".3f") if plan else "",
+        plan.em_inside if plan else None)
+    row("token accuracy", f"{result.token_acc:.3f}")
+    row("loss before, after", f"{result.loss_before:.3f}, {result.loss_after:.3f}")
+    row("loss reduction", f"{result.delta_loss:.3f}",
+        with_interval(plan.predicted_delta_loss, plan.predicted_delta_loss_interval, ".3f") if plan else "",
+        plan.delta_loss_inside if plan else None)
+    row("tokens p > 0.5", f"{result.ordered_frac:.3f}")
+    row("steps", Text(f"{result.steps} ({result.stop_reason})"))
+    row("last slope", f"{result.final_slope:.2e}/step" if math.isfinite(result.final_slope) else "-")
+    row("adapter", Text(f"{result.adapter.kind} r={result.rank}"))
+    row("trainable params", f"{result.trainable_params:,}")
+    row("objective", Text(result.objective))
+    row("time", f"{result.seconds:.1f} s")
+    parts = [t, Text("Exact match and accuracy come from one teacher-forced pass over the answer tokens; greedy "
+                     "decoding reproduces an answer exactly iff every teacher-forced argmax is right, so this is "
+                     "the exact match of greedy decoding.", style="dim")]
+    if plan is not None and plan.level is not None and plan.predicted_em_interval is not None:
+        parts.append(Text(f"Plan intervals are {plan.level:.0%} prediction intervals"
+                          + (f" (law: {plan.law_source})" if plan.law_source else "") + ".", style="dim"))
+    if result.failures:
+        shown = ", ".join(f"{f['key']!r} (wrong from token {f['first_failure']})" for f in result.failures[:5])
+        more = f" and {result.n_failed - 5} more" if result.n_failed > 5 else ""
+        parts.append(Text(f"not reproduced: {shown}{more}", style="yellow"))
+    for w in result.warnings:
+        parts.append(Text(f"warning: {w}", style="yellow"))
+    parts.append(Text(f"saved {', '.join(result.files)} in {result.out_dir}; load with {result.load_hint()}"))
     return Group(*parts)

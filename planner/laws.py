@@ -7,16 +7,15 @@ shipped with the project (SmolLM2-135M). A plan always says which one it used.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from memprobe.errors import MemprobeError
 from memprobe.law import MemoryLaw, load_laws
+from memprobe.resources import reference_law_path
+from memprobe.rundir import DEFAULT_RUNS_DIR, RUNS_ENV, runs_dir  # noqa: F401 (where calibrate writes runs)
 
-RUNS_ENV = "MEMPROBE_RUNS_DIR"
-DEFAULT_RUNS_DIR = "memprobe_runs"
-REFERENCE_LAW = Path(__file__).resolve().parents[1] / "data_fixtures" / "reference" / "smollm2-135m" / "law.json"
+REFERENCE_LAW = reference_law_path()
 
 
 @dataclass(frozen=True)
@@ -31,10 +30,6 @@ class LawSource:
     def describe(self) -> str:
         how = {"explicit": "given", "runs": "newest in the runs folder", "reference": "shipped reference law"}[self.kind]
         return f"{self.path} ({how})"
-
-
-def runs_dir() -> Path:
-    return Path(os.environ.get(RUNS_ENV) or DEFAULT_RUNS_DIR)
 
 
 def newest_run_law(root: Path | None = None) -> Path | None:

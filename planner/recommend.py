@@ -20,7 +20,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from memprobe.errors import MemprobeError
-from memprobe.law import MemoryLaw, check_target_em, load_laws, objective_order
+from memprobe.law import MemoryLaw, check_target_em, load_laws
+from memprobe.rundir import PLAN_FORMAT, PLAN_SCHEMA_VERSION, Recipe, objective_order
 
 DEFAULT_MAX_RANK = 1024
 BYTES_PER_PARAM = {"fp32": 4, "bf16": 2}
@@ -128,7 +129,9 @@ class Plan:
 
     Intervals are central intervals at `level` over the law's bootstrap parameter draws
     (None when the law has none). adapter_mb_* are in MB (10^6 bytes). budget is the
-    training budget the law was calibrated with: train with at least that much.
+    training budget the law was calibrated with: train with at least that much. recipe is the law's whole
+    calibration recipe with the chosen objective (None for a law that records none): `memorize_command()`
+    spells it out as the `memprobe memorize` command that trains it.
     """
 
     rank: int
@@ -155,8 +158,8 @@ class Plan:
     law_source: str | None = None
     budget: dict = field(default_factory=dict)
     adapter: str | None = None
-    adapter_spec: dict | None = None  # the calibrated adapter's settings (layer, modules, alpha), for `memprobe memorize`
     model: str | None = None
+    recipe: Recipe | None = None
 
     def __post_init__(self):
         _positive_int("rank", self.rank)
@@ -172,10 +175,17 @@ class Plan:
         object.__setattr__(self, "warnings", tuple(self.warnings))
         object.__setattr__(self, "ranks_considered", tuple(self.ranks_considered))
         object.__setattr__(self, "budget", dict(self.budget))
+        if self.recipe is not None and self.recipe.objective != self.objective:
+            raise MemprobeError(f"the plan's recipe trains {self.recipe.objective!r}, not its objective {self.objective!r}")
+
+    def memorize_command(self, data: str = "jsonl:YOUR_DATA.jsonl") -> str | None:
+        """The `memprobe memorize` command that trains this plan's adapter on `data` (None without a recipe)."""
+        return self.recipe.memorize_command(self.rank, data) if self.recipe is not None else None
 
     def to_dict(self) -> dict:
         return {
-            "schema_version": 1,
+            "schema_version": PLAN_SCHEMA_VERSION,
+            "format": PLAN_FORMAT,
             "rank": self.rank,
             "objective": self.objective,
             "tokens": self.tokens,
@@ -201,8 +211,9 @@ class Plan:
             "law_source": self.law_source,
             "budget": dict(self.budget),
             "adapter": self.adapter,
-            "adapter_spec": self.adapter_spec,
             "model": self.model,
+            "recipe": self.recipe.to_dict() if self.recipe is not None else None,
+            "memorize_command": self.memorize_command(),
         }
 
 
@@ -300,8 +311,7 @@ def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int
         em_at_double_rank=float(law.predict_em(2 * rank, tokens, base_loss)),
         per_objective=per_objective, warnings=tuple(warnings),
         reason=_explain(chosen, rank, target_em, per_objective, em, em_below, below),
-        law_source=law_source, budget=law.budget, adapter=law.adapter, model=law.model,
-        adapter_spec=law.provenance.get("adapter_spec"),
+        law_source=law_source, budget=law.budget, adapter=law.adapter, model=law.model, recipe=law.recipe,
     )
 
 

@@ -1,12 +1,13 @@
-"""Rich renderables for a Plan and a Curve."""
+"""Rich renderables for a Plan and a Curve, laid out for 80 columns like memprobe.report's."""
 
 from __future__ import annotations
 
-from rich import box
+import shlex
+
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
+from memprobe.report import add_number_column, add_text_column, key_value_table, report_table
 from planner.recommend import Curve, Plan
 
 
@@ -18,16 +19,52 @@ def _interval(iv, digits: int = 4) -> str:
     return "" if iv is None else f"  [{_g(iv[0], digits)}, {_g(iv[1], digits)}]"
 
 
+class ShellCommand:
+    """A shell command broken over lines with backslash continuations at the console's width, each option on the
+    line of its value: printed in a log, it still pastes into a shell as one command."""
+
+    def __init__(self, command: str, indent: int = 2):
+        self.command = command
+        self.indent = indent
+
+    def pieces(self) -> list[str]:
+        args = shlex.split(self.command)
+        out, i = [], 0
+        while i < len(args):
+            n = 2 if args[i].startswith("-") and i + 1 < len(args) and not args[i + 1].startswith("-") else 1
+            out.append(shlex.join(args[i:i + n]))
+            i += n
+        return out
+
+    def __rich_console__(self, console, options):
+        first, *rest = self.pieces()
+        lines, line = [], " " * self.indent + first
+        for piece in rest:
+            if len(line) + len(piece) + len("  \\") > options.max_width:
+                lines.append(line + " \\")
+                line = " " * (self.indent + 2) + piece
+            else:
+                line += " " + piece
+        # a piece longer than the console (a long data path) is folded by rich; that one no longer pastes
+        yield Text("\n".join(lines + [line]), overflow="fold")
+
+
+def _training(plan: Plan):
+    """How to train the plan: its recipe as a `memprobe memorize` command, or the law's budget for a law without one."""
+    if getattr(plan, "recipe", None) is not None:
+        return Group(Text("train with:", style="bold"),
+                     ShellCommand(plan.memorize_command()))
+    budget = ", ".join(f"{k}={v}" for k, v in sorted(plan.budget.items()))
+    return Text.assemble(("train with: ", "bold"), budget or "(the law records no budget)")
+
+
 def render_plan(plan: Plan) -> Group:
     level = f"{round(100 * plan.level)} %"
-    t = Table(title=f"LoRA plan for {plan.tokens:,} answer tokens, target EM {plan.target_em:g}",
-              box=box.SIMPLE_HEAVY, show_header=False)
-    t.add_column("key", style="bold")
-    t.add_column("value")
+    t = key_value_table(f"LoRA plan for {plan.tokens:,} answer tokens, target EM {plan.target_em:g}")
     t.add_row("rank", f"[bold green]{plan.rank}[/]  (law's continuous answer {plan.rank_continuous:.3g})")
     t.add_row("objective", plan.objective)
     if plan.adapter:
-        t.add_row("adapter", plan.adapter + (f" on {plan.model}" if plan.model else ""))
+        t.add_row("adapter", Text(plan.adapter + (f" on {plan.model}" if plan.model else "")))
     t.add_row("predicted EM", f"{plan.predicted_em:.4f}{_interval(plan.predicted_em_interval)}"
               + (f"  ({level} interval)" if plan.predicted_em_interval else ""))
     t.add_row("predicted dL", f"{plan.predicted_delta_loss:.4g} nats/token{_interval(plan.predicted_delta_loss_interval)}")
@@ -36,35 +73,39 @@ def render_plan(plan: Plan) -> Group:
     if plan.trainable_params is not None:
         t.add_row("trainable params", f"{plan.trainable_params:,}  ({plan.adapter_mb_fp32:.3g} MB fp32, "
                   f"{plan.adapter_mb_bf16:.3g} MB bf16)")
-    budget = ", ".join(f"{k}={v}" for k, v in sorted(plan.budget.items()))
-    t.add_row("train with", budget or "(the law records no budget)")
-    t.add_row("law", plan.law_source or "-")
+    t.add_row("law", Text(plan.law_source or "-"))
 
-    per = Table(title="per objective", box=box.SIMPLE)
-    per.add_column("objective")
-    per.add_column("rank", justify="right")
-    per.add_column("predicted EM", justify="right")
+    per = report_table("per objective")
+    add_text_column(per, "objective")
+    add_number_column(per, "rank")
+    add_number_column(per, "predicted EM")
     for name, v in plan.per_objective.items():
-        per.add_row(name, str(v["rank"]) if v["rank"] is not None else f"> {plan.ranks_considered[-1]}",
+        per.add_row(Text(name), str(v["rank"]) if v["rank"] is not None else f"> {plan.ranks_considered[-1]}",
                     f"{v['predicted_em']:.4f}")
-    parts = [t, per, Text(plan.reason)]
+    parts = [t, _training(plan), per, Text(plan.reason)]
     if plan.warnings:
         parts.append(Text("\n".join(f"warning: {w}" for w in plan.warnings), style="yellow"))
     return Group(*parts)
 
 
 def render_curve(c: Curve) -> Group:
+    """One table per objective: predicted dL and EM with their intervals, rank by rank."""
     level = f"{round(100 * c.level)} %"
-    t = Table(title=f"predicted dL and EM against rank, T = {c.tokens:,} answer tokens", box=box.SIMPLE_HEAVY)
-    for col, just in (("objective", "left"), ("rank", "right"), ("dL", "right"), (f"dL {level}", "right"),
-                      ("loss after", "right"), ("EM", "right"), (f"EM {level}", "right"), ("params", "right")):
-        t.add_column(col, justify=just)
+    by_objective = {}
     for r in c.rows:
-        iv = "-" if r["delta_loss_lo"] is None else f"[{r['delta_loss_lo']:.4g}, {r['delta_loss_hi']:.4g}]"
-        em_iv = "-" if r["em_lo"] is None else f"[{r['em_lo']:.4f}, {r['em_hi']:.4f}]"
-        t.add_row(r["objective"], str(r["rank"]), f"{r['delta_loss']:.4g}", iv, f"{r['loss_after']:.4g}",
-                  f"{r['em']:.4f}", em_iv, "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}")
-    parts = [t, Text(f"law: {c.law_source or '-'}")]
+        by_objective.setdefault(r["objective"], []).append(r)
+    parts = [Text(f"predicted dL and EM against rank, T = {c.tokens:,} answer tokens", style="bold")]
+    for objective, rows in by_objective.items():
+        t = report_table(objective)
+        for col in ("rank", "dL", f"dL {level}", "L after", "EM", f"EM {level}", "params"):
+            add_number_column(t, col)
+        for r in rows:
+            iv = "-" if r["delta_loss_lo"] is None else f"[{r['delta_loss_lo']:.4g}, {r['delta_loss_hi']:.4g}]"
+            em_iv = "-" if r["em_lo"] is None else f"[{r['em_lo']:.4f}, {r['em_hi']:.4f}]"
+            t.add_row(str(r["rank"]), f"{r['delta_loss']:.4g}", iv, f"{r['loss_after']:.4g}", f"{r['em']:.4f}", em_iv,
+                      "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}")
+        parts.append(t)
+    parts.append(Text(f"law: {c.law_source or '-'}"))
     if c.warnings:
         parts.append(Text("\n".join(f"warning: {w}" for w in c.warnings), style="yellow"))
     return Group(*parts)

@@ -17,6 +17,7 @@ import pytest
 from memprobe.calibrate import CELL_COLUMNS, CalibrationConfig, run_calibration
 from memprobe.engine import TrainConfig
 from memprobe.errors import MemprobeError
+from memprobe.rundir import CURVE_COLUMNS, Recipe, read_curves
 
 DESIGN_COLUMNS = ["rank", "tokens", "objective", "adapter", "dataset", "seed", "loss_before", "loss_after",
                   "delta_loss", "token_acc", "exact_match", "trainable_params", "steps", "seconds", "saturated"]
@@ -105,15 +106,30 @@ def test_tokens_csv_holds_every_answer_token_of_every_cell_once(calibrated):
         assert t["p"].to_numpy() == pytest.approx(np.exp(-t["loss"].to_numpy()), rel=1e-4)
 
 
+def test_curves_record_every_step_of_every_cell(calibrated):
+    run_dir, result = calibrated
+    curves = read_curves(run_dir / "curves.csv")
+    assert list(curves.columns) == CURVE_COLUMNS
+    cells = result.cells.set_index("cell_id")
+    # step 0 (before any update) to the step the cell stopped at, one row each
+    assert curves.groupby("cell_id").size().to_dict() == (cells["steps"] + 1).to_dict()
+    last = curves.sort_values("step").groupby("cell_id").last()
+    assert last["loss"].to_numpy() == pytest.approx(cells.loc[last.index, "loss_after"].to_numpy(), rel=1e-4)
+    assert last["exact_match"].to_numpy() == pytest.approx(cells.loc[last.index, "exact_match"].to_numpy())
+    assert last["ordered_frac"].to_numpy() == pytest.approx(cells.loc[last.index, "ordered_frac"].to_numpy())
+    assert curves["ordered_frac"].between(0, 1).all() and curves["exact_match"].between(0, 1).all()
+
+
 def test_manifest_records_provenance_budget_and_timings(calibrated, config):
     run_dir, result = calibrated
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest == json.loads(json.dumps(result.manifest, default=str))
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2
     assert manifest["versions"]["torch"] and manifest["versions"]["transformers"] and manifest["versions"]["python"]
     assert manifest["hardware"]["cpu_count"] >= 1
     assert "git" in manifest and (manifest["git"] is None or isinstance(manifest["git"], str))
-    assert manifest["budget"]["steps"] == STEPS and manifest["budget"]["lr"] == config.train.lr
+    assert manifest["recipe"]["budget"]["steps"] == STEPS and manifest["recipe"]["budget"]["lr"] == config.train.lr
+    assert Recipe.from_dict(manifest["recipe"]) == config.recipe()
     assert manifest["model"]["source"] == "folder" and manifest["model"]["hidden_size"] == D_MODEL
     assert manifest["config"]["ranks"] == list(RANKS) and manifest["config"]["tokens"] == list(TOKENS)
     (run,) = manifest["timings"]["runs"]
@@ -175,9 +191,9 @@ def test_resume_grow_refuse_and_start_over(calibrated, config, tmp_path):
 
     # another recipe in the same directory is refused, and the directory is left as it was
     for other in (TrainConfig(steps=STEPS + 1), TrainConfig(steps=STEPS, lr=3e-2)):
-        with pytest.raises(MemprobeError, match=r"differs in: train\)"):
+        with pytest.raises(MemprobeError, match=r"differs in: budget\.(steps|lr): "):
             run_calibration(replace(config, train=other), run_dir)
-    with pytest.raises(MemprobeError, match="differs in: data"):
+    with pytest.raises(MemprobeError, match="differs in: data.kind: random -> phonebook"):
         run_calibration(replace(config, data="phonebook"), run_dir)
     assert (run_dir / "cells.csv").read_bytes() == cells_after
     assert (run_dir / "manifest.json").read_bytes() == manifest
@@ -189,7 +205,7 @@ def test_resume_grow_refuse_and_start_over(calibrated, config, tmp_path):
     assert len(runs) == 1 and runs[0]["cells_run"] == 1
     assert [r["cell_id"] for r in read_rows(run_dir / "cells.csv")] == ["sft-r2-T8-s0"]
     assert set(pd.read_csv(run_dir / "tokens.csv")["cell_id"]) == {"sft-r2-T8-s0"}
-    assert result.manifest["budget"]["steps"] == STEPS + 5 and result.fit_error is not None
+    assert result.manifest["recipe"]["budget"]["steps"] == STEPS + 5 and result.fit_error is not None
     assert not (run_dir / "law.json").exists()
 
 
@@ -201,7 +217,7 @@ def test_a_run_that_finished_no_cell_does_not_block_the_corrected_command(config
     one_cell = replace(config, ranks=(1,), tokens=(8,), train=TrainConfig(steps=3))
     result = run_calibration(one_cell, run_dir)
     assert len(result.cells) == 1 and last_run(run_dir)["cells_run"] == 1
-    assert json.loads((run_dir / "manifest.json").read_text())["config"]["model"] == config.model
+    assert json.loads((run_dir / "manifest.json").read_text())["recipe"]["model"] == config.model
 
 
 @pytest.mark.parametrize("data,ratio,message", [

@@ -120,7 +120,7 @@ def test_a_run_directory_of_another_recipe_is_refused(json_run, model_dir, capsy
     cells = (run_dir / "cells.csv").read_bytes()
     code = main(["calibrate", "--model", str(model_dir), *GRID, "--lr", "0.03", "--out", str(run_dir)])
     assert_one_line_error(code, capsys.readouterr().err, str(run_dir), "different calibration",
-                          "differs in: train", "--fresh")
+                          "differs in: budget.lr: 0.01 -> 0.03", "--fresh")
     assert (run_dir / "cells.csv").read_bytes() == cells
 
 

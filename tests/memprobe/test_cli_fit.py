@@ -56,12 +56,27 @@ def test_fit_every_objective_or_one(tmp_path):
 
 
 def test_default_out_is_next_to_the_cells_and_reads_the_manifest(tmp_path):
+    from memprobe.rundir import MANIFEST_VERSION, AdapterSpec, DataSpec, Recipe, TrainConfig
+
     shutil.copy(FIXTURES / "sft.csv", tmp_path / "cells.csv")
-    (tmp_path / "manifest.json").write_text(json.dumps({"model": {"name": "smollm2-135m"}, "budget": {"steps": 150, "lr": 0.01}}))
+    recipe = Recipe(model="smollm2-135m", data=DataSpec("phonebook", chat=False),
+                    adapter=AdapterSpec("lora", layers=(3, 4), target_modules=("q_proj",), alpha=8.0),
+                    budget=TrainConfig(steps=150, lr=0.01))
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": MANIFEST_VERSION,
+                                                         "recipe": recipe.to_dict(), "git": "abc"}))
     result = fit(tmp_path / "cells.csv", "--n-bootstrap", 0)
     assert result.exit_code == 0, result.output
     law = MemoryLaw.load(tmp_path / "law.json")
-    assert law.model == "smollm2-135m" and law.budget == {"steps": 150, "lr": 0.01}
+    # a refit keeps the calibration's whole recipe, not only its model and budget
+    assert law.recipe == recipe and law.model == "smollm2-135m" and law.budget == recipe.budget.to_dict()
+    assert law.adapter == "lora" and "plain prompts" in law.dataset and law.provenance["git"] == "abc"
+
+
+def test_a_manifest_of_another_schema_is_refused(tmp_path):
+    shutil.copy(FIXTURES / "sft.csv", tmp_path / "cells.csv")
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1, "model": "x"}))
+    assert_one_line_error(fit(tmp_path / "cells.csv"), "not a memprobe manifest of schema_version 2", "got 1")
+    assert not (tmp_path / "law.json").exists()
 
 
 @pytest.mark.parametrize("name,content,fragments", [

