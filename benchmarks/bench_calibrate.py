@@ -33,9 +33,9 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable fro
 import torch
 
 from benchmarks.plain_baseline import quiet_transformers, run_plain, synchronize
-from memprobe.adapters import ALL_LINEAR, AdapterSpec, attach_adapters
+from memprobe.adapters import ALL_LINEAR, AdapterSpec
 from memprobe.calibrate import PRESETS
-from memprobe.engine import CellSpec, FrozenPrefix, TrainConfig, shares_prefix_in_training, train_cells
+from memprobe.engine import CellSpec, TrainConfig, prepare_prefix, shares_prefix_in_training, train_cells
 from memprobe.errors import MemprobeError
 from memprobe.measure import make_batch
 
@@ -236,9 +236,7 @@ def run_ours(model, sequences, spec: AdapterSpec, cfg: TrainConfig, ranks, seed:
     synchronize(device)
     t0 = time.perf_counter()
     batch = make_batch(sequences, pad_id=pad_id)
-    probe = attach_adapters(model, spec, [1], [0])  # where the frozen prefix ends
-    probe.detach()
-    prefix = FrozenPrefix(model, batch, probe.first_layer, share_prefix=share_prefix)
+    prefix, params_per_rank = prepare_prefix(model, batch, spec, share_prefix=share_prefix)
     base = prefix.measure_base()
     synchronize(device)
     t1 = time.perf_counter()
@@ -246,7 +244,7 @@ def run_ours(model, sequences, spec: AdapterSpec, cfg: TrainConfig, ranks, seed:
     synchronize(device)
     t2 = time.perf_counter()
     shared = prefix.P if shares_prefix_in_training(spec) else 0
-    return OursRun(base.loss, outcomes, t2 - t0, t2 - t1, probe.first_layer, probe.params_per_rank, shared,
+    return OursRun(base.loss, outcomes, t2 - t0, t2 - t1, prefix.k, params_per_rank, shared,
                    prefix.h.shape[1])
 
 
@@ -353,7 +351,8 @@ def summarize(rows: list[dict], timings: list[dict], peak_flops: float, same_bud
 
 def run_benchmark(config: BenchConfig, *, log=None) -> dict:
     """Load the model once, run every dataset of the grid both ways, return the result document."""
-    from memprobe.calibrate import git_hash, hardware, versions
+    from memprobe.calibrate import hardware
+    from memprobe.rundir import git_hash, versions
     from memprobe.data import build_dataset
     from memprobe.models import load_model
 

@@ -123,8 +123,7 @@ def run_benchmark(model, tokenizer, config: BenchConfig, progress=None, log=lamb
     """Train every pack; returns a pandas DataFrame with one row per cell (CSV_COLUMNS)."""
     import pandas as pd
 
-    from memprobe.adapters import attach_adapters
-    from memprobe.engine import CellSpec, FrozenPrefix, train_cells
+    from memprobe.engine import CellSpec, prepare_prefix, train_cells
     from memprobe.measure import make_batch
 
     adapter, train = config.adapter_spec(), config.train_config()
@@ -134,9 +133,7 @@ def run_benchmark(model, tokenizer, config: BenchConfig, progress=None, log=lamb
             for seed in config.seeds:
                 ds = build_data(dataset, tokenizer, T, seed)
                 batch = make_batch(ds.sequences, pad_id=getattr(tokenizer, "pad_token_id", None) or 0)
-                probe = attach_adapters(model, adapter, [1], [0])  # where the frozen layers end
-                probe.detach()
-                prefix = FrozenPrefix(model, batch, probe.first_layer)
+                prefix, _ = prepare_prefix(model, batch, adapter)
                 base = prefix.measure_base()
                 cells = [CellSpec(r, seed, o) for o in config.objectives for r in config.ranks]
                 if progress is not None:
@@ -318,7 +315,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
-    from memprobe.calibrate import Progress, git_hash, hardware, versions
+    from memprobe.calibrate import Progress, hardware
+    from memprobe.rundir import git_hash, versions
     from memprobe.errors import MemprobeError
     from memprobe.models import load_model
 

@@ -76,10 +76,13 @@ class CalibrationConfig:
 
     @classmethod
     def from_preset(cls, preset: str = "quick", **overrides) -> "CalibrationConfig":
-        """A preset with some values replaced; None in overrides means 'keep the preset's'."""
+        """A preset with some values replaced; None in overrides means 'keep the preset's', clip=0 'no clipping'
+        (as in `memprobe memorize`)."""
         if preset not in PRESETS:
             raise MemprobeError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         p = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        if p.get("clip") == 0:
+            p["clip"] = None
         adapter = AdapterSpec(kind=p.pop("adapter"), dropout=p.pop("dropout"), **p.pop("adapter_kwargs", {}))
         train_keys = ("steps", "lr", "schedule", "clip", "stop_p", "warmup")
         train = TrainConfig(**{k: p.pop(k) for k in train_keys if k in p})

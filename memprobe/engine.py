@@ -62,12 +62,13 @@ class CellOutcome:
         return (c[-1 - w] - c[-1]) / max(c[-1 - w], 1e-12) / w
 
 
-def prepare_prefix(model, batch: AnswerBatch, adapter: AdapterSpec) -> tuple["FrozenPrefix", int]:
+def prepare_prefix(model, batch: AnswerBatch, adapter: AdapterSpec,
+                   share_prefix: bool = True) -> tuple["FrozenPrefix", int]:
     """The frozen layers below `adapter`'s first adapted layer run once for `batch`; returns that prefix and the
     adapter's trainable parameters per unit of rank (a probe adapter is attached to find both, then removed)."""
     probe = attach_adapters(model, adapter, [1], [0])
     probe.detach()
-    return FrozenPrefix(model, batch, probe.first_layer), probe.params_per_rank
+    return FrozenPrefix(model, batch, probe.first_layer, share_prefix=share_prefix), probe.params_per_rank
 
 
 class FrozenPrefix:

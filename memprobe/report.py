@@ -1,8 +1,8 @@
 """Rich renderables for laws, fits, cells tables, token phases and memorize runs (no torch; pandas only duck-typed).
 
 Each render_* function returns something `rich.console.Console.print` accepts. They are laid out for 80 columns
-(a CI log, a pipe): short headers, one table per objective instead of an objective column, numbers never wrapped,
-and long values (paths, cell ids) folded onto further lines rather than cut.
+(a CI log, a pipe): short headers, one table per objective instead of an objective column, numbers whole, and
+long values (paths, cell ids) folded onto further lines rather than cut.
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ def _fmt(x, spec: str = ".2f", missing: str = "-") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return missing
     return format(x, spec)
+
+
+def _share(x) -> str:
+    # "100%", not "100.0%": one character less in the phase table's three share columns
+    s = _fmt(x, ".1%")
+    return "100%" if s == "100.0%" else s
 
 
 def _fmt_rank(r) -> str:
@@ -180,8 +186,8 @@ def render_cells(cells, max_rows: int = 50) -> Group:
     tables = []
     for objective, rows in by_objective(shown):
         n = len(cells) if objective is None else int(totals[objective])
-        t = report_table(("" if objective is None else f"{objective}: ") + f"{n} cells"
-                   + (f" (first {len(rows)})" if len(rows) < n else ""))
+        title = ("" if objective is None else f"{objective}: ") + f"{n} cells"
+        t = report_table(title + (f" (first {len(rows)})" if len(rows) < n else ""))
         for c in cols:
             header, fmt = CELL_COLUMNS[c]
             (add_text_column if fmt == "text" else add_number_column)(t, header)
@@ -198,9 +204,9 @@ def render_calibration(result) -> Group:
     slopes = cells.loc[~cells["saturated"].astype(bool), "final_slope"] if "final_slope" in cells.columns else None
     if slopes is not None and len(slopes):
         parts.append(Text(
-            f"slope: loss decrease per step over the last 10 steps; median of the non-saturated cells "
-            f"{slopes.median():.2%} (near 0: cells sit at their plateau, the law measures capacity; large: it "
-            f"measures speed at this budget)", style="dim"))
+            f"slope: the last-10-step loss slope, per step; median of the non-saturated cells {slopes.median():.2%} "
+            f"(near 0: cells sit at their plateau, the law measures capacity; large: it measures speed at this "
+            f"budget)", style="dim"))
     if result.fits:
         parts.append(render_fits(result.fits))
     if result.fit_error:
@@ -229,7 +235,8 @@ def render_phase_summary(report) -> Group:
     lines = []
     for objective, rows in by_objective(per_cell):
         table = report_table(f"Token phases of {objective} (ordered: p > {thr})")
-        # the cell id is the only column that may fold: on a console too narrow for all of them it gives way
+        # the id names objective, r, T and seed, so no objective column; the widest column, it folds first on a
+        # console too narrow for the table
         add_text_column(table, "cell")
         # two-line headers: "1st failure" on one line would cost the 80 columns their last spare characters
         for name in ("r", "T", "ordered", "acc", "EM", "L\nafter", "1st\nfail", f"1st\np<{thr}"):
@@ -240,7 +247,7 @@ def render_phase_summary(report) -> Group:
             cells = [
                 # Text, not str: a cell id like "[r1]" is data, not rich markup
                 Text(str(row.cell_id)), _fmt_rank(row.rank), _fmt_rank(row.tokens),
-                _fmt(row.ordered_frac, ".1%"), _fmt(row.acc, ".1%"), _fmt(row.exact_match, ".1%"),
+                _share(row.ordered_frac), _share(row.acc), _share(row.exact_match),
                 _fmt(row.loss_after, ".3f"), _fmt(row.first_failure, ".1f"), _fmt(row.earliest_stubborn, ".1f"),
             ]
             table.add_row(*cells, *(["!" if row.misaligned else ""] if flag else []))

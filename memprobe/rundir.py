@@ -125,8 +125,6 @@ class AdapterSpec:
             raise MemprobeError(f"lora alpha must be positive, got {self.alpha}")
         if not self.target_modules:
             raise MemprobeError("lora needs at least one target module")
-        if self.layer is not None and (isinstance(self.layer, bool) or int(self.layer) != self.layer or self.layer < 0):
-            raise MemprobeError(f"layer must be a non-negative integer, got {self.layer!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(k) for k in self.layers))
         object.__setattr__(self, "target_modules", tuple(self.target_modules))

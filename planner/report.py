@@ -21,39 +21,44 @@ def _interval(iv, digits: int = 4) -> str:
 
 class ShellCommand:
     """A shell command broken over lines with backslash continuations at the console's width, each option on the
-    line of its value: printed in a log, it still pastes into a shell as one command."""
+    line of its value where both fit: printed in a log, it still pastes into a shell as one command."""
 
     def __init__(self, command: str, indent: int = 2):
         self.command = command
         self.indent = indent
 
-    def pieces(self) -> list[str]:
+    def pieces(self) -> list[list[str]]:
+        """The quoted words, an option grouped with its value."""
         args = shlex.split(self.command)
         out, i = [], 0
         while i < len(args):
             n = 2 if args[i].startswith("-") and i + 1 < len(args) and not args[i + 1].startswith("-") else 1
-            out.append(shlex.join(args[i:i + n]))
+            out.append([shlex.quote(a) for a in args[i:i + n]])
             i += n
         return out
 
     def __rich_console__(self, console, options):
-        first, *rest = self.pieces()
-        lines, line = [], " " * self.indent + first
-        for piece in rest:
-            if len(line) + len(piece) + len("  \\") > options.max_width:
-                lines.append(line + " \\")
-                line = " " * (self.indent + 2) + piece
+        width, cont = options.max_width, " \\"
+        lines = [" " * self.indent]
+
+        def place(piece: str) -> None:
+            if lines[-1].strip() and len(lines[-1]) + 1 + len(piece) + len(cont) > width:
+                lines.append(" " * (self.indent + 2) + piece)
             else:
-                line += " " + piece
-        # a piece longer than the console (a long data path) is folded by rich; that one no longer pastes
-        yield Text("\n".join(lines + [line]), overflow="fold")
+                lines[-1] += (" " if lines[-1].strip() else "") + piece
+
+        for words in self.pieces():
+            together = " ".join(words)
+            for piece in [together] if self.indent + 2 + len(together) + len(cont) <= width else words:
+                place(piece)
+        # a word longer than a line (a long data path) is folded by rich: all of it shows, that line does not paste
+        yield Text(f"{cont}\n".join(lines), overflow="fold")
 
 
 def _training(plan: Plan):
     """How to train the plan: its recipe as a `memprobe memorize` command, or the law's budget for a law without one."""
     if getattr(plan, "recipe", None) is not None:
-        return Group(Text("train with:", style="bold"),
-                     ShellCommand(plan.memorize_command()))
+        return Group(Text("train with:", style="bold"), ShellCommand(plan.memorize_command()))
     budget = ", ".join(f"{k}={v}" for k, v in sorted(plan.budget.items()))
     return Text.assemble(("train with: ", "bold"), budget or "(the law records no budget)")
 
@@ -82,7 +87,7 @@ def render_plan(plan: Plan) -> Group:
     for name, v in plan.per_objective.items():
         per.add_row(Text(name), str(v["rank"]) if v["rank"] is not None else f"> {plan.ranks_considered[-1]}",
                     f"{v['predicted_em']:.4f}")
-    parts = [t, _training(plan), per, Text(plan.reason)]
+    parts = [t, _training(plan), Text(""), per, Text(plan.reason)]
     if plan.warnings:
         parts.append(Text("\n".join(f"warning: {w}" for w in plan.warnings), style="yellow"))
     return Group(*parts)

@@ -14,6 +14,11 @@ def modules_after(code: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def test_the_contract_module_needs_neither_numpy_nor_torch():
+    loaded = modules_after("import memprobe.rundir; memprobe.rundir.Recipe().to_dict()")
+    assert not loaded["torch"] and not loaded["pandas"]
+
+
 def test_planner_and_law_leave_torch_and_pandas_out():
     loaded = modules_after("import planner, memprobe.law")
     assert not loaded["torch"] and not loaded["transformers"] and not loaded["peft"]

@@ -1,0 +1,86 @@
+"""The contract between the stages: the recipe round-trips through JSON and refuses what it does not know,
+and the run directory's tables are read through one validating reader."""
+
+import json
+import math
+
+import pytest
+
+from memprobe.errors import MemprobeError
+from memprobe.rundir import (CELL_COLUMNS, AdapterSpec, DataSpec, Recipe, TrainConfig, append_rows,
+                             finished_cells, is_saturated, keep_finished_rows, normalize_objective, read_cells,
+                             read_manifest)
+
+LORA = Recipe(model="Qwen/Qwen3-8B", data=DataSpec("jsonl", path="facts.jsonl", chat=False),
+              adapter=AdapterSpec("lora", layers=(20, 21), target_modules=("q_proj", "v_proj"), alpha=16.0,
+                              dropout=0.1),
+              budget=TrainConfig(steps=300, lr=3e-3, schedule="linear", clip=1.0, betas=(0.9, 0.95)),
+              objective="memft-sw", objective_kwargs={"memft-sw": {"W": 30}})
+
+
+@pytest.mark.parametrize("recipe", [Recipe(), LORA,
+                                    Recipe(data=DataSpec("text", replace_ratio=0.4), budget=TrainConfig(stop_p=None))])
+def test_a_recipe_round_trips_through_json(recipe):
+    doc = json.loads(json.dumps(recipe.to_dict()))
+    assert Recipe.from_dict(doc) == recipe and Recipe.from_dict(doc).to_dict() == recipe.to_dict()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d.update(rank=8), "recipe: unknown field 'rank'"),
+    (lambda d: d.pop("budget"), "recipe: missing field 'budget'"),
+    (lambda d: d["budget"].update(steps="many"), "recipe budget: steps must be an integer, got 'many'"),
+    (lambda d: d["budget"].update(lr=True), "recipe budget: lr must be a number, got True"),
+    (lambda d: d["adapter"].update(layers="20"), "recipe adapter: layers must be a list"),
+    (lambda d: d["adapter"].update(rank_scale=1), "recipe adapter: unknown field 'rank_scale'"),
+    (lambda d: d["data"].update(chat="no"), "recipe data: chat must be a boolean, got 'no'"),
+    (lambda d: d["data"].update(kind="csv"), "unknown dataset 'csv'"),
+    (lambda d: d.update(objective="dpo"), "objective must be one of sft, memft-ot, memft-sw, got 'dpo'"),
+])
+def test_a_recipe_refuses_unknown_or_ill_typed_fields(edit, message):
+    doc = LORA.to_dict()
+    edit(doc)
+    with pytest.raises(MemprobeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Recipe.from_dict(doc)
+
+
+def test_differences_name_every_changed_setting():
+    other = LORA.replace(data=DataSpec("jsonl", path="facts.jsonl", chat=True),
+                         adapter=AdapterSpec("lora", layers=(20,), target_modules=("q_proj", "v_proj"),
+                                             alpha=16.0, dropout=0.1))
+    assert other.differences(LORA) == ["adapter.layers: [20, 21] -> [20]", "data.chat: False -> True"]
+    assert LORA.differences(LORA) == []
+
+
+def test_the_memorize_command_spells_out_the_recipe():
+    command = LORA.memorize_command(8, "jsonl:mine.jsonl")
+    for part in ("memprobe memorize --data jsonl:mine.jsonl --model Qwen/Qwen3-8B --rank 8",
+                 "--objective memft-sw", "--adapter lora", "--lora-layers 20,21", "--target-modules q_proj,v_proj",
+                 "--lora-alpha 16", "--no-chat", "--dropout 0.1", "--steps 300", "--lr 0.003", "--schedule linear",
+                 "--clip 1", "--stop-p 0.9"):
+        assert part in command, part
+    assert "--clip 0" in Recipe().memorize_command(1) and "--chat" in Recipe().memorize_command(1)
+
+
+def test_one_objective_spelling_and_one_saturation_rule():
+    assert normalize_objective(" MemFT_OT ") == "memft-ot"
+    assert is_saturated(math.log(2) - 1e-9) and not is_saturated(math.log(2))
+
+
+def test_tables_resume_from_what_finished(tmp_path):
+    rows = [{c: 1 for c in CELL_COLUMNS} | {"cell_id": f"c{i}"} for i in range(2)]
+    append_rows(tmp_path / "cells.csv", CELL_COLUMNS, rows[:1])
+    append_rows(tmp_path / "cells.csv", CELL_COLUMNS, rows[1:])
+    assert finished_cells(tmp_path) == {"c0", "c1"} and len(read_cells(tmp_path / "cells.csv")) == 2
+    append_rows(tmp_path / "tokens.csv", ["cell_id", "p"], [{"cell_id": "c0", "p": 1}, {"cell_id": "c9", "p": 1}])
+    keep_finished_rows(tmp_path, "tokens.csv", ["cell_id", "p"], {"c0", "c1"})
+    assert (tmp_path / "tokens.csv").read_text().split() == ["cell_id,p", "c0,1"]
+
+
+def test_a_manifest_of_another_schema_is_refused_by_name(tmp_path):
+    assert read_manifest(tmp_path) is None
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1}))
+    with pytest.raises(MemprobeError, match="not a memprobe manifest of schema_version 2 \\(got 1\\)"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 2, "recipe": {"model": "x"}}))
+    with pytest.raises(MemprobeError, match="recipe: missing field 'data'"):
+        read_manifest(tmp_path)
