@@ -29,7 +29,7 @@ import pandas as pd
 
 from memprobe import rundir
 from memprobe.errors import MemprobeError
-from memprobe.law import PARAMS, EMLink, MemoryLaw, save_laws
+from memprobe.law import PARAMS, PHYSICAL_FORMS, EMLink, MemoryLaw, law_delta_loss, save_laws
 from memprobe.rundir import LAW_COLUMNS as REQUIRED_COLUMNS
 from memprobe.rundir import Recipe, check_columns, coerce_numeric, is_saturated, objective_order, read_cells  # noqa: F401
 
@@ -97,6 +97,12 @@ class LawFit:
             "em_link": self.law.em_link.to_dict(),
             "base_loss": self.law.base_loss,
             "params_per_rank": self.law.params_per_rank,
+            "form": self.law.form,
+            "model_error": self.law.model_error,
+            "forms": self.law.fit_stats.get("forms"),
+            "predicting": self.law.fit_stats.get("predicting"),
+            "usable": self.law.usable,
+            "unusable_reasons": self.law.unusable_reasons,
             "warnings": list(self.warnings),
         }
 
@@ -197,7 +203,8 @@ def _lmfit(r, T, y, start):
     def residual(p):
         return _residual_theta((p["C"].value, p["alpha"].value, p["beta"].value, p["b"].value), r, T, y, w)
 
-    result = lmfit.Minimizer(residual, params).minimize(method="least_squares")
+    # a bounded budget: cells a power law cannot describe (e.g. strongly saturating) otherwise crawl for seconds
+    result = lmfit.Minimizer(residual, params, max_nfev=MAX_NFEV).minimize(method="least_squares")
     theta = np.array([result.params[p].value for p in PARAMS])
     stderr = {p: float(result.params[p].stderr) for p in PARAMS
               if result.params[p].stderr is not None and np.isfinite(result.params[p].stderr)}
@@ -208,25 +215,60 @@ def fit_params(r, T, y):
     """(C, alpha, beta, b), stderr, lmfit result: grid projection, then lmfit."""
     r, T, y = (np.asarray(v, dtype=float) for v in (r, T, y))
     start = _project_grid(r, T, y, 1.0 / _sigma(y))
-    return _lmfit(r, T, y, start)
+    # scipy with the analytic Jacobian finds the optimum; lmfit, started there, gives its standard errors
+    return _lmfit(r, T, y, _refit_fast(r, T, y, start))
 
 
-def _refit_fast(r, T, y, start):
-    """A bootstrap refit: plain scipy least squares from the full fit (same model, same weights)."""
+def _residual_form(theta, form, r, T, L, y, w):
+    return (y - law_delta_loss(form, *theta, r, T, L)) * w
+
+
+def _jacobian_form(theta, form, r, T, L, y, w):
+    """(n, 4) d residual / d (C, alpha, beta, b), analytic: a refit runs hundreds of times per law."""
+    C, alpha, beta, b = theta
+    g = r**alpha * T ** (-beta)  # (n,)
+    du = np.stack([g, C * g * np.log(r), -C * g * np.log(T), np.ones_like(g)], axis=1)  # (n, 4)
+    if form == "saturating":
+        du = du * np.exp(-(C * g + b) / L)[:, None]
+    elif form == "hyperbolic":
+        u = C * g + b
+        du = du * np.where(u > 0, (L / (L + np.maximum(u, 0.0))) ** 2, 0.0)[:, None]
+    return -du * w[:, None]
+
+
+MAX_NFEV = 2000
+BOOTSTRAP_NFEV = 100
+BOUNDS_LO = np.array([1e-12, 1e-6, 1e-6, -np.inf])
+BOUNDS_HI = np.array([np.inf, 20.0, 20.0, np.inf])
+
+
+def _refit_fast(r, T, y, start, form: str = "power", L=None, max_nfev: int | None = None):
+    """A refit (bootstrap, cross-validation, a physical form): plain scipy least squares from `start`, same
+    weights as the full fit."""
     from scipy.optimize import least_squares
 
-    lo = np.array([1e-12, 1e-6, 1e-6, -np.inf])
-    hi = np.array([np.inf, 20.0, 20.0, np.inf])
-    x0 = np.clip(start, lo, hi)
-    sol = least_squares(_residual_theta, x0, bounds=(lo, hi), args=(r, T, y, 1.0 / _sigma(y)), method="trf")
+    x0 = np.clip(start, BOUNDS_LO, BOUNDS_HI)
+    sol = least_squares(_residual_form, x0, jac=_jacobian_form, bounds=(BOUNDS_LO, BOUNDS_HI),
+                        args=(form, r, T, L, y, 1.0 / _sigma(y)), method="trf", x_scale="jac",
+                        max_nfev=max_nfev or MAX_NFEV)
     return sol.x
+
+
+def fit_form(form: str, r, T, L, y, start=None) -> np.ndarray:
+    """(C, alpha, beta, b) of a law of `form`: from `start` when given (a refit of a subset of the cells the full
+    fit came from), else the paper's form from the grid projection and lmfit and a physical form from that."""
+    if start is None:
+        start = fit_params(r, T, y)[0]
+        if form == "power":
+            return start
+    return _refit_fast(r, T, y, start, form, L)
 
 
 def _identifiable(r, T) -> bool:
     return len(np.unique(r)) >= 2 and len(np.unique(T)) >= 2
 
 
-def bootstrap_samples(r, T, y, theta, n_bootstrap: int, seed: int) -> np.ndarray:
+def bootstrap_samples(r, T, y, theta, n_bootstrap: int, seed: int, form: str = "power", L=None) -> np.ndarray:
     """(n_bootstrap, 4) parameter draws from refits on cells resampled with replacement."""
     rng = np.random.default_rng(seed)
     n = len(y)
@@ -238,8 +280,60 @@ def bootstrap_samples(r, T, y, theta, n_bootstrap: int, seed: int) -> np.ndarray
                 break
         else:
             continue
-        out.append(_refit_fast(r[idx], T[idx], y[idx], theta))
+        # a resample that repeats few cells can be near-degenerate: a short budget keeps one from costing seconds
+        out.append(_refit_fast(r[idx], T[idx], y[idx], theta, form, None if L is None else L[idx], BOOTSTRAP_NFEV))
     return np.asarray(out, dtype=float).reshape(-1, N_PARAMS)
+
+
+def cross_validate(form: str, r, T, L, y, start) -> dict | None:
+    """Leave one T out: refit without every cell of that T, predict them; over all T that can be left out.
+    Returns the held-out MAPE, the ln(measured / predicted) ratios and how many cells, or None when no T can be
+    left out (fewer than 3 distinct T, or too few cells left). Each refit starts from `start`, the paper form's
+    full fit (a start, not a constraint: the refit sees only the cells it keeps)."""
+    ratios, apes = [], []
+    for T_out in np.unique(T):
+        keep = T != T_out
+        if keep.sum() < N_PARAMS or not _identifiable(r[keep], T[keep]):
+            continue
+        theta = fit_form(form, r[keep], T[keep], L[keep], y[keep], start)
+        pred = law_delta_loss(form, *theta, r[~keep], T[~keep], L[~keep])
+        apes += list(np.abs(pred - y[~keep]) / np.maximum(np.abs(y[~keep]), 1e-12))
+        ok = (pred > 0) & (y[~keep] > 0)
+        ratios += list(np.log(y[~keep][ok] / pred[ok]))
+    if not apes:
+        return None
+    return {"mape": float(np.mean(apes)), "n_cells": len(apes), "log_ratios": [float(x) for x in ratios]}
+
+
+def choose_form(cv: dict) -> str:
+    """The physical form with the smaller held-out error (ties, and no held-out check: saturating)."""
+    scored = [(cv[f]["mape"], i, f) for i, f in enumerate(PHYSICAL_FORMS) if cv.get(f)]
+    return min(scored)[2] if scored else PHYSICAL_FORMS[0]
+
+
+def model_error(cv_of_form: dict | None) -> float:
+    """sd of ln(measured / predicted) over held-out cells (0 without a held-out check)."""
+    ratios = np.asarray((cv_of_form or {}).get("log_ratios", []), dtype=float)
+    return float(np.sqrt(np.mean(ratios**2))) if len(ratios) >= 2 else 0.0
+
+
+MIN_DOF = 2  # non-saturated cells beyond the 4 parameters: with none spare, any 4 cells fit "perfectly"
+
+
+def unusable_reasons(theta, n_used: int, r_used, T_used, y) -> list[str]:
+    """Why the cells cannot identify the law (empty: they can)."""
+    C, alpha, beta, b = theta
+    out = []
+    if n_used < N_PARAMS + MIN_DOF:
+        out.append(f"{n_used} non-saturated cells for {N_PARAMS} parameters (need {N_PARAMS + MIN_DOF}): calibrate "
+                   f"larger T or smaller ranks, where cells do not saturate")
+    for name, v in (("alpha", alpha), ("beta", beta)):
+        if v < 1e-3 or v > 19.0:
+            out.append(f"{name} = {v:.3g} sits at its bound: the cells do not pin it down")
+    if abs(b) > 10 * float(np.max(np.abs(y))):
+        out.append(f"the offset b = {b:.3g} dwarfs every measured dL (at most {float(np.max(np.abs(y))):.3g}): "
+                   "the power term is not identified")
+    return out
 
 
 def _mape(y, pred) -> tuple[float, float]:
@@ -247,14 +341,15 @@ def _mape(y, pred) -> tuple[float, float]:
     return float(np.mean(ape)), float(np.max(ape))
 
 
-def _holdout(r, T, y) -> tuple[Holdout | None, str | None]:
+def _holdout(r, T, y, form: str = "power", L=None) -> tuple[Holdout | None, str | None]:
     T_max = float(T.max())
     keep = T < T_max
     if keep.sum() < N_PARAMS or not _identifiable(r[keep], T[keep]):
         return None, (f"held-out check skipped: without the T={T_max:g} cells only {int(keep.sum())} usable cells "
                       f"with {len(np.unique(T[keep]))} distinct T remain")
-    theta, _, _ = fit_params(r[keep], T[keep], y[keep])
-    mape, max_ape = _mape(y[~keep], law_model(theta, r[~keep], T[~keep]))
+    L = np.ones_like(y) if L is None else L
+    theta = fit_form(form, r[keep], T[keep], L[keep], y[keep])
+    mape, max_ape = _mape(y[~keep], law_delta_loss(form, *theta, r[~keep], T[~keep], L[~keep]))
     return Holdout(tokens=T_max, n_cells=int((~keep).sum()), mape=mape, max_ape=max_ape), None
 
 
@@ -313,6 +408,19 @@ def _params_per_rank(cells: pd.DataFrame) -> float | None:
     return float(np.median(p)) if len(p) else None
 
 
+def _convergence(cells: pd.DataFrame) -> dict:
+    """How the non-saturated cells ended: a law from cells still descending at the end of their budget measures
+    how far the budget gets, not what a rank holds."""
+    out = {}
+    if "stop_reason" in cells.columns:
+        out["stop_reasons"] = {str(k): int(v) for k, v in cells["stop_reason"].value_counts().items()}
+    if "final_slope" in cells.columns:
+        slope = pd.to_numeric(cells["final_slope"], errors="coerce").dropna()
+        if len(slope):
+            out["median_final_slope"] = float(slope.median())
+    return out
+
+
 def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int, holdout: bool,
              provenance: Mapping | None, ci_level: float, recipe: Recipe | None = None) -> LawFit:
     r = cells["rank"].to_numpy(dtype=float)
@@ -336,34 +444,53 @@ def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int
                 f"{where}every usable cell has {name} {values[0]:g}: {param} is unidentifiable "
                 f"(calibrate at least 2 distinct {name} values among non-saturated cells)"
             )
-    r_u, T_u, y = r[used], T[used], dL[used]
+    r_u, T_u, L_u, y = r[used], T[used], Lb[used], dL[used]
 
-    theta, stderr, result = fit_params(r_u, T_u, y)
-    pred = law_model(theta, r, T)
+    # the paper's form, always fitted and reported; a physical form to predict with, chosen by held-out error
+    theta_p, stderr, result = fit_params(r_u, T_u, y)
+    cv = {f: cross_validate(f, r_u, T_u, L_u, y, theta_p) for f in ("power", *PHYSICAL_FORMS)} if holdout else {}
+    form = choose_form(cv)
+    theta = _refit_fast(r_u, T_u, y, theta_p, form, L_u)
+    pred = law_delta_loss(form, *theta, r, T, Lb)
     res = y - pred[used]
     ss_tot = float(np.sum((y - y.mean()) ** 2))
-    r2 = 1.0 - float(np.sum(res**2)) / ss_tot if ss_tot > 0 else float("nan")
-    mape, _ = _mape(y, pred[used])
+    # r2 and mape are the paper form's (the numbers the paper reports); the predicting form's sit beside them
+    pred_p = law_delta_loss("power", *theta_p, r_u, T_u)
+    r2 = 1.0 - float(np.sum((y - pred_p) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
+    mape, _ = _mape(y, pred_p)
+    r2_f = 1.0 - float(np.sum(res**2)) / ss_tot if ss_tot > 0 else float("nan")
+    mape_f, _ = _mape(y, pred[used])
 
     warnings = []
     n_bootstrap = int(n_bootstrap)
     if n_bootstrap < 0:
         raise MemprobeError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
-    samples = bootstrap_samples(r_u, T_u, y, theta, n_bootstrap, seed) if n_bootstrap else np.zeros((0, N_PARAMS))
-    if len(samples) >= 2:
-        q = np.quantile(samples, [(1 - ci_level) / 2, (1 + ci_level) / 2], axis=0)  # (2, 4)
+    # the paper form's draws give its parameters' intervals; the predicting form's, the prediction intervals
+    paper_samples = bootstrap_samples(r_u, T_u, y, theta_p, n_bootstrap, seed) if n_bootstrap \
+        else np.zeros((0, N_PARAMS))
+    samples = bootstrap_samples(r_u, T_u, y, theta, n_bootstrap, seed, form, L_u) if n_bootstrap \
+        else np.zeros((0, N_PARAMS))
+    if len(paper_samples) >= 2:
+        q = np.quantile(paper_samples, [(1 - ci_level) / 2, (1 + ci_level) / 2], axis=0)  # (2, 4)
         ci = {p: (float(q[0, i]), float(q[1, i])) for i, p in enumerate(PARAMS)}
     else:
-        # no bootstrap: a normal approximation from lmfit's covariance
+        # no bootstrap: a normal approximation from lmfit's covariance (of the paper's form)
         from scipy.stats import norm
 
         z = float(norm.ppf((1 + ci_level) / 2))
-        ci = {p: (float(theta[i] - z * stderr[p]), float(theta[i] + z * stderr[p]))
+        ci = {p: (float(theta_p[i] - z * stderr[p]), float(theta_p[i] + z * stderr[p]))
               for i, p in enumerate(PARAMS) if p in stderr}
         if n_bootstrap:
             warnings.append("bootstrap produced too few refits; intervals from the covariance instead")
+    if holdout and cv.get(form) is None:
+        warnings.append("no T can be left out (calibrate at least 3 sizes): the predicting form was not chosen "
+                        "by held-out error and the intervals carry no model error")
+    reasons = unusable_reasons(theta_p, n_used, r_u, T_u, y)
+    if reasons:
+        warnings.append("the cells cannot identify this law: " + "; ".join(reasons))
 
-    ho, note = _holdout(r_u, T_u, y) if holdout else (None, None)
+    ho, note = _holdout(r_u, T_u, y, form, L_u) if holdout else (None, None)
+    ho_p, _ = _holdout(r_u, T_u, y) if holdout else (None, None)
     if note:
         warnings.append(note)
 
@@ -390,23 +517,29 @@ def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int
                 budget = {"steps": int(steps.max()), "note": "inferred from the cells (largest steps)"}
 
     law = MemoryLaw(
-        C=theta[0], alpha=theta[1], beta=theta[2], b=theta[3], objective=objective, em_link=link,
+        C=theta_p[0], alpha=theta_p[1], beta=theta_p[2], b=theta_p[3], objective=objective, em_link=link,
         base_loss=base_loss, params_per_rank=_params_per_rank(cells),
         rank_range=(float(r_u.min()), float(r_u.max())), tokens_range=(float(T_u.min()), float(T_u.max())),
         **info, budget=budget, recipe=recipe, stderr=stderr, ci=ci, ci_level=ci_level, samples=tuple(map(tuple, samples.tolist())),
         fit_stats={
             "r2": r2, "mape": mape, "n_used": n_used, "n_excluded": n_excluded, "n_bootstrap": n_bootstrap,
-            "seed": seed, "holdout": None if ho is None else ho.to_dict(),
+            "seed": seed, "holdout": None if ho_p is None else ho_p.to_dict(),
+            "forms": {f: None if c is None else {"heldout_mape": c["mape"], "heldout_cells": c["n_cells"]}
+                      for f, c in cv.items()},
+            "predicting": {"form": form, "r2": r2_f, "mape": mape_f, "holdout": None if ho is None else ho.to_dict()},
+            "usable": not reasons, "unusable_reasons": reasons,
+            "convergence": _convergence(cells[used]),
         },
+        form=form, form_params=tuple(map(float, theta)), model_error=model_error(cv.get(form)),
         provenance=prov,
     )
     table = cells.copy()
     table["delta_loss"] = dL
     table["saturated"] = saturated
-    table["predicted"] = pred
+    table["predicted"] = pred  # by the predicting form
     table["residual"] = np.where(used, dL - pred, np.nan)
     return LawFit(law=law, r2=r2, mape=mape, n_used=n_used, n_excluded=n_excluded, ci=ci, ci_level=ci_level,
-                  holdout=ho, n_bootstrap=n_bootstrap, warnings=tuple(warnings), residuals=res, cells=table,
+                  holdout=ho_p, n_bootstrap=n_bootstrap, warnings=tuple(warnings), residuals=res, cells=table,
                   result=result)
 
 

@@ -40,6 +40,25 @@ FILE_FORMAT = "memprobe-law"
 
 PARAMS = ("C", "alpha", "beta", "b")
 
+# How a law turns (r, T) into dL. "power": the paper's u = C r^alpha T^-beta + b, unbounded: past L (the loss
+# before training) it promises a loss below zero. The physical forms approach L and never pass it, and equal
+# u where u << L: "saturating" L (1 - exp(-u / L)), "hyperbolic" L u / (L + u). A fit always reports the
+# paper's form and predicts with the physical form of smaller error on held-out cells (memprobe.fit).
+FORMS = ("power", "saturating", "hyperbolic")
+PHYSICAL_FORMS = ("saturating", "hyperbolic")
+
+
+def law_delta_loss(form: str, C, alpha, beta, b, r, T, L=None):
+    """dL of a law of `form` at rank r and T answer tokens (arrays broadcast); L = loss before training, needed
+    by the physical forms."""
+    u = C * r**alpha * T ** (-beta) + b
+    if form == "power":
+        return u
+    if form == "saturating":
+        return L * -np.expm1(-u / L)
+    u = np.maximum(u, 0.0)
+    return L * u / (L + u)
+
 # Used when the cells cannot identify the link (no exact_match column, or every EM is 0 or 1).
 # L50 = ln 2 / 2: half the sequences survive when the mean token sits at p ~ 0.71, well inside
 # the ordered phase (p > 0.5); k = 4 makes EM fall from ~0.99 at L = 0.1 to ~0.06 at L = ln 2.
@@ -74,6 +93,21 @@ def _positive_array(name: str, value: Any) -> np.ndarray:
         first = x[bad].flat[0] if x.ndim else x.item()
         raise MemprobeError(f"{name} must be positive, got {first:g}")
     return x
+
+
+def _normal_quantiles(K: int) -> np.ndarray:
+    """Standard normal quantiles at (k + 1/2) / K, by bisection on math.erf: the model error's spread,
+    deterministic and without scipy (a law needs numpy only)."""
+    p = (np.arange(K) + 0.5) / K
+    lo, hi = np.full(K, -10.0), np.full(K, 10.0)
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        cdf = 0.5 * (1 + np.vectorize(math.erf)(mid / math.sqrt(2)))
+        lo, hi = np.where(cdf < p, mid, lo), np.where(cdf < p, hi, mid)
+    return (lo + hi) / 2
+
+
+_ERROR_Z = _normal_quantiles(25)  # (K,)
 
 
 def check_target_em(em):
@@ -186,9 +220,12 @@ class MemoryLaw:
     stderr: dict = field(default_factory=dict)  # param -> standard error (lmfit covariance)
     ci: dict = field(default_factory=dict)  # param -> (lo, hi)
     ci_level: float = 0.95
-    samples: tuple = ()  # bootstrap draws of (C, alpha, beta, b), for prediction intervals
-    fit_stats: dict = field(default_factory=dict)  # r2, mape, n_used, n_excluded, holdout ...
+    samples: tuple = ()  # bootstrap draws of the predicting form's (C, alpha, beta, b), for prediction intervals
+    fit_stats: dict = field(default_factory=dict)  # r2, mape, n_used, n_excluded, holdout, forms, usable ...
     provenance: dict = field(default_factory=dict)  # anything else: versions, date, source file
+    form: str = "power"  # the form predictions use (see FORMS); C, alpha, beta, b stay the paper form's fit
+    form_params: tuple | None = None  # (C, alpha, beta, b) of `form` when it was fitted apart from the paper's
+    model_error: float = 0.0  # sd of ln(measured / predicted dL) on held-out cells: the error the law makes
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -235,6 +272,16 @@ class MemoryLaw:
         if not 0 < level < 1:
             raise MemprobeError(f"ci_level must be in (0, 1), got {self.ci_level!r}")
         set_("ci_level", level)
+        if self.form not in FORMS:
+            raise MemprobeError(f"form must be one of {', '.join(FORMS)}, got {self.form!r}")
+        if self.form_params is not None:
+            fp = tuple(_finite(f"form_params {p}", v) for p, v in zip(PARAMS, self.form_params))
+            if len(fp) != 4 or len(tuple(self.form_params)) != 4:
+                raise MemprobeError(f"form_params must be (C, alpha, beta, b), got {self.form_params!r}")
+            set_("form_params", fp)
+        set_("model_error", _finite("model_error", self.model_error))
+        if self.model_error < 0:
+            raise MemprobeError(f"model_error must be >= 0, got {self.model_error!r}")
         S = np.asarray(self.samples, dtype=float).reshape(-1, 4) if len(self.samples) else np.zeros((0, 4))
         if not np.all(np.isfinite(S)):
             raise MemprobeError("bootstrap samples must be finite")
@@ -250,11 +297,27 @@ class MemoryLaw:
     def has_samples(self) -> bool:
         return len(self.samples) > 0
 
-    def predict(self, rank, tokens):
-        """dL at rank r and T answer tokens; arrays broadcast."""
+    def predict(self, rank, tokens, base_loss=None):
+        """dL at rank r and T answer tokens; arrays broadcast. The saturating form needs the loss before training:
+        base_loss (your data's), else the law's own."""
         r = _positive_array("rank", rank)
         T = _positive_array("tokens", tokens)
-        return _scalar_or_array(self.C * r**self.alpha * T ** (-self.beta) + self.b)
+        L = self.resolve_base_loss(base_loss) if self.form != "power" else None
+        return _scalar_or_array(law_delta_loss(self.form, *self.predicting_params, r, T, L))
+
+    @property
+    def predicting_params(self) -> tuple:
+        """(C, alpha, beta, b) of the form predictions use."""
+        return self.form_params if self.form_params is not None else (self.C, self.alpha, self.beta, self.b)
+
+    @property
+    def usable(self) -> bool:
+        """False when the fit found that its cells cannot identify the law (see unusable_reasons)."""
+        return bool(self.fit_stats.get("usable", True))
+
+    @property
+    def unusable_reasons(self) -> list[str]:
+        return list(self.fit_stats.get("unusable_reasons", []))
 
     def resolve_base_loss(self, base_loss=None) -> float:
         """base_loss if given (the user's data), else the law's own; an error when neither exists."""
@@ -266,15 +329,17 @@ class MemoryLaw:
 
     def predict_loss_after(self, rank, tokens, base_loss=None):
         """Per-token loss after training, L_after = base_loss - dL, floored at 0."""
-        L = np.maximum(self.resolve_base_loss(base_loss) - np.asarray(self.predict(rank, tokens)), 0.0)
+        L = np.maximum(self.resolve_base_loss(base_loss) - np.asarray(self.predict(rank, tokens, base_loss)), 0.0)
         return _scalar_or_array(L)
 
     def predict_em(self, rank, tokens, base_loss=None):
         """Exact match predicted through the EM link: EM(base_loss - dL(r, T))."""
         return self.em_link(self.predict_loss_after(rank, tokens, base_loss))
 
-    def predict_interval(self, rank, tokens, level: float = 0.9):
-        """(lo, hi) of dL over the bootstrap parameter draws, central interval at `level`."""
+    def predict_interval(self, rank, tokens, level: float = 0.9, base_loss=None):
+        """(lo, hi) of dL, central prediction interval at `level`: the bootstrap parameter draws, each with the
+        model error seen on held-out cells (ln-normal around the paper's term), so that it covers where a newly
+        trained cell lands, not only where the fitted curve may lie."""
         level = _finite("level", level)
         if not 0 < level < 1:
             raise MemprobeError(f"level must be in (0, 1), got {level:g}")
@@ -282,10 +347,15 @@ class MemoryLaw:
             raise MemprobeError("this law has no bootstrap samples; refit with n_bootstrap > 0 for intervals")
         r = _positive_array("rank", rank)
         T = _positive_array("tokens", tokens)
+        L = self.resolve_base_loss(base_loss) if self.form != "power" else None
         S = self._S
         shape = np.broadcast_shapes(r.shape, T.shape)
         C, a, be, b = (S[:, i].reshape((-1,) + (1,) * len(shape)) for i in range(4))  # (n, 1, ...)
-        dL = C * r**a * T ** (-be) + b  # (n, *shape)
+        if self.model_error > 0:  # (n * K, 1, ...): every draw times K fixed error quantiles
+            z = _ERROR_Z.reshape((1, -1) + (1,) * len(shape))
+            C = (C[:, None] * np.exp(self.model_error * z)).reshape((-1,) + (1,) * len(shape))
+            a, be, b = (np.repeat(x, len(_ERROR_Z), axis=0) for x in (a, be, b))
+        dL = law_delta_loss(self.form, C, a, be, b, r, T, L)  # (n, *shape)
         lo, hi = np.quantile(dL, [(1 - level) / 2, (1 + level) / 2], axis=0)
         return _scalar_or_array(lo), _scalar_or_array(hi)
 
@@ -294,7 +364,7 @@ class MemoryLaw:
 
         Only the law's parameter uncertainty is propagated, not the link's.
         """
-        lo, hi = self.predict_interval(rank, tokens, level)
+        lo, hi = self.predict_interval(rank, tokens, level, base_loss)
         base = self.resolve_base_loss(base_loss)
         em_lo = self.em_link(np.maximum(base - np.asarray(lo), 0.0))
         em_hi = self.em_link(np.maximum(base - np.asarray(hi), 0.0))
@@ -321,11 +391,25 @@ class MemoryLaw:
                 raise MemprobeError(f"delta_loss must be numeric, got {delta_loss!r}") from None
             if not np.all(np.isfinite(dL)):
                 raise MemprobeError(f"delta_loss must be finite, got {delta_loss!r}")
-        # dL - b = C r^alpha T^-beta  =>  r = ((dL - b) T^beta / C)^(1/alpha)
-        excess = np.asarray(dL - self.b, dtype=float)
-        with np.errstate(over="ignore"):
-            r = np.where(excess > 0, (np.maximum(excess, 1e-300) * T**self.beta / self.C) ** (1.0 / self.alpha), 0.0)
+        C, alpha, beta, b = self.predicting_params
+        u = self._paper_term_for(np.asarray(dL, dtype=float), base_loss)  # the paper's u that gives this dL
+        # u - b = C r^alpha T^-beta  =>  r = ((u - b) T^beta / C)^(1/alpha); u = inf: out of any rank's reach
+        excess = np.asarray(u - b, dtype=float)
+        with np.errstate(over="ignore", invalid="ignore"):
+            r = np.where(excess > 0, (np.maximum(excess, 1e-300) * T**beta / C) ** (1.0 / alpha), 0.0)
         return _scalar_or_array(r)
+
+    def _paper_term_for(self, dL: np.ndarray, base_loss=None) -> np.ndarray:
+        """Invert the predicting form: the u = C r^alpha T^-beta + b at which it gives dL (inf where the form
+        never reaches dL: at or past the loss before training)."""
+        if self.form == "power":
+            return dL
+        L = self.resolve_base_loss(base_loss)
+        frac = np.clip(dL / L, -np.inf, 1.0)
+        with np.errstate(divide="ignore"):
+            if self.form == "saturating":
+                return np.where(frac < 1, -L * np.log1p(-np.minimum(frac, 1 - 1e-300)), np.inf)
+            return np.where(frac < 1, L * frac / np.maximum(1 - frac, 1e-300), np.inf)
 
     # ---------------------------------------------------------------- serialization
 
@@ -352,6 +436,9 @@ class MemoryLaw:
             "samples": [list(s) for s in self.samples],
             "fit_stats": dict(self.fit_stats),
             "provenance": dict(self.provenance),
+            "form": self.form,
+            "form_params": list(self.form_params) if self.form_params is not None else None,
+            "model_error": self.model_error,
         }
 
     @classmethod
@@ -396,7 +483,11 @@ class MemoryLaw:
                 f"beta={self.beta:.4g}, b={self.b:.4g}{extra})")
 
     def describe(self) -> str:
-        return f"dL(r, T) = {self.C:.4g} * r^{self.alpha:.4g} * T^-{self.beta:.4g} {'+' if self.b >= 0 else '-'} {abs(self.b):.4g}"
+        u = f"{self.C:.4g} * r^{self.alpha:.4g} * T^-{self.beta:.4g} {'+' if self.b >= 0 else '-'} {abs(self.b):.4g}"
+        if self.form == "power":
+            return f"dL(r, T) = {u}"
+        shape = "L (1 - exp(-u / L))" if self.form == "saturating" else "L u / (L + u)"
+        return f"dL(r, T) = u = {u} (paper's form); predicted as {shape}, L = loss before"
 
     def _repr_html_(self) -> str:
         esc = html.escape

@@ -94,19 +94,53 @@ def as_laws(law_or_laws, objective: str | None = None) -> tuple[dict[str, Memory
     return {k: laws[k] for k in sorted(laws, key=objective_order)}, source
 
 
+def octaves_outside(value: float, span: tuple[float, float] | None) -> float:
+    """How many power-of-2 steps `value` lies outside [lo, hi] (0 inside)."""
+    if span is None:
+        return 0.0
+    lo, hi = span
+    return max(math.log2(value / hi), math.log2(lo / value), 0.0)
+
+
+MAX_OCTAVES_OUTSIDE = 1.0  # beyond one power-of-2 step past the measured cells, a plan says it extrapolates
+
+
 def _range_warnings(law: MemoryLaw, tokens: int, rank: int | None) -> list[str]:
     out = []
-    if law.tokens_range is not None:
-        lo, hi = law.tokens_range
-        if not lo <= tokens <= hi:
-            out.append(f"tokens={tokens} is outside the calibrated range {lo:g}..{hi:g} of the {law.objective} law: "
-                       "the prediction extrapolates")
-    if rank is not None and law.rank_range is not None:
-        lo, hi = law.rank_range
-        if not lo <= rank <= hi:
-            out.append(f"rank {rank} is outside the calibrated range {lo:g}..{hi:g} of the {law.objective} law: "
-                       "the prediction extrapolates")
+    for name, value, span in (("tokens", tokens, law.tokens_range), ("rank", rank, law.rank_range)):
+        if value is None or span is None:
+            continue
+        steps = octaves_outside(value, span)
+        if steps > MAX_OCTAVES_OUTSIDE:
+            out.append(f"{name} {value:g} is {steps:.1f} power-of-2 steps outside the measured {name} "
+                       f"{span[0]:g}..{span[1]:g} of the {law.objective} law: the prediction extrapolates; "
+                       f"calibrate cells near it (memprobe calibrate --bracket)")
+        elif steps > 0:
+            out.append(f"{name} {value:g} is just outside the measured {name} {span[0]:g}..{span[1]:g} of the "
+                       f"{law.objective} law")
     return out
+
+
+def max_rank_of(law: MemoryLaw) -> int | None:
+    """The largest rank the law's adapter can have: mlp-bypass maps d -> r -> d, so r <= d (its 2 d r
+    parameters per unit of rank give d); None where the law does not say."""
+    if law.adapter == "mlp-bypass" and law.params_per_rank:
+        return int(law.params_per_rank // 2)
+    return None
+
+
+def _convergence_warning(law: MemoryLaw) -> str | None:
+    conv = law.fit_stats.get("convergence") or {}
+    reasons, slope = conv.get("stop_reasons") or {}, conv.get("median_final_slope")
+    n = sum(reasons.values())
+    if n and reasons.get("budget", 0) > n / 2 and slope is not None and slope > STILL_DESCENDING:
+        return (f"{reasons['budget']} of {n} cells behind the {law.objective} law ended their budget still "
+                f"descending ({slope:.2%} per step): it measures how far that budget gets, not what a rank holds; "
+                f"calibrate with a longer budget")
+    return None
+
+
+STILL_DESCENDING = 0.002  # relative loss decrease per step above which a cell has not reached its plateau
 
 
 def _adapter_size(law: MemoryLaw, rank: int) -> tuple[int | None, float | None, float | None]:
@@ -160,6 +194,9 @@ class Plan:
     adapter: str | None = None
     model: str | None = None
     recipe: Recipe | None = None
+    rank_interval: tuple | None = None  # ranks whose EM interval's upper / lower end first reaches the target
+    rank_octaves_outside: float = 0.0  # power-of-2 steps between the rank and the measured ranks (0 inside)
+    tokens_octaves_outside: float = 0.0
 
     def __post_init__(self):
         _positive_int("rank", self.rank)
@@ -214,6 +251,9 @@ class Plan:
             "model": self.model,
             "recipe": self.recipe.to_dict() if self.recipe is not None else None,
             "memorize_command": self.memorize_command(),
+            "rank_interval": None if self.rank_interval is None else list(self.rank_interval),
+            "rank_octaves_outside": self.rank_octaves_outside,
+            "tokens_octaves_outside": self.tokens_octaves_outside,
         }
 
 
@@ -226,6 +266,18 @@ def _smallest_rank(law: MemoryLaw, ranks: np.ndarray, tokens: int, target_em: fl
         return None, float(em[-1])
     i = int(np.argmax(ok))
     return int(ranks[i]), float(em[i])
+
+
+MAX_RANK_SPREAD = 4  # a plan whose rank is uncertain by more than two power-of-2 steps says it cannot tell
+
+
+def _rank_interval(law: MemoryLaw, R: np.ndarray, tokens: int, target_em: float, level: float,
+                   base_loss) -> tuple[int | None, int | None]:
+    """The smallest allowed ranks at which the upper and the lower end of the EM interval reach the target: the
+    ranks the law cannot tell apart (None: no allowed rank)."""
+    lo, hi = (np.asarray(x, dtype=float) for x in law.predict_em_interval(R, tokens, level, base_loss))
+    first = lambda ok: int(R[int(np.argmax(ok))]) if ok.any() else None  # noqa: E731
+    return first(hi + EM_TOLERANCE >= target_em), first(lo + EM_TOLERANCE >= target_em)
 
 
 def _explain(chosen: str, rank: int, target_em: float, per_objective: dict, em: float, em_below: float | None,
@@ -246,8 +298,12 @@ def _explain(chosen: str, rank: int, target_em: float, per_objective: dict, em: 
 
 def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int] | None = None,
               max_rank: int | None = None, base_loss: float | None = None, level: float = 0.9,
-              objective: str | None = None, law_source: str | None = None) -> Plan:
+              objective: str | None = None, law_source: str | None = None, allow_uncertain: bool = False) -> Plan:
     """The smallest allowed rank, over the objectives with a law, whose predicted EM reaches target_em.
+
+    Refuses (MemprobeError) rather than recommend when it cannot tell: the prediction interval at that rank
+    reaches below half the target; `allow_uncertain=True` returns the plan anyway. Laws whose cells cannot identify them are
+    not used; mlp-bypass ranks above d are not considered.
 
     law_or_laws: a MemoryLaw, {objective: MemoryLaw}, or a law file path.
     ranks: the allowed ranks (default: powers of two from 1 to max_rank, default 1024).
@@ -262,17 +318,29 @@ def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int
     law_source = law_source or source
     R = np.asarray(allowed_ranks(ranks, max_rank), dtype=float)  # (R,)
 
+    unusable = {name: law.unusable_reasons for name, law in laws.items() if not law.usable}
+    laws = {name: law for name, law in laws.items() if law.usable}
+    if not laws:
+        name, reasons = next(iter(unusable.items()))
+        raise MemprobeError(f"the {name} law cannot be planned from: its cells cannot identify it "
+                            f"({'; '.join(reasons)})")
     per_objective = {}
     for name, law in laws.items():
-        r, em = _smallest_rank(law, R, tokens, target_em, base_loss)
+        cap = max_rank_of(law)
+        R_law = R[R <= cap] if cap is not None else R
+        if not len(R_law):
+            raise MemprobeError(f"no allowed rank fits the {name} law's adapter ({law.adapter}: rank <= {cap})")
+        r, em = _smallest_rank(law, R_law, tokens, target_em, base_loss)
         per_objective[name] = {"rank": r, "predicted_em": em, "reaches_target": r is not None,
+                               "largest_rank": int(R_law[-1]),
                                "rank_continuous": float(law.rank_for(tokens, target_em=target_em, base_loss=base_loss))}
     reaching = [k for k, v in per_objective.items() if v["rank"] is not None]
     if not reaching:
         best = max(per_objective, key=lambda k: per_objective[k]["predicted_em"])
+        top = per_objective[best]["largest_rank"]
         raise MemprobeError(
-            f"target_em {target_em:g} is out of reach at tokens={tokens} within rank {int(R[-1])}: the best predicted "
-            f"EM is {per_objective[best]['predicted_em']:.4g} ({best} at rank {int(R[-1])}); lower the target, "
+            f"target_em {target_em:g} is out of reach at tokens={tokens} within rank {top}: the best predicted "
+            f"EM is {per_objective[best]['predicted_em']:.4g} ({best} at rank {top}); lower the target, "
             f"raise --max-rank, or split the data"
         )
     # laws are in simplest-first order, so min() keeps the simpler objective on a tie
@@ -281,13 +349,24 @@ def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int
     rank = per_objective[chosen]["rank"]
     base = law.resolve_base_loss(base_loss)
 
-    dL = float(law.predict(rank, tokens))
+    dL = float(law.predict(rank, tokens, base_loss))
     em = float(law.predict_em(rank, tokens, base_loss))
-    dL_int = em_int = None
+    dL_int = em_int = rank_int = None
     warnings = _range_warnings(law, tokens, rank)
+    warnings += [f"the {name} law is not used: {'; '.join(reasons)}" for name, reasons in unusable.items()]
+    if _convergence_warning(law):
+        warnings.append(_convergence_warning(law))
     if law.has_samples:
-        dL_int = _pair(law.predict_interval(rank, tokens, level))
+        dL_int = _pair(law.predict_interval(rank, tokens, level, base_loss))
         em_int = _pair(law.predict_em_interval(rank, tokens, level, base_loss))
+        rank_int = _rank_interval(law, R, tokens, target_em, level, base_loss)
+        if not allow_uncertain and (rank_int[1] is None or rank_int[1] > MAX_RANK_SPREAD * max(rank_int[0], 1)):
+            upper = f"{rank_int[1]}" if rank_int[1] is not None else f"beyond {int(R[-1])}"
+            raise MemprobeError(
+                f"cannot tell: the target needs rank {rank} by the law's best guess, but anywhere from rank "
+                f"{rank_int[0]} to {upper} within its {level:.0%} interval (EM at rank {rank}: "
+                f"[{em_int[0]:.3g}, {em_int[1]:.3g}]); calibrate cells near rank {rank} and T={tokens}, or with "
+                f"more seeds, before choosing")
     else:
         warnings.append(f"the {chosen} law has no bootstrap samples: no prediction intervals")
     if law.em_link.source == "default":
@@ -312,6 +391,8 @@ def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int
         per_objective=per_objective, warnings=tuple(warnings),
         reason=_explain(chosen, rank, target_em, per_objective, em, em_below, below),
         law_source=law_source, budget=law.budget, adapter=law.adapter, model=law.model, recipe=law.recipe,
+        rank_interval=rank_int, rank_octaves_outside=octaves_outside(rank, law.rank_range),
+        tokens_octaves_outside=octaves_outside(tokens, law.tokens_range),
     )
 
 
@@ -353,11 +434,11 @@ def curve(law_or_laws, tokens: int, *, ranks: Sequence[int] | None = None, max_r
     R = np.asarray(allowed_ranks(ranks, max_rank), dtype=float)  # (R,)
     rows, warnings = [], []
     for name, law in laws.items():
-        dL = np.asarray(law.predict(R, tokens))  # (R,)
+        dL = np.asarray(law.predict(R, tokens, base_loss))  # (R,)
         La = np.asarray(law.predict_loss_after(R, tokens, base_loss))
         em = np.asarray(law.em_link(La))
         if law.has_samples:
-            lo, hi = (np.asarray(x) for x in law.predict_interval(R, tokens, level))
+            lo, hi = (np.asarray(x) for x in law.predict_interval(R, tokens, level, base_loss))
             em_lo, em_hi = (np.asarray(x) for x in law.predict_em_interval(R, tokens, level, base_loss))
         else:
             lo = hi = em_lo = em_hi = np.full(len(R), np.nan)

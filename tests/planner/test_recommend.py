@@ -91,7 +91,7 @@ def test_objective_filter():
 
 
 def test_refusal_quotes_the_best_em():
-    with pytest.raises(MemprobeError, match=r"out of reach at tokens=5000000 within rank 1024: the best predicted EM is .* at rank 1024"):
+    with pytest.raises(MemprobeError, match=r"out of reach at tokens=5000000 within rank 512: the best predicted EM is .* at rank 512"):
         recommend(LAWS, tokens=5_000_000, target_em=0.99)
     with pytest.raises(MemprobeError, match="within rank 8"):
         recommend(LAWS, tokens=300, target_em=0.99, max_rank=8)
@@ -131,8 +131,8 @@ def test_warnings():
     plan = recommend(make_law(samples=False, em_link=EMLink.default(), params_per_rank=None, budget={}),
                      tokens=2000, target_em=0.5)
     text = " ".join(plan.warnings)
-    assert "tokens=2000 is outside the calibrated range 16..1024" in text
-    assert "outside the calibrated range 1..64" in text  # the rank, too
+    assert "tokens 2000 is just outside the measured tokens 16..1024" in text
+    assert "power-of-2 steps outside the measured rank 1..64" in text  # the rank, too
     assert "no bootstrap samples" in text and "EM link is the default" in text
     assert "no adapter size" in text and "training budget" in text
     assert plan.predicted_em_interval is None and plan.trainable_params is None
@@ -216,6 +216,49 @@ def test_curve():
     d = c.to_dict()
     assert json.loads(json.dumps(d, sort_keys=True)) == d
     assert curve(make_law(samples=False), tokens=300).rows[0]["em_lo"] is None
-    assert "outside the calibrated range" in " ".join(curve(make_law(), tokens=10).warnings)
+    assert "outside the measured tokens 16..1024" in " ".join(curve(make_law(), tokens=10).warnings)
     with pytest.raises(MemprobeError, match="tokens must be a positive integer, got 0"):
         curve(LAWS, tokens=0)
+
+
+# ---------------------------------------------------------------- what a plan refuses
+
+
+def test_a_law_its_cells_cannot_identify_is_not_planned_from():
+    law = make_law(fit_stats={"usable": False, "unusable_reasons": ["alpha = 0.0013 sits at its bound"]})
+    with pytest.raises(MemprobeError, match="cannot identify it .*alpha = 0.0013 sits at its bound"):
+        recommend(law, tokens=200, target_em=0.9)
+    plan = recommend({"sft": law, "memft-ot": make_law("memft-ot")}, tokens=200, target_em=0.9)
+    assert plan.objective == "memft-ot" and any("sft law is not used" in w for w in plan.warnings)
+
+
+def test_an_mlp_bypass_rank_never_exceeds_d():
+    law = make_law(params_per_rank=2 * 64)  # d = 64
+    with pytest.raises(MemprobeError, match="out of reach .* within rank 64"):
+        recommend(law, tokens=2000, target_em=0.99, allow_uncertain=True)
+    assert recommend(make_law(adapter="lora", params_per_rank=128), tokens=2000, target_em=0.99,
+                     allow_uncertain=True).rank > 64
+
+
+def test_a_plan_that_cannot_tell_says_so_instead_of_recommending():
+    wide = make_law(model_error=1.5)  # held-out errors of a factor ~4.5
+    with pytest.raises(MemprobeError, match="cannot tell: the target needs rank .* but anywhere from rank"):
+        recommend(wide, tokens=200, target_em=0.9)
+    plan = recommend(wide, tokens=200, target_em=0.9, allow_uncertain=True)
+    lo, hi = plan.rank_interval
+    assert lo <= plan.rank and (hi is None or hi > 4 * lo)
+    sure = recommend(make_law(), tokens=200, target_em=0.9)
+    assert sure.rank_interval[0] <= sure.rank <= sure.rank_interval[1] <= 4 * sure.rank_interval[0]
+
+
+def test_far_extrapolation_is_named_in_power_of_2_steps():
+    plan = recommend(make_law(rank_range=(1, 8)), tokens=200, target_em=0.9)
+    assert plan.rank >= 32 and plan.rank_octaves_outside == pytest.approx(np.log2(plan.rank / 8))
+    assert any(f"rank {plan.rank} is {np.log2(plan.rank / 8):.1f} power-of-2 steps outside" in w
+               for w in plan.warnings)
+
+
+def test_cells_still_descending_are_named():
+    law = make_law(fit_stats={"convergence": {"stop_reasons": {"budget": 11}, "median_final_slope": 0.0076}})
+    plan = recommend(law, tokens=200, target_em=0.9)
+    assert any("11 of 11 cells" in w and "still descending (0.76% per step)" in w for w in plan.warnings)
