@@ -13,7 +13,9 @@ to a run directory as it goes (its files are defined in memprobe.rundir), then t
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import platform
 import time
@@ -56,6 +58,7 @@ class CalibrationConfig:
     device: str | None = None
     dtype: str | None = None
     pack: int = 0  # most cells trained together in one pass (0 = as many of a dataset as fit in memory)
+    extra: tuple[tuple[int, int], ...] = ()  # (rank, tokens) cells beyond the grid: the brackets toward a plan
 
     def __post_init__(self):
         for name in ("ranks", "tokens"):
@@ -89,13 +92,19 @@ class CalibrationConfig:
         p = {k: tuple(v) if isinstance(v, list) else v for k, v in p.items()}
         return cls(adapter=adapter, train=train, **p)
 
+    def ranks_at(self, T: int) -> list[int]:
+        """The ranks this calibration trains at T: the grid's where T is on it, and the bracket cells'."""
+        grid = list(self.ranks) if T in self.tokens else []
+        return sorted(set(grid) | {r for r, t in self.extra if t == T})
+
     def grid(self) -> list[tuple[int, int, list[CellSpec]]]:
         """(tokens, seed, cells) per dataset, small T first: early results, and a killed run keeps the cheap ones."""
-        return [(T, s, [CellSpec(r, s, o) for o in self.objectives for r in self.ranks])
-                for T in sorted(self.tokens) for s in self.seeds]
+        sizes = sorted(set(self.tokens) | {t for _, t in self.extra})
+        return [(T, s, [CellSpec(r, s, o) for o in self.objectives for r in self.ranks_at(T)])
+                for T in sizes for s in self.seeds]
 
     def n_cells(self) -> int:
-        return len(self.tokens) * len(self.seeds) * len(self.ranks) * len(self.objectives)
+        return sum(len(cells) for _, _, cells in self.grid())
 
     def data_spec(self) -> DataSpec:
         return DataSpec.parse(self.data, chat=self.chat, replace_ratio=self.replace_ratio)
@@ -108,7 +117,7 @@ class CalibrationConfig:
     def to_dict(self) -> dict:
         return {"recipe": self.recipe().to_dict(), "ranks": list(self.ranks), "tokens": list(self.tokens),
                 "seeds": list(self.seeds), "objectives": list(self.objectives), "device": self.device,
-                "dtype": self.dtype, "pack": self.pack}
+                "dtype": self.dtype, "pack": self.pack, "extra": [list(c) for c in self.extra]}
 
     def identity(self) -> dict:
         """What must match for a run directory to be resumed (the grid may grow; the recipe may not change)."""
@@ -363,6 +372,56 @@ def analyse_run(run_dir: Path, manifest: dict | None = None) -> CalibrationResul
     first = next(iter(fits.values()), None)
     plot_law(cells, run_dir / "law.png", law=first.law if first else None, r2=first.r2 if first else None)
     return CalibrationResult(run_dir, cells, fits, phases, law_path, fit_error, manifest)
+
+
+# ----------------------------------------------------------------------------------------- brackets
+
+
+def bracket_ranks(law, T: int, target_em: float, measured: list[int], max_rank: int = 1024) -> list[int]:
+    """The ranks to train at T so that the rank the law recommends there lies inside measured cells: the
+    recommended power of 2 and its neighbours, less those measured. Empty: the answer is already bracketed."""
+    cap = int(law.params_per_rank // 2) if law.adapter == "mlp-bypass" and law.params_per_rank else max_rank
+    r_star = float(law.rank_for(T, target_em=target_em))
+    r_star = cap if not math.isfinite(r_star) or r_star > cap else max(r_star, 1.0)
+    r = 2 ** math.ceil(math.log2(r_star) - 1e-9)
+    wanted = [x for x in (r // 2, r, 2 * r) if 1 <= x <= cap]
+    below, above = [m for m in measured if m < r], [m for m in measured if m >= r]
+    if below and above and r in measured:  # bracketed: a measured rank falls short of it and one reaches it
+        return []
+    return [x for x in wanted if x not in measured]
+
+
+def run_brackets(config: CalibrationConfig, run_dir: Path | None, target_tokens: int, target_em: float,
+                 rounds: int = 3, **kw) -> CalibrationResult:
+    """Calibrate, then extend the grid toward the answer: train the rank the law recommends at `target_tokens`
+    and its power-of-2 neighbours, refit, and repeat (at most `rounds` times) until that rank lies inside
+    measured cells. Each round's cells are ordinary cells of the run: a killed run resumes where it was."""
+    from memprobe.law import check_target_em
+
+    target_em = float(check_target_em(target_em))
+    if isinstance(target_tokens, bool) or int(target_tokens) != target_tokens or target_tokens <= 0:
+        raise MemprobeError(f"bracket tokens must be a positive integer, got {target_tokens!r}")
+    log = kw.get("log") or (lambda msg: None)
+    result = run_calibration(config, run_dir, **kw)
+    kw.pop("fresh", None)  # later rounds extend the same run
+    history = []
+    for k in range(rounds):
+        law = next((f.law for f in result.fits.values() if f.law.usable), None)
+        measured = config.ranks_at(target_tokens)
+        if law is None:  # no usable law yet: the cells at the target T identify it best
+            add = [r for r in config.ranks if r not in measured]
+        else:
+            add = bracket_ranks(law, target_tokens, target_em, measured)
+        history.append({"round": k + 1, "law_rank": None if law is None else
+                        float(law.rank_for(target_tokens, target_em=target_em)), "added_ranks": add})
+        if not add:
+            break
+        log(f"bracket round {k + 1}: training ranks {', '.join(map(str, add))} at T={target_tokens}")
+        config = dataclasses.replace(config, extra=config.extra + tuple((r, target_tokens) for r in add))
+        result = run_calibration(config, result.run_dir, **kw)
+    result.manifest["brackets"] = {"tokens": target_tokens, "target_em": target_em, "rounds": history}
+    rundir.write_json(result.run_dir / "manifest.json", result.manifest)
+    return result
 
 
 class Progress:

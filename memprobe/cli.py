@@ -74,12 +74,15 @@ def calibrate(
     chat: Chat = None, device: Device = None, dtype: Dtype = None,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory [memprobe_runs/<model>_<data>_<adapter>]; an existing one resumes"),
     fresh: bool = typer.Option(False, "--fresh", help="discard the cells already in the run directory"),
+    bracket: Optional[int] = typer.Option(None, "--bracket", help="after the grid, train toward the rank the law recommends for this many answer tokens, until that rank lies inside measured cells"),
+    target_em: float = typer.Option(0.99, "--target-em", help="with --bracket: the exact match the plan must reach"),
+    bracket_rounds: int = typer.Option(3, "--bracket-rounds", help="with --bracket: at most this many rounds of refits"),
     json_: Json = False,
 ):
     """Train short LoRA fits over a grid of ranks and sizes on your model, fit the law, profile token phases."""
     from rich.console import Console
 
-    from memprobe.calibrate import CalibrationConfig, Progress, run_calibration
+    from memprobe.calibrate import CalibrationConfig, Progress, run_brackets, run_calibration
     from memprobe.report import render_calibration
 
     config = CalibrationConfig.from_preset(
@@ -90,8 +93,9 @@ def calibrate(
         objectives=parse_list(objectives, "--objectives", str), steps=steps, lr=lr, schedule=schedule, clip=clip,
         stop_p=stop_p, chat=chat, device=device, dtype=dtype, pack=pack)
     console = Console(stderr=json_)
-    result = run_calibration(config, out, fresh=fresh, progress=Progress(console),
-                             log=lambda msg: console.print(msg, highlight=False))
+    kw = dict(fresh=fresh, progress=Progress(console), log=lambda msg: console.print(msg, highlight=False))
+    result = (run_brackets(config, out, bracket, target_em, rounds=bracket_rounds, **kw) if bracket is not None
+              else run_calibration(config, out, **kw))
     emit(json_, result.to_dict(), render_calibration(result), console=console)
     if result.fit_error:
         raise MemprobeError(f"cells saved in {result.run_dir}, but the law could not be fitted: {result.fit_error}")

@@ -114,7 +114,7 @@ def _range_warnings(law: MemoryLaw, tokens: int, rank: int | None) -> list[str]:
         if steps > MAX_OCTAVES_OUTSIDE:
             out.append(f"{name} {value:g} is {steps:.1f} power-of-2 steps outside the measured {name} "
                        f"{span[0]:g}..{span[1]:g} of the {law.objective} law: the prediction extrapolates; "
-                       f"calibrate cells near it (memprobe calibrate --bracket)")
+                       f"calibrate cells near it (memprobe calibrate --bracket T)")
         elif steps > 0:
             out.append(f"{name} {value:g} is just outside the measured {name} {span[0]:g}..{span[1]:g} of the "
                        f"{law.objective} law")

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from memprobe.calibrate import CELL_COLUMNS, CalibrationConfig, run_calibration
+from memprobe.calibrate import CELL_COLUMNS, CalibrationConfig, bracket_ranks, run_calibration
 from memprobe.engine import TrainConfig
 from memprobe.errors import MemprobeError
 from memprobe.rundir import CURVE_COLUMNS, Recipe, read_curves
@@ -250,3 +250,43 @@ def test_calibration_on_the_embedded_model(tmp_path):
     for T in (16, 32):
         assert cells.loc[(T, 4), "delta_loss"] >= cells.loc[(T, 1), "delta_loss"], cells["delta_loss"]
     assert (cells["trainable_params"] == 2 * 576 * cells.index.get_level_values("rank")).all()
+
+
+# ----------------------------------------------------------------------------------------- brackets
+
+
+def test_brackets_train_toward_the_recommended_rank_and_resume(model_dir, tmp_path):
+    from memprobe.calibrate import bracket_ranks, run_brackets
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps({"key": f"{k}:", "answer": a}) + "\n" for k, a in
+                             [("Ada", "7041"), ("Bo", "8822"), ("Cy", "6190"), ("Di", "9313"), ("Ed", "7750"),
+                              ("Flo", "6062"), ("Gus", "8141"), ("Hal", "9020")]))
+    config = CalibrationConfig(model=str(model_dir), data=f"jsonl:{facts}", chat=False, ranks=(1, 2, 4),
+                               tokens=(8, 16, 24), train=TrainConfig(steps=12, lr=3e-2))
+    run_dir = tmp_path / "run"
+    result = run_brackets(config, run_dir, target_tokens=32, target_em=0.5, rounds=2)
+    rounds = result.manifest["brackets"]["rounds"]
+    assert 1 <= len(rounds) <= 2 and result.manifest["brackets"]["tokens"] == 32
+    at_target = sorted(result.cells.loc[result.cells["tokens_requested"] == 32, "rank"])
+    assert at_target and at_target == sorted(set(at_target))
+    added = [r for rnd in rounds for r in rnd["added_ranks"]]
+    assert sorted(added) == at_target  # every bracket cell was trained once, and only those
+    law = next(iter(result.fits.values())).law
+    assert law.tokens_range[1] == 32  # the refit law now covers the target T
+    # a rerun trains nothing new in its first pass: the cells are in the run directory
+    again = run_brackets(config, run_dir, target_tokens=32, target_em=0.5, rounds=0)
+    assert last_run(run_dir)["cells_run"] == 0 and len(again.cells) == len(result.cells)
+
+
+def test_bracket_ranks_are_the_recommended_power_of_2_and_its_neighbours():
+    from memprobe.law import EMLink, MemoryLaw
+
+    law = MemoryLaw(C=20.0, alpha=0.4, beta=0.45, b=0.1, base_loss=8.0, em_link=EMLink(L50=0.3, k=3.0, source="fit"),
+                    adapter="mlp-bypass", params_per_rank=2 * 576)
+    r = 2 ** math.ceil(math.log2(law.rank_for(300, target_em=0.9)))
+    assert bracket_ranks(law, 300, 0.9, measured=[1, 2, 4]) == [r // 2, r, 2 * r]
+    assert bracket_ranks(law, 300, 0.9, measured=[r]) == [r // 2, 2 * r]
+    assert bracket_ranks(law, 300, 0.9, measured=[1, r // 2, r]) == []  # one measured rank below it, and it
+    assert bracket_ranks(law, 300, 0.9, measured=[r // 2, r, 2 * r]) == []
+    assert max(bracket_ranks(law, 10**7, 0.99, measured=[1])) <= 576  # mlp-bypass: r <= d
