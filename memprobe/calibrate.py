@@ -352,7 +352,7 @@ def analyse_run(run_dir: Path, manifest: dict | None = None) -> CalibrationResul
     """Fit the law(s), analyse token phases and draw the plots from a run directory's tables."""
     from memprobe.fit import fit_run
     from memprobe.phases import analyze_phases, load_run_tables
-    from memprobe.plots import plot_law, plot_phases
+    from memprobe.plots import plot_curves, plot_law, plot_phases
 
     manifest = manifest if manifest is not None else (rundir.read_manifest(run_dir) or {})
     cells = rundir.read_cells(run_dir / "cells.csv")
@@ -371,6 +371,8 @@ def analyse_run(run_dir: Path, manifest: dict | None = None) -> CalibrationResul
         manifest.setdefault("warnings", []).append(f"phases: {exc}")
     first = next(iter(fits.values()), None)
     plot_law(cells, run_dir / "law.png", law=first.law if first else None, r2=first.r2 if first else None)
+    if (run_dir / "curves.csv").is_file():
+        plot_curves(cells, rundir.read_curves(run_dir / "curves.csv"), run_dir / "curves.png")
     return CalibrationResult(run_dir, cells, fits, phases, law_path, fit_error, manifest)
 
 

@@ -294,3 +294,50 @@ def phases_figure(cells: pd.DataFrame, tokens: pd.DataFrame, tokens_value=None, 
     ax_frac.tick_params(axis="y", labelleft=False)
     ax_frac.grid(True, axis="x", alpha=0.3)
     return fig
+
+
+# ----------------------------------------------------------------------------------------
+# curves.png
+
+
+def plot_curves(cells: pd.DataFrame, curves: pd.DataFrame, path) -> Path:
+    """curves.png: each cell's training loss and EM against step, one panel per T, one colour per rank."""
+    return _save(curves_figure(cells, curves), path)
+
+
+def curves_figure(cells: pd.DataFrame, curves: pd.DataFrame) -> Figure:
+    """Top: loss (log) per step; bottom: exact match per step. A cell's line ends where it stopped; its end
+    marker says why (o converged: every token past stop_p; s plateau; x budget). A law measures capacity only
+    where the lines have flattened or the cells converged."""
+    _require_columns(cells, ("cell_id", "rank", "tokens", "stop_reason"), "cells")
+    _require_columns(curves, ("cell_id", "step", "loss", "exact_match"), "curves")
+    sizes = sorted(cells["tokens"].unique())
+    ranks = sorted(cells["rank"].unique())
+    colour = dict(zip(ranks, _colours(len(ranks))))
+    marker = {"converged": "o", "plateau": "s", "budget": "x"}
+    fig = _new_figure(3.6 * len(sizes), 5.2)
+    axes = fig.subplots(2, len(sizes), squeeze=False, sharex="col")
+    by_cell = dict(tuple(curves.groupby("cell_id")))
+    for j, T in enumerate(sizes):
+        top, bottom = axes[0, j], axes[1, j]
+        for _, cell in cells[cells["tokens"] == T].sort_values("rank").iterrows():
+            c = by_cell.get(str(cell["cell_id"]))
+            if c is None:
+                continue
+            c = c.sort_values("step")
+            kw = dict(color=colour[cell["rank"]], lw=1.2)
+            top.plot(c["step"], c["loss"].clip(lower=1e-4), label=f"r={_label(cell['rank'])}", **kw)
+            bottom.plot(c["step"], c["exact_match"], **kw)
+            end = marker.get(str(cell["stop_reason"]), ".")
+            top.plot(c["step"].iloc[-1], max(c["loss"].iloc[-1], 1e-4), end, color=kw["color"], ms=5)
+        top.set_yscale("log")
+        top.set_title(f"T = {_label(T)}")
+        bottom.set_xlabel("step")
+        bottom.set_ylim(-0.05, 1.05)
+        if j == 0:
+            top.set_ylabel("training loss (nats/token)")
+            bottom.set_ylabel("exact match")
+    handles = [Line2D([], [], color=colour[r], label=f"r={_label(r)}") for r in ranks]
+    handles += [Line2D([], [], color="k", ls="", marker=m, label=k) for k, m in marker.items()]
+    fig.legend(handles=handles, loc="outside right center", fontsize=8)
+    return fig

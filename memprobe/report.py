@@ -15,6 +15,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from memprobe import rundir
 from memprobe.law import PARAMS, MemoryLaw
 from memprobe.rundir import objective_order
 
@@ -218,8 +219,7 @@ def render_calibration(result) -> Group:
         last = runs[-1]
         parts.append(Text(f"this run: {last.get('cells_run', 0)} cell(s) trained in {last.get('train_s', 0):.0f} s "
                           f"(model load {last.get('load_s') or 0:.0f} s, total {last.get('total_s', 0):.0f} s)"))
-    written = [p for p in ("cells.csv", "tokens.csv", "law.json", "phases.json", "law.png", "phases.png")
-               if (result.run_dir / p).exists()]
+    written = [p for p in rundir.RUN_FILES if (result.run_dir / p).exists()]
     parts.append(Text(f"run directory {result.run_dir}: {', '.join(written)}"))
     return Group(*parts)
 

@@ -404,7 +404,7 @@ CURVE_COLUMNS = ["cell_id", "step", "loss", "ordered_frac", "exact_match"]
 PLAN_FORMAT = "memprobe-plan"
 PLAN_SCHEMA_VERSION = 2  # 2: the plan carries its law's whole recipe
 RUN_FILES = ("cells.csv", "tokens.csv", "curves.csv", "manifest.json", "law.json", "phases.json", "law.png",
-             "phases.png")
+             "phases.png", "curves.png")
 
 
 def append_rows(path: Path, columns: list[str], rows: list[dict]) -> None:

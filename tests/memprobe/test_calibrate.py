@@ -290,3 +290,9 @@ def test_bracket_ranks_are_the_recommended_power_of_2_and_its_neighbours():
     assert bracket_ranks(law, 300, 0.9, measured=[1, r // 2, r]) == []  # one measured rank below it, and it
     assert bracket_ranks(law, 300, 0.9, measured=[r // 2, r, 2 * r]) == []
     assert max(bracket_ranks(law, 10**7, 0.99, measured=[1])) <= 576  # mlp-bypass: r <= d
+
+
+def test_the_curves_are_plotted(calibrated):
+    run_dir, _ = calibrated
+    png = run_dir / "curves.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
