@@ -134,6 +134,17 @@ def render_quality(fit) -> Table:
     t.add_row("cells used", f"{fit.n_used}")
     t.add_row("cells excluded", f"{fit.n_excluded} saturated (loss_after < ln 2)")
     t.add_row("bootstrap", f"{fit.n_bootstrap} resamples")
+    law, stats = fit.law, fit.law.fit_stats
+    forms = {f: v for f, v in (stats.get("forms") or {}).items() if v}
+    if forms:  # in-sample above, out-of-sample here: one line per candidate form
+        t.add_row("held-out by form", ", ".join(f"{f} {_pct(v['heldout_mape'])}" for f, v in forms.items())
+                  + " (leave one T out)")
+    pred = stats.get("predicting") or {}
+    if pred:
+        ho = pred.get("holdout") or {}
+        t.add_row("predicts with", f"{law.form}: MAPE {_pct(pred.get('mape'))} in sample, "
+                  f"{_pct(ho.get('mape'))} on the largest T held out; model error x{math.exp(law.model_error):.2f}")
+    t.add_row("usable", "yes" if law.usable else "no: " + "; ".join(law.unusable_reasons))
     return t
 
 
