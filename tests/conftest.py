@@ -146,3 +146,23 @@ def assert_one_line_error(result, *fragments):
     assert "Traceback" not in result.output
     for f in fragments:
         assert f in lines[0], lines[0]
+
+
+def render(renderable, width: int) -> str:
+    """What a rich renderable prints on a plain console of `width` columns (a CI log, a pipe)."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(width=width, file=io.StringIO(), force_terminal=False, color_system=None)
+    console.print(renderable)
+    return console.file.getvalue()
+
+
+def assert_fits(text: str, width: int) -> list[str]:
+    """Every line within `width` and nothing cut short with an ellipsis; returns the lines."""
+    lines = text.splitlines()
+    too_wide = [line for line in lines if len(line) > width]
+    assert not too_wide, too_wide[0]
+    assert "…" not in text
+    return lines

@@ -2,14 +2,12 @@
 value cut with an ellipsis, every key value printed whole; and a narrower console still renders."""
 
 import importlib.util
-import io
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from rich.console import Console
 
 from memprobe.calibrate import CalibrationResult
 from memprobe.fit import fit_laws, read_cells
@@ -17,6 +15,7 @@ from memprobe.memorize import MemorizeResult, PlanCheck
 from memprobe.phases import analyze_phases
 from memprobe.report import render_calibration, render_cells, render_memorize, render_phase_summary
 from memprobe.rundir import AdapterSpec, TrainConfig
+from conftest import assert_fits, render
 
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("make_synthetic_cells", ROOT / "data_fixtures" / "make_synthetic_cells.py")
@@ -27,20 +26,6 @@ LAWS = {"sft": dict(C=20.0, alpha=0.4, beta=0.45, b=0.1), "memft-ot": dict(C=24.
         "memft-sw": dict(C=28.0, alpha=0.42, beta=0.47, b=0.0)}
 RANKS, TOKENS = (1, 2, 4, 8, 16), (48, 96, 192)
 N_SEQ = 4
-
-
-def render(renderable, width: int) -> str:
-    console = Console(width=width, file=io.StringIO(), force_terminal=False, color_system=None)
-    console.print(renderable)
-    return console.file.getvalue()
-
-
-def assert_fits(text: str, width: int) -> list[str]:
-    lines = text.splitlines()
-    too_wide = [line for line in lines if len(line) > width]
-    assert not too_wide, too_wide[0]
-    assert "…" not in text
-    return lines
 
 
 def unwrapped(text: str) -> str:

@@ -1,7 +1,6 @@
 """A plan and a curve read at 80 columns: no line wider than the console, no value cut with an ellipsis, and the
 plan's training recipe printed as a `memprobe memorize` command that still pastes as one command."""
 
-import io
 import json
 import shlex
 import subprocess
@@ -9,28 +8,14 @@ import sys
 
 import numpy as np
 import pytest
-from rich.console import Console
 
 from memprobe.law import EMLink, MemoryLaw
 from memprobe.rundir import AdapterSpec, Recipe
 from planner.recommend import Plan, curve, recommend
 from planner.report import ShellCommand, render_curve, render_plan
+from conftest import assert_fits, render
 
 MODEL = "/models/some-organisation/SmolLM2-135M-Instruct-Q8_0.gguf"
-
-
-def render(renderable, width: int) -> str:
-    console = Console(width=width, file=io.StringIO(), force_terminal=False, color_system=None)
-    console.print(renderable)
-    return console.file.getvalue()
-
-
-def assert_fits(text: str, width: int) -> list[str]:
-    lines = text.splitlines()
-    too_wide = [line for line in lines if len(line) > width]
-    assert not too_wide, too_wide[0]
-    assert "…" not in text
-    return lines
 
 
 def make_laws(with_recipe: bool) -> dict:
