@@ -421,17 +421,10 @@ def _convergence(cells: pd.DataFrame) -> dict:
     return out
 
 
-def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int, holdout: bool,
-             provenance: Mapping | None, ci_level: float, recipe: Recipe | None = None) -> LawFit:
-    r = cells["rank"].to_numpy(dtype=float)
-    T = cells["tokens"].to_numpy(dtype=float)
-    Lb = cells["loss_before"].to_numpy(dtype=float)
-    La = cells["loss_after"].to_numpy(dtype=float)
-    dL = Lb - La
-    saturated = is_saturated(La)
-    used = ~saturated
-    n_used, n_excluded = int(used.sum()), int(saturated.sum())
+def _check_fittable(r, T, used, objective: str) -> None:
+    """Enough non-saturated cells, at 2 ranks and 2 sizes at least, or one clear line."""
     where = f"objective {objective!r}: " if objective else ""
+    n_used, n_excluded = int(used.sum()), int((~used).sum())
     if n_used < N_PARAMS:
         raise MemprobeError(
             f"{where}only {n_used} non-saturated cell(s) are usable ({n_excluded} excluded as saturated, loss_after < ln 2); "
@@ -444,91 +437,113 @@ def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int
                 f"{where}every usable cell has {name} {values[0]:g}: {param} is unidentifiable "
                 f"(calibrate at least 2 distinct {name} values among non-saturated cells)"
             )
-    r_u, T_u, L_u, y = r[used], T[used], Lb[used], dL[used]
 
-    # the paper's form, always fitted and reported; a physical form to predict with, chosen by held-out error
-    theta_p, stderr, result = fit_params(r_u, T_u, y)
-    cv = {f: cross_validate(f, r_u, T_u, L_u, y, theta_p) for f in ("power", *PHYSICAL_FORMS)} if holdout else {}
-    form = choose_form(cv)
-    theta = _refit_fast(r_u, T_u, y, theta_p, form, L_u)
-    pred = law_delta_loss(form, *theta, r, T, Lb)
-    res = y - pred[used]
+
+def _r2(y, pred) -> float:
     ss_tot = float(np.sum((y - y.mean()) ** 2))
-    # r2 and mape are the paper form's (the numbers the paper reports); the predicting form's sit beside them
-    pred_p = law_delta_loss("power", *theta_p, r_u, T_u)
-    r2 = 1.0 - float(np.sum((y - pred_p) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
-    mape, _ = _mape(y, pred_p)
-    r2_f = 1.0 - float(np.sum(res**2)) / ss_tot if ss_tot > 0 else float("nan")
-    mape_f, _ = _mape(y, pred[used])
+    return 1.0 - float(np.sum((y - pred) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
 
-    warnings = []
-    n_bootstrap = int(n_bootstrap)
-    if n_bootstrap < 0:
-        raise MemprobeError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
-    # the paper form's draws give its parameters' intervals; the predicting form's, the prediction intervals
-    paper_samples = bootstrap_samples(r_u, T_u, y, theta_p, n_bootstrap, seed) if n_bootstrap \
-        else np.zeros((0, N_PARAMS))
-    samples = bootstrap_samples(r_u, T_u, y, theta, n_bootstrap, seed, form, L_u) if n_bootstrap \
-        else np.zeros((0, N_PARAMS))
+
+def _parameter_ci(theta_p, stderr, paper_samples, ci_level: float, n_bootstrap: int, warnings: list) -> dict:
+    """The paper form's parameter intervals: bootstrap quantiles, else a normal approximation from lmfit's
+    covariance."""
     if len(paper_samples) >= 2:
         q = np.quantile(paper_samples, [(1 - ci_level) / 2, (1 + ci_level) / 2], axis=0)  # (2, 4)
-        ci = {p: (float(q[0, i]), float(q[1, i])) for i, p in enumerate(PARAMS)}
-    else:
-        # no bootstrap: a normal approximation from lmfit's covariance (of the paper's form)
-        from scipy.stats import norm
+        return {p: (float(q[0, i]), float(q[1, i])) for i, p in enumerate(PARAMS)}
+    from scipy.stats import norm
 
-        z = float(norm.ppf((1 + ci_level) / 2))
-        ci = {p: (float(theta_p[i] - z * stderr[p]), float(theta_p[i] + z * stderr[p]))
-              for i, p in enumerate(PARAMS) if p in stderr}
-        if n_bootstrap:
-            warnings.append("bootstrap produced too few refits; intervals from the covariance instead")
-    if holdout and cv.get(form) is None:
-        warnings.append("no T can be left out (calibrate at least 3 sizes): the predicting form was not chosen "
-                        "by held-out error and the intervals carry no model error")
-    reasons = unusable_reasons(theta_p, n_used, r_u, T_u, y)
-    if reasons:
-        warnings.append("the cells cannot identify this law: " + "; ".join(reasons))
+    if n_bootstrap:
+        warnings.append("bootstrap produced too few refits; intervals from the covariance instead")
+    z = float(norm.ppf((1 + ci_level) / 2))
+    return {p: (float(theta_p[i] - z * stderr[p]), float(theta_p[i] + z * stderr[p]))
+            for i, p in enumerate(PARAMS) if p in stderr}
 
-    ho, note = _holdout(r_u, T_u, y, form, L_u) if holdout else (None, None)
-    ho_p, _ = _holdout(r_u, T_u, y) if holdout else (None, None)
-    if note:
-        warnings.append(note)
 
+def _em_link_of(cells: pd.DataFrame, La, warnings: list) -> EMLink:
     if "exact_match" in cells.columns:  # every cell, saturated ones included: they carry the high-EM end
         link = fit_em_link(La, pd.to_numeric(cells["exact_match"], errors="coerce").to_numpy(dtype=float))
     else:
         link = EMLink.default(note="the cells have no exact_match column")
     if link.source == "default":
         warnings.append(f"EM link: default L50={link.L50:.3g}, k={link.k:.3g} ({link.note})")
+    return link
 
-    # base loss per answer token: a token-weighted mean, so larger sets count for their tokens
-    base_loss = float(np.sum(Lb[used] * T_u) / np.sum(T_u))
 
+def _law_identity(cells: pd.DataFrame, objective: str, provenance: Mapping | None,
+                  recipe: Recipe | None) -> tuple[dict, dict, Recipe | None, dict]:
+    """(model/adapter/dataset, budget, recipe, remaining provenance) of the law: its recipe's when it has one,
+    else what the provenance or the cells' columns say."""
     prov = dict(provenance or {})
     if recipe is not None:  # the law's model, adapter, dataset and budget are its recipe's
-        info, budget = {}, {}
-        recipe = recipe.replace(objective=objective)
-    else:  # a bare cells table: what its columns say
-        info = {f: prov.pop(f, None) or _single_value(cells, f) for f in PROVENANCE_FIELDS}
-        budget = dict(prov.pop("budget", None) or {})
-        if not budget and "steps" in cells.columns:
-            steps = pd.to_numeric(cells["steps"], errors="coerce").dropna()
-            if len(steps):
-                budget = {"steps": int(steps.max()), "note": "inferred from the cells (largest steps)"}
+        return {}, {}, recipe.replace(objective=objective), prov
+    info = {f: prov.pop(f, None) or _single_value(cells, f) for f in PROVENANCE_FIELDS}
+    budget = dict(prov.pop("budget", None) or {})
+    if not budget and "steps" in cells.columns:
+        steps = pd.to_numeric(cells["steps"], errors="coerce").dropna()
+        if len(steps):
+            budget = {"steps": int(steps.max()), "note": "inferred from the cells (largest steps)"}
+    return info, budget, None, prov
+
+
+def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int, holdout: bool,
+             provenance: Mapping | None, ci_level: float, recipe: Recipe | None = None) -> LawFit:
+    r, T, Lb, La = (cells[c].to_numpy(dtype=float) for c in ("rank", "tokens", "loss_before", "loss_after"))
+    dL = Lb - La
+    saturated = is_saturated(La)
+    used = ~saturated
+    _check_fittable(r, T, used, objective)
+    n_bootstrap = int(n_bootstrap)
+    if n_bootstrap < 0:
+        raise MemprobeError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
+    r_u, T_u, L_u, y = r[used], T[used], Lb[used], dL[used]
+    warnings = []
+
+    # the paper's form, always fitted and reported (r2, mape, ci are its numbers, as the paper reports them); a
+    # physical form to predict with, chosen by held-out error, its numbers beside them
+    theta_p, stderr, result = fit_params(r_u, T_u, y)
+    cv = {f: cross_validate(f, r_u, T_u, L_u, y, theta_p) for f in ("power", *PHYSICAL_FORMS)} if holdout else {}
+    form = choose_form(cv)
+    theta = _refit_fast(r_u, T_u, y, theta_p, form, L_u)
+    pred = law_delta_loss(form, *theta, r, T, Lb)
+    pred_p = law_delta_loss("power", *theta_p, r_u, T_u)
+    r2, (mape, _) = _r2(y, pred_p), _mape(y, pred_p)
+    if holdout and cv.get(form) is None:
+        warnings.append("no T can be left out (calibrate at least 3 sizes): the predicting form was not chosen "
+                        "by held-out error and the intervals carry no model error")
+
+    # the paper form's draws give its parameters' intervals; the predicting form's, the prediction intervals
+    def draws(th, *form_and_L):
+        return bootstrap_samples(r_u, T_u, y, th, n_bootstrap, seed, *form_and_L) if n_bootstrap \
+            else np.zeros((0, N_PARAMS))
+
+    ci = _parameter_ci(theta_p, stderr, draws(theta_p), ci_level, n_bootstrap, warnings)
+    samples = draws(theta, form, L_u)
+
+    reasons = unusable_reasons(theta_p, int(used.sum()), r_u, T_u, y)
+    if reasons:
+        warnings.append("the cells cannot identify this law: " + "; ".join(reasons))
+    ho, note = _holdout(r_u, T_u, y, form, L_u) if holdout else (None, None)
+    ho_p, _ = _holdout(r_u, T_u, y) if holdout else (None, None)
+    if note:
+        warnings.append(note)
+    link = _em_link_of(cells, La, warnings)
+    info, budget, recipe, prov = _law_identity(cells, objective, provenance, recipe)
 
     law = MemoryLaw(
         C=theta_p[0], alpha=theta_p[1], beta=theta_p[2], b=theta_p[3], objective=objective, em_link=link,
-        base_loss=base_loss, params_per_rank=_params_per_rank(cells),
+        # base loss per answer token: a token-weighted mean, so larger sets count for their tokens
+        base_loss=float(np.sum(L_u * T_u) / np.sum(T_u)), params_per_rank=_params_per_rank(cells),
         rank_range=(float(r_u.min()), float(r_u.max())), tokens_range=(float(T_u.min()), float(T_u.max())),
-        **info, budget=budget, recipe=recipe, stderr=stderr, ci=ci, ci_level=ci_level, samples=tuple(map(tuple, samples.tolist())),
+        **info, budget=budget, recipe=recipe, stderr=stderr, ci=ci, ci_level=ci_level,
+        samples=tuple(map(tuple, samples.tolist())),
         fit_stats={
-            "r2": r2, "mape": mape, "n_used": n_used, "n_excluded": n_excluded, "n_bootstrap": n_bootstrap,
-            "seed": seed, "holdout": None if ho_p is None else ho_p.to_dict(),
+            "r2": r2, "mape": mape, "n_used": int(used.sum()), "n_excluded": int(saturated.sum()),
+            "n_bootstrap": n_bootstrap, "seed": seed, "holdout": None if ho_p is None else ho_p.to_dict(),
             "forms": {f: None if c is None else {"heldout_mape": c["mape"], "heldout_cells": c["n_cells"]}
                       for f, c in cv.items()},
-            "predicting": {"form": form, "r2": r2_f, "mape": mape_f, "holdout": None if ho is None else ho.to_dict()},
-            "usable": not reasons, "unusable_reasons": reasons,
-            "convergence": _convergence(cells[used]),
+            "predicting": {"form": form, "r2": _r2(y, pred[used]), "mape": _mape(y, pred[used])[0],
+                           "holdout": None if ho is None else ho.to_dict()},
+            "usable": not reasons, "unusable_reasons": reasons, "convergence": _convergence(cells[used]),
         },
         form=form, form_params=tuple(map(float, theta)), model_error=model_error(cv.get(form)),
         provenance=prov,
@@ -538,9 +553,9 @@ def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int
     table["saturated"] = saturated
     table["predicted"] = pred  # by the predicting form
     table["residual"] = np.where(used, dL - pred, np.nan)
-    return LawFit(law=law, r2=r2, mape=mape, n_used=n_used, n_excluded=n_excluded, ci=ci, ci_level=ci_level,
-                  holdout=ho_p, n_bootstrap=n_bootstrap, warnings=tuple(warnings), residuals=res, cells=table,
-                  result=result)
+    return LawFit(law=law, r2=r2, mape=mape, n_used=int(used.sum()), n_excluded=int(saturated.sum()), ci=ci,
+                  ci_level=ci_level, holdout=ho_p, n_bootstrap=n_bootstrap, warnings=tuple(warnings),
+                  residuals=y - pred[used], cells=table, result=result)
 
 
 def _check_options(ci_level) -> float:
