@@ -296,40 +296,32 @@ def _explain(chosen: str, rank: int, target_em: float, per_objective: dict, em: 
     return base + f". {why}."
 
 
-def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int] | None = None,
-              max_rank: int | None = None, base_loss: float | None = None, level: float = 0.9,
-              objective: str | None = None, law_source: str | None = None, allow_uncertain: bool = False) -> Plan:
-    """The smallest allowed rank, over the objectives with a law, whose predicted EM reaches target_em.
-
-    Refuses (MemprobeError) rather than recommend when it cannot tell: the prediction interval at that rank
-    reaches below half the target; `allow_uncertain=True` returns the plan anyway. Laws whose cells cannot identify them are
-    not used; mlp-bypass ranks above d are not considered.
-
-    law_or_laws: a MemoryLaw, {objective: MemoryLaw}, or a law file path.
-    ranks: the allowed ranks (default: powers of two from 1 to max_rank, default 1024).
-    base_loss: the base model's loss per answer token on YOUR data (default: the law's,
-    measured on the calibration data). Raises MemprobeError when no objective reaches the
-    target within the allowed ranks, quoting the best EM reached.
-    """
-    tokens = check_tokens(tokens)
-    target_em = float(check_target_em(target_em))
-    level = check_level(level)
-    laws, source = as_laws(law_or_laws, objective)
-    law_source = law_source or source
-    R = np.asarray(allowed_ranks(ranks, max_rank), dtype=float)  # (R,)
-
+def _usable(laws: dict) -> tuple[dict, dict]:
+    """The laws that can be planned from, and the reasons of those that cannot (raises when none can)."""
     unusable = {name: law.unusable_reasons for name, law in laws.items() if not law.usable}
-    laws = {name: law for name, law in laws.items() if law.usable}
-    if not laws:
+    usable = {name: law for name, law in laws.items() if law.usable}
+    if not usable:
         name, reasons = next(iter(unusable.items()))
         raise MemprobeError(f"the {name} law cannot be planned from: its cells cannot identify it "
                             f"({'; '.join(reasons)})")
+    return usable, unusable
+
+
+def _ranks_for(law: MemoryLaw, R: np.ndarray, name: str) -> np.ndarray:
+    """The allowed ranks the law's adapter can have."""
+    cap = max_rank_of(law)
+    R_law = R[R <= cap] if cap is not None else R
+    if not len(R_law):
+        raise MemprobeError(f"no allowed rank fits the {name} law's adapter ({law.adapter}: rank <= {cap})")
+    return R_law
+
+
+def _choose(laws: dict, R: np.ndarray, tokens: int, target_em: float, base_loss) -> tuple[str, dict]:
+    """The objective that reaches the target at the smallest rank (simpler first on a tie), and every
+    objective's answer; raises, quoting the best EM, when none reaches it."""
     per_objective = {}
     for name, law in laws.items():
-        cap = max_rank_of(law)
-        R_law = R[R <= cap] if cap is not None else R
-        if not len(R_law):
-            raise MemprobeError(f"no allowed rank fits the {name} law's adapter ({law.adapter}: rank <= {cap})")
+        R_law = _ranks_for(law, R, name)
         r, em = _smallest_rank(law, R_law, tokens, target_em, base_loss)
         per_objective[name] = {"rank": r, "predicted_em": em, "reaches_target": r is not None,
                                "largest_rank": int(R_law[-1]),
@@ -344,38 +336,71 @@ def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int
             f"raise --max-rank, or split the data"
         )
     # laws are in simplest-first order, so min() keeps the simpler objective on a tie
-    chosen = min(reaching, key=lambda k: per_objective[k]["rank"])
+    return min(reaching, key=lambda k: per_objective[k]["rank"]), per_objective
+
+
+def _check_certain(rank: int, rank_int, em_int, R_law: np.ndarray, tokens: int, level: float) -> None:
+    if rank_int[1] is not None and rank_int[1] <= MAX_RANK_SPREAD * max(rank_int[0], 1):
+        return
+    upper = f"{rank_int[1]}" if rank_int[1] is not None else f"beyond {int(R_law[-1])}"
+    raise MemprobeError(
+        f"cannot tell: the target needs rank {rank} by the law's best guess, but anywhere from rank "
+        f"{rank_int[0]} to {upper} within its {level:.0%} interval (EM at rank {rank}: "
+        f"[{em_int[0]:.3g}, {em_int[1]:.3g}]); calibrate cells near rank {rank} and T={tokens}, or with "
+        f"more seeds, before choosing")
+
+
+def _law_warnings(law: MemoryLaw, tokens: int, rank: int, unusable: dict) -> list[str]:
+    name = law.objective
+    warnings = _range_warnings(law, tokens, rank)
+    warnings += [f"the {other} law is not used: {'; '.join(reasons)}" for other, reasons in unusable.items()]
+    if _convergence_warning(law):
+        warnings.append(_convergence_warning(law))
+    if not law.has_samples:
+        warnings.append(f"the {name} law has no bootstrap samples: no prediction intervals")
+    if law.em_link.source == "default":
+        warnings.append(f"the {name} law's EM link is the default (L50={law.em_link.L50:.3g}, k={law.em_link.k:.3g}), "
+                        "not fitted: the predicted EM is rough")
+    if law.params_per_rank is None:
+        warnings.append(f"the {name} law does not record trainable parameters per rank: no adapter size")
+    if not law.budget:
+        warnings.append(f"the {name} law does not record its training budget")
+    return warnings
+
+
+def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int] | None = None,
+              max_rank: int | None = None, base_loss: float | None = None, level: float = 0.9,
+              objective: str | None = None, law_source: str | None = None, allow_uncertain: bool = False) -> Plan:
+    """The smallest allowed rank, over the objectives with a law, whose predicted EM reaches target_em.
+
+    law_or_laws: a MemoryLaw, {objective: MemoryLaw}, or a law file path.
+    ranks: the allowed ranks (default: powers of two from 1 to max_rank, default 1024); mlp-bypass ranks above d
+    are never considered. base_loss: the base model's loss per answer token on YOUR data (default: the law's,
+    measured on the calibration data). Laws whose cells cannot identify them are not used.
+    Raises MemprobeError when no objective reaches the target within the allowed ranks (quoting the best EM), and
+    when it cannot tell: the ranks at which the upper and the lower end of the EM interval reach the target lie
+    more than two power-of-2 steps apart (`allow_uncertain=True` returns the plan anyway).
+    """
+    tokens = check_tokens(tokens)
+    target_em = float(check_target_em(target_em))
+    level = check_level(level)
+    laws, source = as_laws(law_or_laws, objective)
+    R = np.asarray(allowed_ranks(ranks, max_rank), dtype=float)  # (R,)
+    laws, unusable = _usable(laws)
+    chosen, per_objective = _choose(laws, R, tokens, target_em, base_loss)
     law = laws[chosen]
+    R_law = _ranks_for(law, R, chosen)
     rank = per_objective[chosen]["rank"]
     base = law.resolve_base_loss(base_loss)
-
     dL = float(law.predict(rank, tokens, base_loss))
     em = float(law.predict_em(rank, tokens, base_loss))
     dL_int = em_int = rank_int = None
-    warnings = _range_warnings(law, tokens, rank)
-    warnings += [f"the {name} law is not used: {'; '.join(reasons)}" for name, reasons in unusable.items()]
-    if _convergence_warning(law):
-        warnings.append(_convergence_warning(law))
     if law.has_samples:
         dL_int = _pair(law.predict_interval(rank, tokens, level, base_loss))
         em_int = _pair(law.predict_em_interval(rank, tokens, level, base_loss))
-        rank_int = _rank_interval(law, R, tokens, target_em, level, base_loss)
-        if not allow_uncertain and (rank_int[1] is None or rank_int[1] > MAX_RANK_SPREAD * max(rank_int[0], 1)):
-            upper = f"{rank_int[1]}" if rank_int[1] is not None else f"beyond {int(R[-1])}"
-            raise MemprobeError(
-                f"cannot tell: the target needs rank {rank} by the law's best guess, but anywhere from rank "
-                f"{rank_int[0]} to {upper} within its {level:.0%} interval (EM at rank {rank}: "
-                f"[{em_int[0]:.3g}, {em_int[1]:.3g}]); calibrate cells near rank {rank} and T={tokens}, or with "
-                f"more seeds, before choosing")
-    else:
-        warnings.append(f"the {chosen} law has no bootstrap samples: no prediction intervals")
-    if law.em_link.source == "default":
-        warnings.append(f"the {chosen} law's EM link is the default (L50={law.em_link.L50:.3g}, k={law.em_link.k:.3g}), "
-                        "not fitted: the predicted EM is rough")
-    if law.params_per_rank is None:
-        warnings.append(f"the {chosen} law does not record trainable parameters per rank: no adapter size")
-    if not law.budget:
-        warnings.append(f"the {chosen} law does not record its training budget")
+        rank_int = _rank_interval(law, R_law, tokens, target_em, level, base_loss)
+        if not allow_uncertain:
+            _check_certain(rank, rank_int, em_int, R_law, tokens, level)
     i = int(np.flatnonzero(R == rank)[0])
     below = int(R[i - 1]) if i > 0 else None
     em_below = float(law.predict_em(below, tokens, base_loss)) if below is not None else None
@@ -388,10 +413,10 @@ def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int
         trainable_params=n_params, adapter_mb_fp32=mb32, adapter_mb_bf16=mb16,
         em_at_half_rank=float(law.predict_em(rank / 2, tokens, base_loss)) if rank >= 2 else None,
         em_at_double_rank=float(law.predict_em(2 * rank, tokens, base_loss)),
-        per_objective=per_objective, warnings=tuple(warnings),
+        per_objective=per_objective, warnings=tuple(_law_warnings(law, tokens, rank, unusable)),
         reason=_explain(chosen, rank, target_em, per_objective, em, em_below, below),
-        law_source=law_source, budget=law.budget, adapter=law.adapter, model=law.model, recipe=law.recipe,
-        rank_interval=rank_int, rank_octaves_outside=octaves_outside(rank, law.rank_range),
+        law_source=law_source or source, budget=law.budget, adapter=law.adapter, model=law.model,
+        recipe=law.recipe, rank_interval=rank_int, rank_octaves_outside=octaves_outside(rank, law.rank_range),
         tokens_octaves_outside=octaves_outside(tokens, law.tokens_range),
     )
 
