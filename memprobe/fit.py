@@ -19,6 +19,7 @@ No torch here: this module needs numpy, scipy, pandas and lmfit only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -605,16 +606,68 @@ def fit_laws(cells: pd.DataFrame, *, n_bootstrap: int = 200, seed: int = 0, hold
     }
 
 
+# -------------------------------------------------------------------- laws at earlier budgets
+
+
+def cells_at_step(cells: pd.DataFrame, curves: pd.DataFrame, step: int) -> pd.DataFrame:
+    """The cells as they stood after `step` training steps, read from their curves (a cell that stopped earlier
+    keeps its end). The curves are the training forward's own measurement, exact where the recipe has no
+    dropout."""
+    at = curves[curves["step"] <= step].sort_values("step").groupby("cell_id").last()
+    out = cells.copy()
+    ids = out["cell_id"].astype(str)
+    at.index = at.index.astype(str)
+    for col in ("loss", "exact_match", "ordered_frac"):
+        target = "loss_after" if col == "loss" else col
+        out[target] = ids.map(at[col]).to_numpy()
+    out["steps"] = np.minimum(pd.to_numeric(out["steps"]), step)
+    out["delta_loss"] = out["loss_before"] - out["loss_after"]
+    return out.dropna(subset=["loss_after"])
+
+
+def budget_laws(cells: pd.DataFrame, curves: pd.DataFrame, recipe: Recipe, objective: str,
+                fractions=(0.125, 0.25, 0.5)) -> tuple[MemoryLaw, ...]:
+    """Laws of the same cells read at shorter budgets (these fractions of the recipe's steps), each a complete
+    law whose recipe trains that many steps: a smaller rank trained longer against a larger one trained shorter.
+    Only for a constant learning rate without warm-up, where the state after s steps of a longer run is the
+    state of a run of s steps; without intervals (point predictions)."""
+    b = recipe.budget
+    if b.schedule != "constant" or b.warmup:
+        return ()
+    out = []
+    for frac in fractions:
+        steps = int(round(b.steps * frac))
+        if steps < b.min_steps:
+            continue
+        try:
+            fit = fit_law(cells_at_step(cells, curves, steps), objective=objective, n_bootstrap=0,
+                          recipe=recipe.replace(budget=dataclasses.replace(b, steps=steps)))
+        except MemprobeError:  # too few unsaturated cells at this budget: no law there
+            continue
+        out.append(fit.law)
+    return tuple(out)
+
+
 def fit_run(cells: pd.DataFrame, out, *, manifest: Mapping | None = None, run_dir=None,
             objective: str | None = None, n_bootstrap: int = 200, seed: int = 0,
             extra_provenance: Mapping | None = None) -> tuple[dict[str, LawFit], Path]:
     """Fit the laws of a run's cells with the run's recipe and write the law file `out`: the one path from a cells
-    table to law.json, for `memprobe calibrate` and `memprobe fit` alike (so a refit keeps the recipe)."""
+    table to law.json, for `memprobe calibrate` and `memprobe fit` alike (so a refit keeps the recipe). With the
+    run's curves.csv, each law also carries the laws of the same cells at shorter budgets."""
     recipe = rundir.manifest_recipe(manifest) if manifest else None
     prov = {**rundir.provenance(manifest, run_dir), **(extra_provenance or {})}
     kw = dict(n_bootstrap=n_bootstrap, seed=seed, provenance=prov, recipe=recipe)
     fits = {objective: fit_law(cells, objective=objective, **kw)} if objective else fit_laws(cells, **kw)
-    return fits, save_laws({name: f.law for name, f in fits.items()}, out)
+    curves_path = Path(run_dir) / "curves.csv" if run_dir is not None else None
+    laws = {name: f.law for name, f in fits.items()}
+    if recipe is not None and curves_path is not None and curves_path.is_file() and "cell_id" in cells.columns:
+        curves = rundir.read_curves(curves_path)
+        for name, law in laws.items():
+            mine = cells[cells["objective"] == name] if "objective" in cells.columns else cells
+            shorter = budget_laws(mine, curves, law.recipe, name)
+            laws[name] = dataclasses.replace(law, budget_laws=shorter)
+            fits[name] = dataclasses.replace(fits[name], law=laws[name])
+    return fits, save_laws(laws, out)
 
 
 def fit_cells_file(cells_path, out=None, **kw) -> tuple[dict[str, LawFit], Path]:

@@ -226,6 +226,7 @@ class MemoryLaw:
     form: str = "power"  # the form predictions use (see FORMS); C, alpha, beta, b stay the paper form's fit
     form_params: tuple | None = None  # (C, alpha, beta, b) of `form` when it was fitted apart from the paper's
     model_error: float = 0.0  # sd of ln(measured / predicted dL) on held-out cells: the error the law makes
+    budget_laws: tuple = ()  # laws of the same cells at shorter budgets (each a MemoryLaw), shortest first
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -282,6 +283,10 @@ class MemoryLaw:
         set_("model_error", _finite("model_error", self.model_error))
         if self.model_error < 0:
             raise MemprobeError(f"model_error must be >= 0, got {self.model_error!r}")
+        laws = tuple(MemoryLaw.from_dict(x) if isinstance(x, Mapping) else x for x in self.budget_laws)
+        if not all(isinstance(x, MemoryLaw) for x in laws):
+            raise MemprobeError("budget_laws must be laws")
+        set_("budget_laws", tuple(sorted(laws, key=lambda x: x.budget.get("steps", 0))))
         S = np.asarray(self.samples, dtype=float).reshape(-1, 4) if len(self.samples) else np.zeros((0, 4))
         if not np.all(np.isfinite(S)):
             raise MemprobeError("bootstrap samples must be finite")
@@ -439,6 +444,7 @@ class MemoryLaw:
             "form": self.form,
             "form_params": list(self.form_params) if self.form_params is not None else None,
             "model_error": self.model_error,
+            "budget_laws": [x.to_dict() for x in self.budget_laws],
         }
 
     @classmethod

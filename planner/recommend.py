@@ -195,6 +195,8 @@ class Plan:
     model: str | None = None
     recipe: Recipe | None = None
     rank_interval: tuple | None = None  # ranks whose EM interval's upper / lower end first reaches the target
+    budget_tradeoff: tuple = ()  # dicts: steps, rank (smallest reaching the target at that budget), predicted_em
+    steps_needed: int | None = None  # the shortest recorded budget at which `rank` reaches the target
     rank_octaves_outside: float = 0.0  # power-of-2 steps between the rank and the measured ranks (0 inside)
     tokens_octaves_outside: float = 0.0
 
@@ -252,6 +254,8 @@ class Plan:
             "recipe": self.recipe.to_dict() if self.recipe is not None else None,
             "memorize_command": self.memorize_command(),
             "rank_interval": None if self.rank_interval is None else list(self.rank_interval),
+            "budget_tradeoff": [dict(x) for x in self.budget_tradeoff],
+            "steps_needed": self.steps_needed,
             "rank_octaves_outside": self.rank_octaves_outside,
             "tokens_octaves_outside": self.tokens_octaves_outside,
         }
@@ -350,6 +354,16 @@ def _check_certain(rank: int, rank_int, em_int, R_law: np.ndarray, tokens: int, 
         f"more seeds, before choosing")
 
 
+def budget_tradeoff(law: MemoryLaw, R: np.ndarray, tokens: int, target_em: float, base_loss) -> list[dict]:
+    """Per recorded budget (the law's shorter-budget laws, then the law itself): the smallest rank reaching the
+    target, so that a smaller adapter trained longer can be set against a larger one trained shorter."""
+    rows = []
+    for at in (*[x for x in law.budget_laws if x.usable], law):
+        r, em = _smallest_rank(at, R, tokens, target_em, base_loss)
+        rows.append({"steps": at.budget.get("steps"), "rank": r, "predicted_em": em})
+    return rows
+
+
 def _law_warnings(law: MemoryLaw, tokens: int, rank: int, unusable: dict) -> list[str]:
     name = law.objective
     warnings = _range_warnings(law, tokens, rank)
@@ -405,6 +419,8 @@ def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int
     below = int(R[i - 1]) if i > 0 else None
     em_below = float(law.predict_em(below, tokens, base_loss)) if below is not None else None
     n_params, mb32, mb16 = _adapter_size(law, rank)
+    tradeoff = budget_tradeoff(law, R_law, tokens, target_em, base_loss)
+    enough = [row["steps"] for row in tradeoff if row["rank"] is not None and row["rank"] <= rank]
     return Plan(
         rank=rank, objective=chosen, tokens=tokens, target_em=target_em,
         predicted_em=em, predicted_delta_loss=dL, predicted_loss_after=max(base - dL, 0.0), base_loss=base,
@@ -418,6 +434,7 @@ def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int
         law_source=law_source or source, budget=law.budget, adapter=law.adapter, model=law.model,
         recipe=law.recipe, rank_interval=rank_int, rank_octaves_outside=octaves_outside(rank, law.rank_range),
         tokens_octaves_outside=octaves_outside(tokens, law.tokens_range),
+        budget_tradeoff=tuple(tradeoff), steps_needed=min(enough) if enough else None,
     )
 
 

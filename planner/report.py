@@ -87,7 +87,20 @@ def render_plan(plan: Plan) -> Group:
     for name, v in plan.per_objective.items():
         per.add_row(Text(name), str(v["rank"]) if v["rank"] is not None else f"> {plan.ranks_considered[-1]}",
                     f"{v['predicted_em']:.4f}")
-    parts = [t, _training(plan), Text(""), per, Text(plan.reason)]
+    parts = [t, _training(plan), Text(""), per]
+    if len(plan.budget_tradeoff) > 1:  # rank against budget, read from the same cells' curves
+        trade = report_table("rank and budget (the cells' curves)")
+        add_number_column(trade, "steps")
+        add_number_column(trade, "rank")
+        add_number_column(trade, "predicted EM")
+        for row in plan.budget_tradeoff:
+            trade.add_row(str(row["steps"]), "-" if row["rank"] is None else str(row["rank"]),
+                          f"{row['predicted_em']:.4f}")
+        parts += [trade]
+        if plan.steps_needed is not None:
+            parts.append(Text(f"rank {plan.rank} reaches the target from {plan.steps_needed} steps (of the "
+                              f"recorded budgets)"))
+    parts.append(Text(plan.reason))
     if plan.warnings:
         parts.append(Text("\n".join(f"warning: {w}" for w in plan.warnings), style="yellow"))
     return Group(*parts)

@@ -335,3 +335,27 @@ def test_a_law_its_cells_cannot_identify_is_marked_unusable():
     assert any("4 non-saturated cells for 4 parameters (need 6)" in r for r in fit.law.unusable_reasons)
     assert MemoryLaw.from_dict(fit.law.to_dict()).usable is False  # it survives the law file
     assert fit_law(saturating_cells(), n_bootstrap=0).law.usable
+
+
+def test_laws_at_shorter_budgets_come_from_the_curves():
+    from memprobe.fit import budget_laws, cells_at_step
+    from memprobe.rundir import Recipe, TrainConfig
+
+    cells = saturating_cells().assign(cell_id=lambda d: [f"c{i}" for i in range(len(d))], steps=100)
+    # each cell's curve: loss falling from L to its final value, fastest at high rank
+    rows = []
+    for _, c in cells.iterrows():
+        for s in range(101):
+            frac = 1 - (1 - s / 100) ** (1 + c["rank"] / 4)
+            rows.append({"cell_id": c["cell_id"], "step": s, "loss": c["loss_before"] - frac * (c["loss_before"] - c["loss_after"]),
+                         "ordered_frac": 0.0, "exact_match": 0.0})
+    curves = pd.DataFrame(rows)
+    at50 = cells_at_step(cells, curves, 50)
+    assert (at50["loss_after"] >= cells["loss_after"] - 1e-12).all() and (at50["steps"] == 50).all()
+    recipe = Recipe(budget=TrainConfig(steps=100))
+    shorter = budget_laws(cells, curves, recipe, "sft")
+    assert [law.budget["steps"] for law in shorter] == [12, 25, 50]
+    assert all(law.recipe.budget.steps == law.budget["steps"] for law in shorter)
+    # less training, less loss reduction at the same rank
+    assert shorter[0].predict(4, 256) < shorter[-1].predict(4, 256)
+    assert budget_laws(cells, curves, recipe.replace(budget=TrainConfig(steps=100, schedule="linear")), "sft") == ()

@@ -262,3 +262,15 @@ def test_cells_still_descending_are_named():
     law = make_law(fit_stats={"convergence": {"stop_reasons": {"budget": 11}, "median_final_slope": 0.0076}})
     plan = recommend(law, tokens=200, target_em=0.9)
     assert any("11 of 11 cells" in w and "still descending (0.76% per step)" in w for w in plan.warnings)
+
+
+def test_the_plan_sets_rank_against_budget():
+    short = make_law(C=8.0, budget={"steps": 25, "lr": 0.01, "schedule": "constant"})
+    law = make_law(budget_laws=(short,))
+    plan = recommend(law, tokens=200, target_em=0.9)
+    steps = [row["steps"] for row in plan.budget_tradeoff]
+    assert steps == [25, 150]
+    short_rank, full_rank = (row["rank"] for row in plan.budget_tradeoff)
+    assert full_rank == plan.rank and short_rank > plan.rank  # trained shorter, a larger adapter is needed
+    assert plan.steps_needed == 150
+    assert MemoryLaw.from_dict(json.loads(json.dumps(law.to_dict()))).budget_laws[0].budget["steps"] == 25
