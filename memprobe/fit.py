@@ -462,12 +462,44 @@ def _parameter_ci(theta_p, stderr, paper_samples, ci_level: float, n_bootstrap: 
 
 def _em_link_of(cells: pd.DataFrame, La, warnings: list) -> EMLink:
     if "exact_match" in cells.columns:  # every cell, saturated ones included: they carry the high-EM end
-        link = fit_em_link(La, pd.to_numeric(cells["exact_match"], errors="coerce").to_numpy(dtype=float))
+        em = pd.to_numeric(cells["exact_match"], errors="coerce").to_numpy(dtype=float)
+        link = fit_em_link(La, em)
+        token = _token_link(cells, La, em, link)
+        if token is not None:
+            return token
     else:
         link = EMLink.default(note="the cells have no exact_match column")
     if link.source == "default":
         warnings.append(f"EM link: default L50={link.L50:.3g}, k={link.k:.3g} ({link.note})")
     return link
+
+
+def answer_lengths(cells: pd.DataFrame) -> np.ndarray | None:
+    """Answer tokens per sequence of each cell (None without n_sequences)."""
+    if "n_sequences" not in cells.columns:
+        return None
+    n = pd.to_numeric(cells["n_sequences"], errors="coerce").to_numpy(dtype=float)
+    return cells["tokens"].to_numpy(dtype=float) / n
+
+
+def _token_link(cells: pd.DataFrame, La, em, sequence: EMLink) -> EMLink | None:
+    """The token-level link (acc(L) fitted on token accuracy, EM = acc**n), when the cells carry token accuracy
+    and answer lengths and it describes their EM at least as well as the sequence link does."""
+    n = answer_lengths(cells)
+    if n is None or "token_acc" not in cells.columns:
+        return None
+    acc = fit_em_link(La, pd.to_numeric(cells["token_acc"], errors="coerce").to_numpy(dtype=float))
+    if acc.source != "fit":
+        return None
+    link = dataclasses.replace(sequence, kind="token", token_L50=acc.L50, token_k=acc.k,
+                               answer_length=float(np.median(n)), source="fit",
+                               note=f"token accuracy link over {acc.n_cells} cells, EM = acc^n")
+    a = link.token_accuracy(La)
+    ok = np.isfinite(em)
+    rmse_token = float(np.sqrt(np.mean((a[ok] ** n[ok] - em[ok]) ** 2)))
+    if sequence.source == "fit" and sequence.rmse is not None and sequence.rmse < rmse_token:
+        return None
+    return dataclasses.replace(link, rmse=rmse_token)
 
 
 def _law_identity(cells: pd.DataFrame, objective: str, provenance: Mapping | None,

@@ -143,8 +143,12 @@ def _range(name: str, value: Any) -> tuple[float, float] | None:
 class EMLink:
     """Exact match as a function of the per-token loss after training.
 
-    EM(L) = 1 / (1 + (L / L50)**k). source is "fit" (least squares on the cells) or
-    "default" (DEFAULT_L50, DEFAULT_K: the cells could not identify it; see note).
+    kind "sequence": EM(L) = 1 / (1 + (L / L50)**k), fitted on the cells' exact match; it holds for answers as long
+    as the calibration's. kind "token": the same logistic for the share of answer tokens that are the argmax,
+    acc(L) = 1 / (1 + (L / token_L50)**token_k), fitted on the cells' token accuracy, and EM = acc**n for answers
+    of n tokens (every token must be right): it carries over to answers of another length (`answer_length`, the
+    calibration's by default; `with_answer_length` for your corpus's). source is "fit" or "default" (DEFAULT_L50,
+    DEFAULT_K: the cells could not identify it; see note).
     """
 
     L50: float = DEFAULT_L50
@@ -153,6 +157,10 @@ class EMLink:
     n_cells: int = 0
     rmse: float | None = None
     note: str = ""
+    kind: str = "sequence"
+    token_L50: float | None = None
+    token_k: float | None = None
+    answer_length: float | None = None  # answer tokens per sequence the token kind applies EM = acc**n with
 
     def __post_init__(self):
         object.__setattr__(self, "L50", _positive("em_link L50", self.L50))
@@ -164,12 +172,31 @@ class EMLink:
         object.__setattr__(self, "n_cells", int(self.n_cells))
         if self.rmse is not None:
             object.__setattr__(self, "rmse", _finite("em_link rmse", self.rmse))
+        if self.kind not in ("sequence", "token"):
+            raise MemprobeError(f"em_link kind must be 'sequence' or 'token', got {self.kind!r}")
+        for name in ("token_L50", "token_k", "answer_length"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _positive(f"em_link {name}", getattr(self, name)))
+        if self.kind == "token" and None in (self.token_L50, self.token_k, self.answer_length):
+            raise MemprobeError("a token em_link needs token_L50, token_k and answer_length")
 
     @classmethod
     def default(cls, note: str = "") -> "EMLink":
         return cls(L50=DEFAULT_L50, k=DEFAULT_K, source="default", n_cells=0, note=note)
 
+    def with_answer_length(self, n) -> "EMLink":
+        """The same link for answers of n tokens (a token link; a sequence link cannot carry over, so it stays)."""
+        return dataclasses.replace(self, answer_length=_positive("answer_length", n)) if self.kind == "token" \
+            else self
+
+    def token_accuracy(self, loss_after):
+        L = np.maximum(np.asarray(loss_after, dtype=float), 0.0)
+        with np.errstate(over="ignore"):
+            return 1.0 / (1.0 + (L / self.token_L50) ** self.token_k)
+
     def __call__(self, loss_after):
+        if self.kind == "token":
+            return _scalar_or_array(self.token_accuracy(loss_after) ** self.answer_length)
         L = np.maximum(np.asarray(loss_after, dtype=float), 0.0)
         # (L/L50)**k overflows to inf for huge L, which correctly gives EM = 0
         with np.errstate(over="ignore"):
@@ -179,6 +206,10 @@ class EMLink:
     def loss_for(self, em):
         """Inverse: the per-token loss after training at which EM equals em (0 < em <= 1)."""
         em = check_target_em(em)
+        if self.kind == "token":
+            acc = em ** (1.0 / self.answer_length)
+            with np.errstate(divide="ignore"):
+                return _scalar_or_array(self.token_L50 * ((1.0 - acc) / acc) ** (1.0 / self.token_k))
         L = self.L50 * ((1.0 - em) / em) ** (1.0 / self.k)
         return _scalar_or_array(L)
 
@@ -314,6 +345,10 @@ class MemoryLaw:
     def predicting_params(self) -> tuple:
         """(C, alpha, beta, b) of the form predictions use."""
         return self.form_params if self.form_params is not None else (self.C, self.alpha, self.beta, self.b)
+
+    def with_answer_length(self, n) -> "MemoryLaw":
+        """This law predicting EM for answers of n tokens (see EMLink: only a token link carries over)."""
+        return dataclasses.replace(self, em_link=self.em_link.with_answer_length(n))
 
     @property
     def usable(self) -> bool:

@@ -52,6 +52,7 @@ def recommend(
     base_loss: Optional[float] = typer.Option(None, "--base-loss", help="base model loss per answer token on your data"),
     level: float = typer.Option(0.9, "--level", help="level of the prediction intervals"),
     allow_uncertain: bool = typer.Option(False, "--allow-uncertain", help="plan even when the interval says it cannot tell"),
+    answer_length: Optional[float] = typer.Option(None, "--answer-length", help="answer tokens per sequence of your data [the calibration's]"),
     json_: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ):
     """The smallest rank (and the objective) whose predicted exact match reaches the target."""
@@ -68,7 +69,8 @@ def recommend(
     laws, source = _load(law)
     plan = _with_source(lambda: recommend_(laws, tokens=tokens, target_em=target_em, ranks=rank_list,
                                            max_rank=max_rank, base_loss=base_loss, level=level, objective=objective,
-                                           law_source=source, allow_uncertain=allow_uncertain), source)
+                                           law_source=source, allow_uncertain=allow_uncertain,
+                                           answer_length=answer_length), source)
     from planner.report import render_plan
 
     emit(json_, plan.to_dict(), render_plan(plan))

@@ -344,7 +344,9 @@ def _choose(laws: dict, R: np.ndarray, tokens: int, target_em: float, base_loss)
 
 
 def _check_certain(rank: int, rank_int, em_int, R_law: np.ndarray, tokens: int, level: float) -> None:
-    if rank_int[1] is not None and rank_int[1] <= MAX_RANK_SPREAD * max(rank_int[0], 1):
+    # an upper end beyond the allowed ranks counts as the next power of 2 above them
+    upper_end = rank_int[1] if rank_int[1] is not None else 2 * int(R_law[-1])
+    if upper_end <= MAX_RANK_SPREAD * max(rank_int[0], 1):
         return
     upper = f"{rank_int[1]}" if rank_int[1] is not None else f"beyond {int(R_law[-1])}"
     raise MemprobeError(
@@ -364,9 +366,12 @@ def budget_tradeoff(law: MemoryLaw, R: np.ndarray, tokens: int, target_em: float
     return rows
 
 
-def _law_warnings(law: MemoryLaw, tokens: int, rank: int, unusable: dict) -> list[str]:
+def _law_warnings(law: MemoryLaw, tokens: int, rank: int, unusable: dict, answer_length) -> list[str]:
     name = law.objective
     warnings = _range_warnings(law, tokens, rank)
+    if answer_length is not None and law.em_link.kind == "sequence":
+        warnings.append(f"the {name} law's EM link was fitted on whole sequences: it holds for answers as long as "
+                        f"the calibration's, not necessarily for {answer_length:g} tokens")
     warnings += [f"the {other} law is not used: {'; '.join(reasons)}" for other, reasons in unusable.items()]
     if _convergence_warning(law):
         warnings.append(_convergence_warning(law))
@@ -384,9 +389,12 @@ def _law_warnings(law: MemoryLaw, tokens: int, rank: int, unusable: dict) -> lis
 
 def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int] | None = None,
               max_rank: int | None = None, base_loss: float | None = None, level: float = 0.9,
-              objective: str | None = None, law_source: str | None = None, allow_uncertain: bool = False) -> Plan:
+              objective: str | None = None, law_source: str | None = None, allow_uncertain: bool = False,
+              answer_length: float | None = None) -> Plan:
     """The smallest allowed rank, over the objectives with a law, whose predicted EM reaches target_em.
 
+    answer_length: answer tokens per sequence of YOUR data: a law with a token-level EM link predicts EM for
+    answers that long (default: the calibration's); a sequence-level link holds for the calibration's only.
     law_or_laws: a MemoryLaw, {objective: MemoryLaw}, or a law file path.
     ranks: the allowed ranks (default: powers of two from 1 to max_rank, default 1024); mlp-bypass ranks above d
     are never considered. base_loss: the base model's loss per answer token on YOUR data (default: the law's,
@@ -399,6 +407,8 @@ def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int
     target_em = float(check_target_em(target_em))
     level = check_level(level)
     laws, source = as_laws(law_or_laws, objective)
+    if answer_length is not None:
+        laws = {name: law.with_answer_length(answer_length) for name, law in laws.items()}
     R = np.asarray(allowed_ranks(ranks, max_rank), dtype=float)  # (R,)
     laws, unusable = _usable(laws)
     chosen, per_objective = _choose(laws, R, tokens, target_em, base_loss)
@@ -429,7 +439,7 @@ def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int
         trainable_params=n_params, adapter_mb_fp32=mb32, adapter_mb_bf16=mb16,
         em_at_half_rank=float(law.predict_em(rank / 2, tokens, base_loss)) if rank >= 2 else None,
         em_at_double_rank=float(law.predict_em(2 * rank, tokens, base_loss)),
-        per_objective=per_objective, warnings=tuple(_law_warnings(law, tokens, rank, unusable)),
+        per_objective=per_objective, warnings=tuple(_law_warnings(law, tokens, rank, unusable, answer_length)),
         reason=_explain(chosen, rank, target_em, per_objective, em, em_below, below),
         law_source=law_source or source, budget=law.budget, adapter=law.adapter, model=law.model,
         recipe=law.recipe, rank_interval=rank_int, rank_octaves_outside=octaves_outside(rank, law.rank_range),

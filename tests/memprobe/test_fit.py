@@ -359,3 +359,28 @@ def test_laws_at_shorter_budgets_come_from_the_curves():
     # less training, less loss reduction at the same rank
     assert shorter[0].predict(4, 256) < shorter[-1].predict(4, 256)
     assert budget_laws(cells, curves, recipe.replace(budget=TrainConfig(steps=100, schedule="linear")), "sft") == ()
+
+
+def test_the_token_link_carries_em_to_answers_of_another_length():
+    """Fitted on 10-token answers, tested on 40-token ones: EM = acc(L)**n with acc fitted on token accuracy."""
+    from memprobe.law import EMLink
+
+    rng = np.random.default_rng(5)
+    acc = lambda L: 1 / (1 + (L / 1.2) ** 2.5)  # noqa: E731
+    def cells(n_tokens, n_seq, losses):
+        a = acc(losses)
+        return pd.DataFrame({"rank": 1, "tokens": n_tokens * n_seq, "n_sequences": n_seq, "loss_before": 9.0,
+                             "loss_after": losses, "token_acc": np.clip(a + rng.normal(0, 0.01, len(a)), 0, 1),
+                             "exact_match": np.clip(a**n_tokens + rng.normal(0, 0.01, len(a)), 0, 1)})
+    short = cells(10, 20, np.geomspace(0.02, 3.0, 16))
+    link = fit_em_link(short.loss_after, short.exact_match)  # the sequence link, fitted on 10-token answers
+    from memprobe.fit import _token_link
+
+    token = _token_link(short, short.loss_after.to_numpy(), short.exact_match.to_numpy(), link)
+    assert token is not None and token.kind == "token" and token.answer_length == 10
+    long = cells(40, 5, np.geomspace(0.02, 1.5, 12))
+    truth = acc(long.loss_after.to_numpy()) ** 40
+    err_token = np.abs(token.with_answer_length(40)(long.loss_after.to_numpy()) - truth).max()
+    err_sequence = np.abs(link(long.loss_after.to_numpy()) - truth).max()
+    assert err_token < 0.05 < err_sequence
+    assert isinstance(EMLink.from_dict(token.to_dict()), EMLink) and EMLink.from_dict(token.to_dict()) == token

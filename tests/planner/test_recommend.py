@@ -274,3 +274,13 @@ def test_the_plan_sets_rank_against_budget():
     assert full_rank == plan.rank and short_rank > plan.rank  # trained shorter, a larger adapter is needed
     assert plan.steps_needed == 150
     assert MemoryLaw.from_dict(json.loads(json.dumps(law.to_dict()))).budget_laws[0].budget["steps"] == 25
+
+
+def test_a_token_link_plans_for_the_answer_length_of_your_data():
+    token = EMLink(L50=0.3, k=3.0, source="fit", kind="token", token_L50=1.0, token_k=3.0, answer_length=10)
+    law = make_law(em_link=token, form="saturating")
+    short = recommend(law, tokens=30, target_em=0.9, allow_uncertain=True)
+    longer = recommend(law, tokens=30, target_em=0.9, answer_length=200, allow_uncertain=True)
+    assert longer.rank > short.rank  # 200 tokens must all be right: each token needs a lower loss
+    warned = recommend(make_law(), tokens=2000, target_em=0.9, answer_length=200, allow_uncertain=True)
+    assert any("fitted on whole sequences" in w for w in warned.warnings)
