@@ -167,7 +167,7 @@ def render_fits(fits: dict) -> Group:
 
 # cells column -> (header, format). The objective is each table's title, and the fixed decimals and short (two-line)
 # headers keep a calibration's widest table, every column below, inside 80 columns.
-CELL_COLUMNS = {
+CELL_DISPLAY = {
     "rank": ("r", "count"), "tokens": ("T", "count"), "loss_before": ("L\nbefore", ".3f"),
     "loss_after": ("L\nafter", ".3f"), "delta_loss": ("dL", ".3f"), "predicted": ("predicted", ".3f"),
     "token_acc": ("acc", ".3f"), "exact_match": ("EM", ".3f"), "saturated": ("sat.", "yes"),
@@ -192,7 +192,7 @@ def _cell_value(value, fmt: str) -> str | Text:
 def render_cells(cells, max_rows: int = 50) -> Group:
     """A cells table (pandas DataFrame): the known columns that are present, first max_rows rows, one table per
     objective."""
-    cols = [c for c in CELL_COLUMNS if c in cells.columns]
+    cols = [c for c in CELL_DISPLAY if c in cells.columns]
     shown = cells.head(max_rows)
     totals = cells["objective"].value_counts() if "objective" in cells.columns else None
     tables = []
@@ -201,10 +201,10 @@ def render_cells(cells, max_rows: int = 50) -> Group:
         title = ("" if objective is None else f"{objective}: ") + f"{n} cells"
         t = report_table(title + (f" (first {len(rows)})" if len(rows) < n else ""))
         for c in cols:
-            header, fmt = CELL_COLUMNS[c]
+            header, fmt = CELL_DISPLAY[c]
             (add_text_column if fmt == "text" else add_number_column)(t, header)
         for _, row in rows.iterrows():
-            t.add_row(*(_cell_value(row[c], CELL_COLUMNS[c][1]) for c in cols))
+            t.add_row(*(_cell_value(row[c], CELL_DISPLAY[c][1]) for c in cols))
         tables.append(t)
     return Group(*tables)
 
