@@ -403,6 +403,8 @@ def run_brackets(config: CalibrationConfig, run_dir: Path | None, target_tokens:
     target_em = float(check_target_em(target_em))
     if isinstance(target_tokens, bool) or int(target_tokens) != target_tokens or target_tokens <= 0:
         raise MemprobeError(f"bracket tokens must be a positive integer, got {target_tokens!r}")
+    if isinstance(rounds, bool) or int(rounds) != rounds or rounds < 0:
+        raise MemprobeError(f"bracket rounds must be a non-negative integer, got {rounds!r}")
     log = kw.get("log") or (lambda msg: None)
     result = run_calibration(config, run_dir, **kw)
     kw.pop("fresh", None)  # later rounds extend the same run
