@@ -18,20 +18,20 @@ from memprobe.cli_support import emit, make_app, parse_list, run_app
 app = make_app("memprobe: measure how much a LoRA adapter memorizes on your model and fit the Parametric Memory Law.")
 
 # Options that calibrate and memorize share, declared once. None means "not given": the preset's (calibrate)
-# or the plan's recipe's (memorize) value applies, then the default.
-Model = Annotated[Optional[str], typer.Option("--model", "-m", help="embedded (SmolLM2-135M, offline), a hub id, a local folder, a .gguf file, or random:CONFIG [embedded, or the plan's]")]
-Adapter = Annotated[Optional[str], typer.Option("--adapter", help="mlp-bypass | lora [preset, or the plan's]")]
+# or the plan's recipe's (memorize) value applies, then the default; "[preset / plan]" in the help says so.
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="embedded (SmolLM2-135M, offline), a hub id, a local folder, a .gguf file, or random:CONFIG [embedded / plan]")]
+Adapter = Annotated[Optional[str], typer.Option("--adapter", help="mlp-bypass | lora [preset / plan]")]
 Layer = Annotated[Optional[int], typer.Option("--layer", help="mlp-bypass layer [about 2/3 of the depth]")]
 LoraLayers = Annotated[Optional[str], typer.Option("--lora-layers", help="lora: layers to adapt, e.g. 20,21,22 [all]")]
 TargetModules = Annotated[Optional[str], typer.Option("--target-modules", help="lora: module names [all linear: q,k,v,o,gate,up,down_proj]")]
 LoraAlpha = Annotated[Optional[float], typer.Option("--lora-alpha", help="lora: fixed alpha [alpha = 2r]")]
-Dropout = Annotated[Optional[float], typer.Option("--dropout", help="adapter dropout [preset, or the plan's]")]
-Steps = Annotated[Optional[int], typer.Option("--steps", help="training budget in steps [preset, or the plan's]")]
-Lr = Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate [1e-2, or the plan's]")]
-Schedule = Annotated[Optional[str], typer.Option("--schedule", help="constant | linear [preset, or the plan's]")]
-Clip = Annotated[Optional[float], typer.Option("--clip", help="gradient clipping norm, 0 = off [preset, or the plan's]")]
+Dropout = Annotated[Optional[float], typer.Option("--dropout", help="adapter dropout [preset / plan]")]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="training budget in steps [preset / plan]")]
+Lr = Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate [1e-2 / plan]")]
+Schedule = Annotated[Optional[str], typer.Option("--schedule", help="constant | linear [preset / plan]")]
+Clip = Annotated[Optional[float], typer.Option("--clip", help="gradient clipping norm, 0 = off [preset / plan]")]
 StopP = Annotated[Optional[float], typer.Option("--stop-p", help="stop once every answer token has p >= this [0.9]")]
-Chat = Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="wrap keys in the chat template [chat, or the plan's]")]
+Chat = Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="wrap keys in the chat template [chat / plan]")]
 Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda[:N] [auto]")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | bfloat16 [auto: bf16 on CUDA]")]
 Json = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout (progress goes to stderr)")]
