@@ -55,8 +55,9 @@ def test_memorize_with_the_plan_trains_the_calibrated_recipe(model_dir, facts, t
     invoke(memprobe_app, "fit", run / "cells.csv", "--out", tmp_path / "refit.json", "--n-bootstrap", "20")
     assert MemoryLaw.load(tmp_path / "refit.json").recipe == calibrated
 
+    # a tiny model's few-step law is rightly uncertain; the recipe's journey is what is checked here
     plan = json.loads(invoke(planner_app, "recommend", "--law", tmp_path / "refit.json", "--tokens", "24",
-                             "--target-em", "1e-6", "--json").stdout)
+                             "--target-em", "1e-6", "--allow-uncertain", "--json").stdout)
     assert Recipe.from_dict(plan["recipe"]) == calibrated
     (tmp_path / "plan.json").write_text(json.dumps(plan))
 
