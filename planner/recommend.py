@@ -343,17 +343,17 @@ def _choose(laws: dict, R: np.ndarray, tokens: int, target_em: float, base_loss)
     return min(reaching, key=lambda k: per_objective[k]["rank"]), per_objective
 
 
-def _check_certain(rank: int, rank_int, em_int, R_law: np.ndarray, tokens: int, level: float) -> None:
+def uncertainty(rank: int, rank_int, em_int, R_law: np.ndarray, tokens: int, level: float) -> str | None:
+    """Why the plan cannot tell (None: it can): its rank is uncertain by more than two power-of-2 steps."""
     # an upper end beyond the allowed ranks counts as the next power of 2 above them
     upper_end = rank_int[1] if rank_int[1] is not None else 2 * int(R_law[-1])
     if upper_end <= MAX_RANK_SPREAD * max(rank_int[0], 1):
-        return
+        return None
     upper = f"{rank_int[1]}" if rank_int[1] is not None else f"beyond {int(R_law[-1])}"
-    raise MemprobeError(
-        f"cannot tell: the target needs rank {rank} by the law's best guess, but anywhere from rank "
-        f"{rank_int[0]} to {upper} within its {level:.0%} interval (EM at rank {rank}: "
-        f"[{em_int[0]:.3g}, {em_int[1]:.3g}]); calibrate cells near rank {rank} and T={tokens}, or with "
-        f"more seeds, before choosing")
+    return (f"cannot tell: the target needs rank {rank} by the law's best guess, but anywhere from rank "
+            f"{rank_int[0]} to {upper} within its {level:.0%} interval (EM at rank {rank}: "
+            f"[{em_int[0]:.3g}, {em_int[1]:.3g}]); calibrate cells near rank {rank} and T={tokens}, or with "
+            f"more seeds, before choosing")
 
 
 def budget_tradeoff(law: MemoryLaw, R: np.ndarray, tokens: int, target_em: float, base_loss) -> list[dict]:
@@ -418,13 +418,14 @@ def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int
     base = law.resolve_base_loss(base_loss)
     dL = float(law.predict(rank, tokens, base_loss))
     em = float(law.predict_em(rank, tokens, base_loss))
-    dL_int = em_int = rank_int = None
+    dL_int = em_int = rank_int = unsure = None
     if law.has_samples:
         dL_int = _pair(law.predict_interval(rank, tokens, level, base_loss))
         em_int = _pair(law.predict_em_interval(rank, tokens, level, base_loss))
         rank_int = _rank_interval(law, R_law, tokens, target_em, level, base_loss)
-        if not allow_uncertain:
-            _check_certain(rank, rank_int, em_int, R_law, tokens, level)
+        unsure = uncertainty(rank, rank_int, em_int, R_law, tokens, level)
+        if unsure and not allow_uncertain:
+            raise MemprobeError(unsure)
     i = int(np.flatnonzero(R == rank)[0])
     below = int(R[i - 1]) if i > 0 else None
     em_below = float(law.predict_em(below, tokens, base_loss)) if below is not None else None
@@ -439,7 +440,7 @@ def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int
         trainable_params=n_params, adapter_mb_fp32=mb32, adapter_mb_bf16=mb16,
         em_at_half_rank=float(law.predict_em(rank / 2, tokens, base_loss)) if rank >= 2 else None,
         em_at_double_rank=float(law.predict_em(2 * rank, tokens, base_loss)),
-        per_objective=per_objective, warnings=tuple(_law_warnings(law, tokens, rank, unusable, answer_length)),
+        per_objective=per_objective, warnings=tuple(([unsure] if unsure else []) + _law_warnings(law, tokens, rank, unusable, answer_length)),
         reason=_explain(chosen, rank, target_em, per_objective, em, em_below, below),
         law_source=law_source or source, budget=law.budget, adapter=law.adapter, model=law.model,
         recipe=law.recipe, rank_interval=rank_int, rank_octaves_outside=octaves_outside(rank, law.rank_range),

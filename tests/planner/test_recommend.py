@@ -247,6 +247,7 @@ def test_a_plan_that_cannot_tell_says_so_instead_of_recommending():
     plan = recommend(wide, tokens=200, target_em=0.9, allow_uncertain=True)
     lo, hi = plan.rank_interval
     assert lo <= plan.rank and (hi is None or hi > 4 * lo)
+    assert plan.warnings[0].startswith("cannot tell: ")  # said, even when planned anyway
     sure = recommend(make_law(), tokens=200, target_em=0.9)
     assert sure.rank_interval[0] <= sure.rank <= sure.rank_interval[1] <= 4 * sure.rank_interval[0]
 
