@@ -22,8 +22,7 @@ from typing import Callable
 import torch
 
 from memprobe.adapters import AdapterSpec, AttachedAdapters, attach_adapters, decoder_layers
-from memprobe.errors import MemprobeError
-from memprobe.rundir import LN2, TrainConfig, is_saturated  # noqa: F401 (the budget is part of the recipe)
+from memprobe.rundir import LN2, TrainConfig
 from memprobe.measure import AnswerBatch, CellMetrics, cell_metrics, head_token_stats, token_stats
 
 @dataclass(frozen=True)

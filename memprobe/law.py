@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from memprobe.errors import MemprobeError
-from memprobe.rundir import LN2, OBJECTIVES, Recipe, objective_order  # noqa: F401 (re-exported)
+from memprobe.rundir import LN2, Recipe, objective_order  # noqa: F401 (re-exported)
 
 SCHEMA_VERSION = 2  # 2: each law carries its recipe
 FILE_FORMAT = "memprobe-law"

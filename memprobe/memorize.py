@@ -29,7 +29,7 @@ from typing import Callable
 
 from memprobe import rundir
 from memprobe.errors import MemprobeError
-from memprobe.rundir import PLAN_FORMAT, PLAN_SCHEMA_VERSION, AdapterSpec, DataSpec, Recipe, TrainConfig, \
+from memprobe.rundir import PLAN_SCHEMA_VERSION, AdapterSpec, DataSpec, Recipe, TrainConfig, \
     normalize_objective
 
 SCHEMA_VERSION = 1

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from memprobe.errors import MemprobeError
-from memprobe.rundir import LN2, OBJECTIVES, normalize_objective  # noqa: F401 (l_t < ln 2  <=>  p_t > 0.5)
+from memprobe.rundir import LN2, normalize_objective  # l_t < ln 2  <=>  p_t > 0.5
 
 FALLBACKS = ("mean", "skip")
 SAMPLE_ID_KEY = "sample_id"  # batch column MemFTTrainer reads the stable per-sample ids from

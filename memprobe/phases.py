@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 
 from memprobe.errors import MemprobeError
-from memprobe.rundir import LN2
 
 SCHEMA_VERSION = 1
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from memprobe.errors import MemprobeError
 from memprobe.law import MemoryLaw, load_laws
 from memprobe.resources import reference_law_path
-from memprobe.rundir import DEFAULT_RUNS_DIR, RUNS_ENV, runs_dir  # noqa: F401 (where calibrate writes runs)
+from memprobe.rundir import runs_dir
 
 REFERENCE_LAW = reference_law_path()
 

@@ -256,7 +256,7 @@ def test_calibration_on_the_embedded_model(tmp_path):
 
 
 def test_brackets_train_toward_the_recommended_rank_and_resume(model_dir, tmp_path):
-    from memprobe.calibrate import bracket_ranks, run_brackets
+    from memprobe.calibrate import run_brackets
 
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps({"key": f"{k}:", "answer": a}) + "\n" for k, a in

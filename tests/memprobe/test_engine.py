@@ -11,11 +11,11 @@ from memprobe.engine import (
     FrozenPrefix,
     StackedAdamW,
     TrainConfig,
-    is_saturated,
     shared_prefix_length,
     train_cells,
 )
 from memprobe.errors import MemprobeError
+from memprobe.rundir import is_saturated  # the one saturation rule
 from memprobe.measure import LN2, cell_metrics, make_batch, token_stats
 
 BYPASS = AdapterSpec("mlp-bypass", layer=1)
