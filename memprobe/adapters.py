@@ -172,11 +172,7 @@ def peft_lora_config(spec: AdapterSpec, r: int, n_layers: int):
     """The PEFT LoraConfig equal to a lora AdapterSpec at rank r."""
     from peft import LoraConfig
 
-    layers = spec.lora_layers(n_layers)
-    return LoraConfig(r=r, lora_alpha=spec.scale(r) * r, lora_dropout=spec.dropout,
-                      target_modules=list(spec.target_modules),
-                      layers_to_transform=None if spec.layers is None else list(layers), bias="none",
-                      task_type="CAUSAL_LM")
+    return LoraConfig(**spec.peft_kwargs(r, n_layers))
 
 
 def peft_state_dict(adapters: AttachedAdapters, group: int = 0) -> dict[str, torch.Tensor]:

@@ -148,6 +148,17 @@ class AdapterSpec:
         alpha = self.alpha if self.alpha is not None else self.alpha_ratio * r
         return alpha / r
 
+    def peft_kwargs(self, r: int, n_layers: int | None = None) -> dict:
+        """The arguments of the PEFT LoraConfig equal to this lora spec at rank r (the one mapping, used by the
+        adapter export and by the plan's exports): alpha = scale * r, layers by index."""
+        if self.kind != "lora":
+            raise MemprobeError(f"an {self.kind} adapter is not a PEFT LoRA: train it with `memprobe memorize`")
+        layers = None if self.layers is None else \
+            list(self.lora_layers(n_layers) if n_layers is not None else sorted(set(self.layers)))
+        return {"r": int(r), "lora_alpha": self.scale(r) * r, "lora_dropout": self.dropout,
+                "target_modules": list(self.target_modules), "layers_to_transform": layers, "bias": "none",
+                "task_type": "CAUSAL_LM"}
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "layer": self.layer, "layers": list(self.layers) if self.layers else None,
                 "target_modules": list(self.target_modules), "alpha": self.alpha,

@@ -1,4 +1,4 @@
-"""The planner command line: `planner recommend` and `planner curve`.
+"""The planner command line: `planner recommend`, `planner curve` and `planner export`.
 
 The law comes from --law, else the newest run under $MEMPROBE_RUNS_DIR (./memprobe_runs),
 else the shipped reference law; the law used is named on stderr and in the output.
@@ -102,6 +102,30 @@ def curve(
     from planner.report import render_curve
 
     emit(json_, c.to_dict(), render_curve(c))
+
+
+@app.command()
+def export(
+    plan: Path = typer.Argument(..., help="plan JSON from `planner recommend --json`"),
+    format_: str = typer.Option(..., "--format", help="peft (LoraConfig JSON) | trainer (TrainingArguments JSON) | axolotl (YAML)"),
+    rows: Optional[int] = typer.Option(None, "--rows", help="trainer / axolotl: rows of your corpus (one batch of all of them per step)"),
+):
+    """The plan where you train: a PEFT LoraConfig, Hugging Face TrainingArguments fields, or an axolotl fragment."""
+    import json
+
+    from memprobe.memorize import read_plan
+    from planner.exports import axolotl_yaml, lora_config, training_arguments
+
+    doc = read_plan(plan)
+    if format_ not in ("peft", "trainer", "axolotl"):
+        raise MemprobeError(f"--format must be peft, trainer or axolotl, got {format_!r}")
+    if format_ != "peft" and rows is None:
+        raise MemprobeError(f"--format {format_} needs --rows (the rows of your corpus)")
+    if format_ == "axolotl":
+        typer.echo(axolotl_yaml(doc, rows), nl=False)
+        return
+    out = lora_config(doc) if format_ == "peft" else training_arguments(doc, rows)
+    typer.echo(json.dumps(out, sort_keys=True, indent=2))
 
 
 def main(args=None) -> int:
