@@ -134,7 +134,8 @@ def memorize(
     from rich.console import Console
 
     from memprobe.calibrate import Progress
-    from memprobe.memorize import memorize_data, read_plan, settings_from_plan
+    from memprobe.memorize import memorize_data, settings_from_plan
+    from memprobe.rundir import read_plan
     from memprobe.report import render_memorize
 
     # the user's own values first: a typo needs no model to be reported

@@ -29,8 +29,9 @@ from typing import Callable
 
 from memprobe import rundir
 from memprobe.errors import MemprobeError
-from memprobe.rundir import PLAN_SCHEMA_VERSION, AdapterSpec, DataSpec, Recipe, TrainConfig, \
-    normalize_objective
+from memprobe.rundir import AdapterSpec, DataSpec, Recipe, TrainConfig, normalize_objective
+# the plan file is part of the contract between the stages: defined with it
+from memprobe.rundir import check_plan, check_rank, plan_recipe, read_plan  # noqa: F401
 
 SCHEMA_VERSION = 1
 SUMMARY_FILE = "memorize.json"
@@ -48,59 +49,6 @@ CORPUS_FIELDS = ("data.kind", "data.path", "data.replace_ratio")
 
 
 # ----------------------------------------------------------------------------------------- input checks
-
-
-def check_rank(rank) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Real) or not math.isfinite(rank) \
-            or int(rank) != rank or rank <= 0:
-        raise MemprobeError(f"rank must be a positive integer, got {rank!r}")
-    return int(rank)
-
-
-def read_plan(path) -> dict:
-    """The plan printed by `planner recommend --json`, checked; one-line MemprobeError otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise MemprobeError(f"plan file not found: {path}")
-    if not path.is_file():
-        raise MemprobeError(f"plan file is not a regular file: {path}")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise MemprobeError(f"plan file {path} is not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise MemprobeError(f"plan file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    return check_plan(doc, where=f"plan file {path}")
-
-
-def check_plan(doc, where: str = "plan") -> dict:
-    """A plan dict (Plan.to_dict() of PLAN_SCHEMA_VERSION) with a usable rank, objective and recipe."""
-    if not isinstance(doc, dict):
-        raise MemprobeError(f"{where} is not a planner plan: expected a JSON object, got {type(doc).__name__}")
-    if doc.get("format") == "memprobe-law":
-        raise MemprobeError(f"{where} is a law file, not a plan: make a plan with `planner recommend --json`")
-    if doc.get("schema_version") != PLAN_SCHEMA_VERSION:
-        raise MemprobeError(f"{where} is not a planner plan of schema_version {PLAN_SCHEMA_VERSION} "
-                            f"(got schema_version {doc.get('schema_version')!r}): make it again with "
-                            f"`planner recommend --json`")
-    missing = [k for k in ("rank", "objective", "predicted_em") if k not in doc]
-    if missing:
-        raise MemprobeError(f"{where} is not a planner plan (no {', '.join(missing)}): "
-                            f"make one with `planner recommend --json`")
-    check_rank(doc["rank"])
-    normalize_objective(doc["objective"])
-    plan_recipe(doc, where)
-    return doc
-
-
-def plan_recipe(plan: dict, where: str = "plan") -> Recipe | None:
-    """The recipe the plan's law was calibrated with (None when its law recorded none)."""
-    if plan.get("recipe") is None:
-        return None
-    recipe = Recipe.from_dict(plan["recipe"], f"{where} recipe")
-    if recipe.objective != normalize_objective(plan["objective"]):
-        raise MemprobeError(f"{where}: its recipe trains {recipe.objective!r}, not its objective {plan['objective']!r}")
-    return recipe
 
 
 # ----------------------------------------------------------------------------------------- settings

@@ -113,7 +113,7 @@ def export(
     """The plan where you train: a PEFT LoraConfig, Hugging Face TrainingArguments fields, or an axolotl fragment."""
     import json
 
-    from memprobe.memorize import read_plan
+    from memprobe.rundir import read_plan
     from planner.exports import axolotl_yaml, lora_config, training_arguments
 
     doc = read_plan(plan)

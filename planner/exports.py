@@ -14,7 +14,7 @@ from memprobe.errors import MemprobeError
 
 def _rank_and_recipe(plan) -> tuple:
     """(rank, Recipe) of a Plan or of its JSON (`planner recommend --json`)."""
-    from memprobe.memorize import check_plan, plan_recipe
+    from memprobe.rundir import check_plan, plan_recipe
 
     if isinstance(plan, dict):
         rank, recipe = int(check_plan(plan)["rank"]), plan_recipe(plan)
