@@ -362,7 +362,8 @@ def budget_tradeoff(law: MemoryLaw, R: np.ndarray, tokens: int, target_em: float
     rows = []
     for at in (*[x for x in law.budget_laws if x.usable], law):
         r, em = _smallest_rank(at, R, tokens, target_em, base_loss)
-        rows.append({"steps": at.budget.get("steps"), "rank": r, "predicted_em": em})
+        far = r is not None and octaves_outside(r, at.rank_range) > MAX_OCTAVES_OUTSIDE
+        rows.append({"steps": at.budget.get("steps"), "rank": r, "predicted_em": em, "extrapolated": far})
     return rows
 
 
@@ -431,7 +432,9 @@ def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int
     em_below = float(law.predict_em(below, tokens, base_loss)) if below is not None else None
     n_params, mb32, mb16 = _adapter_size(law, rank)
     tradeoff = budget_tradeoff(law, R_law, tokens, target_em, base_loss)
-    enough = [row["steps"] for row in tradeoff if row["rank"] is not None and row["rank"] <= rank]
+    # only from budgets whose answer lies among measured ranks: a far extrapolation at a short budget says nothing
+    enough = [row["steps"] for row in tradeoff
+              if row["rank"] is not None and row["rank"] <= rank and not row["extrapolated"]]
     return Plan(
         rank=rank, objective=chosen, tokens=tokens, target_em=target_em,
         predicted_em=em, predicted_delta_loss=dL, predicted_loss_after=max(base - dL, 0.0), base_loss=base,

@@ -94,9 +94,11 @@ def render_plan(plan: Plan) -> Group:
         add_number_column(trade, "rank")
         add_number_column(trade, "predicted EM")
         for row in plan.budget_tradeoff:
-            trade.add_row(str(row["steps"]), "-" if row["rank"] is None else str(row["rank"]),
-                          f"{row['predicted_em']:.4f}")
+            rank = "-" if row["rank"] is None else str(row["rank"]) + ("*" if row.get("extrapolated") else "")
+            trade.add_row(str(row["steps"]), rank, f"{row['predicted_em']:.4f}")
         parts += [trade]
+        if any(row.get("extrapolated") for row in plan.budget_tradeoff):
+            parts.append(Text("* more than one power-of-2 step beyond the measured ranks: extrapolated, not read"))
         if plan.steps_needed is not None:
             parts.append(Text(f"rank {plan.rank} reaches the target from {plan.steps_needed} steps (of the "
                               f"recorded budgets)"))

@@ -285,3 +285,11 @@ def test_a_token_link_plans_for_the_answer_length_of_your_data():
     assert longer.rank > short.rank  # 200 tokens must all be right: each token needs a lower loss
     warned = recommend(make_law(), tokens=2000, target_em=0.9, answer_length=200, allow_uncertain=True)
     assert any("fitted on whole sequences" in w for w in warned.warnings)
+
+
+def test_a_budget_whose_answer_is_extrapolated_does_not_set_the_steps():
+    short = make_law(C=8.0, budget={"steps": 25, "lr": 0.01, "schedule": "constant"}, rank_range=(1, 8))
+    plan = recommend(make_law(budget_laws=(short,)), tokens=200, target_em=0.9)
+    row = plan.budget_tradeoff[0]
+    assert row["extrapolated"] and row["rank"] > 16
+    assert plan.steps_needed == 150  # read from the full budget, not from the far extrapolation
