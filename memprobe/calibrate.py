@@ -115,7 +115,8 @@ class CalibrationConfig:
                       objective=objective or self.objectives[0], objective_kwargs=self.objective_kwargs)
 
     def to_dict(self) -> dict:
-        return {"recipe": self.recipe().to_dict(), "ranks": list(self.ranks), "tokens": list(self.tokens),
+        """The grid and where it runs (the recipe is written beside it, once, as the manifest's "recipe")."""
+        return {"ranks": list(self.ranks), "tokens": list(self.tokens),
                 "seeds": list(self.seeds), "objectives": list(self.objectives), "device": self.device,
                 "dtype": self.dtype, "pack": self.pack, "extra": [list(c) for c in self.extra]}
 
@@ -160,7 +161,7 @@ def prepare_run_dir(run_dir: Path, config: CalibrationConfig, fresh: bool) -> di
     if fresh:
         _clear_run_dir(run_dir)
     old = rundir.read_manifest(run_dir)
-    if old is not None and old.get("identity") != config.identity():
+    if old is not None and Recipe.from_dict(old["recipe"]).identity() != config.identity():
         if not rundir.finished_cells(run_dir):
             # no cell of the old recipe finished (e.g. it stopped on a mistyped --model): nothing to protect,
             # and refusing would block the corrected command
@@ -172,7 +173,7 @@ def prepare_run_dir(run_dir: Path, config: CalibrationConfig, fresh: bool) -> di
             raise MemprobeError(f"{run_dir} holds a different calibration (differs in: {'; '.join(differs)}); "
                                 f"use another --out, or --fresh to start over there")
     manifest = old or {"schema_version": rundir.MANIFEST_VERSION, "created": rundir.now(), "timings": {"runs": []}}
-    manifest.update({"identity": config.identity(), "recipe": config.recipe().to_dict(), "config": config.to_dict(),
+    manifest.update({"recipe": config.recipe().to_dict(), "config": config.to_dict(),
                      "status": "running", "versions": rundir.versions(), "git": rundir.git_hash(),
                      "hardware": hardware()})
     return manifest

@@ -419,11 +419,9 @@ def _build_text(tokenizer, T: int | None, seed: int, rho: float, chat: bool) -> 
 
 def _read_jsonl(path) -> list[tuple[int, str, str]]:
     """(line number, key, answer) for each non-blank line, validated."""
-    path = Path(path)
-    if not path.exists():
-        raise MemprobeError(f"data file not found: {path}")
-    if not path.is_file():
-        raise MemprobeError(f"data file is not a regular file: {path}")
+    from memprobe.rundir import existing_file
+
+    path = existing_file(path, "data file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

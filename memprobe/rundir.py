@@ -459,16 +459,22 @@ def keep_finished_rows(run_dir: Path, name: str, columns: list[str], done: set[s
         tmp.replace(path)
 
 
-def read_table(path, what: str, required=(), numeric=()):
-    """A CSV table as a DataFrame: missing, empty, malformed files or missing columns raise one clear line;
-    `numeric` columns are converted to floats (a non-numeric value is an error naming its row)."""
-    import pandas as pd
-
+def existing_file(path, what: str) -> Path:
+    """`path` as a Path when it is a file; one line naming `what` otherwise."""
     path = Path(path)
     if not path.exists():
         raise MemprobeError(f"{what} not found: {path}")
     if not path.is_file():
         raise MemprobeError(f"{what} is not a file: {path}")
+    return path
+
+
+def read_table(path, what: str, required=(), numeric=()):
+    """A CSV table as a DataFrame: missing, empty, malformed files or missing columns raise one clear line;
+    `numeric` columns are converted to floats (a non-numeric value is an error naming its row)."""
+    import pandas as pd
+
+    path = existing_file(path, what)
     try:
         df = pd.read_csv(path, dtype={"cell_id": str} if "cell_id" in required else None)
     except pd.errors.EmptyDataError:
@@ -526,11 +532,7 @@ def check_rank(rank) -> int:
 
 def read_plan(path) -> dict:
     """The plan printed by `planner recommend --json`, checked; one-line MemprobeError otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise MemprobeError(f"plan file not found: {path}")
-    if not path.is_file():
-        raise MemprobeError(f"plan file is not a regular file: {path}")
+    path = existing_file(path, "plan file")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:

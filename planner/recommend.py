@@ -374,8 +374,9 @@ def _law_warnings(law: MemoryLaw, tokens: int, rank: int, unusable: dict, answer
         warnings.append(f"the {name} law's EM link was fitted on whole sequences: it holds for answers as long as "
                         f"the calibration's, not necessarily for {answer_length:g} tokens")
     warnings += [f"the {other} law is not used: {'; '.join(reasons)}" for other, reasons in unusable.items()]
-    if _convergence_warning(law):
-        warnings.append(_convergence_warning(law))
+    descending = _convergence_warning(law)
+    if descending:
+        warnings.append(descending)
     if not law.has_samples:
         warnings.append(f"the {name} law has no bootstrap samples: no prediction intervals")
     if law.em_link.source == "default":
