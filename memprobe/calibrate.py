@@ -294,8 +294,10 @@ def train_grid(lm, config: CalibrationConfig, run_dir: Path, done: set[str], tim
 
 
 def run_calibration(config: CalibrationConfig, run_dir: Path | None = None, *, fresh: bool = False,
-                    progress: "Progress | None" = None, log: Callable[[str], None] | None = None) -> CalibrationResult:
-    """Run (or resume) the grid in `run_dir`, then fit the law and analyse the phases."""
+                    progress: "Progress | None" = None, log: Callable[[str], None] | None = None,
+                    lm=None) -> CalibrationResult:
+    """Run (or resume) the grid in `run_dir`, then fit the law and analyse the phases. `lm`: the model already
+    loaded (memprobe.models.LoadedModel of config.model), else it is loaded when a cell is left to train."""
     import torch
 
     from memprobe.models import load_model
@@ -316,7 +318,7 @@ def run_calibration(config: CalibrationConfig, run_dir: Path | None = None, *, f
 
     if todo_total:
         t0 = time.perf_counter()
-        lm = load_model(config.model, device=config.device, dtype=config.dtype)
+        lm = lm or load_model(config.model, device=config.device, dtype=config.dtype)
         timing["load_s"] = round(time.perf_counter() - t0, 2)
         manifest["model"] = {"name": lm.name, "source": lm.source, "device": lm.device, "dtype": lm.dtype, **lm.info}
         rundir.write_json(run_dir / "manifest.json", manifest)

@@ -1,4 +1,4 @@
-"""The memprobe command line: `memprobe calibrate`, `fit CELLS.csv`, `phases RUN_DIR`, `memorize`.
+"""The memprobe command line: `memprobe plan`, `calibrate`, `fit CELLS.csv`, `phases RUN_DIR`, `memorize`.
 
 Each command is a few lines around one library function with the same parameter names;
 heavy modules are imported inside the command so that `memprobe --help` stays quick.
@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from memprobe.errors import MemprobeError
+from memprobe.rundir import AdapterSpec
 
 from memprobe.cli_support import emit, make_app, parse_list, run_app
 
@@ -148,6 +149,46 @@ def memorize(
     result = memorize_data(settings, data, out, plan=plan_doc, seed=seed, tokens=tokens, device=device,
                            dtype=dtype, progress=Progress(console))
     emit(json_, result.to_dict(), render_memorize(result), console=console)
+
+
+@app.command()
+def plan(
+    data: str = typer.Option(..., "--data", help='your corpus: jsonl:PATH (lines {"key": ..., "answer": ...})'),
+    target_em: float = typer.Option(0.99, "--target-em", help="exact match the adapter must reach, in (0, 1]"),
+    model: Model = None, adapter: Adapter = None, layer: Layer = None, lora_layers: LoraLayers = None,
+    target_modules: TargetModules = None, lora_alpha: LoraAlpha = None,
+    objectives: Optional[str] = typer.Option(None, "--objectives", help="objectives to compare on your subsets: sft,memft-ot,memft-sw [sft]"),
+    ranks: Optional[str] = typer.Option(None, "--ranks", help="ranks calibrated on the subsets [1,2,4,8]"),
+    lr: Lr = None,
+    steps: int = typer.Option(400, "--steps", help="most steps a cell trains; each stops at its plateau or once every answer token has p >= 0.9 [400]"),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="minutes the plan may take here: the grid is sized so that its cells fit even if none stops early [no limit]"),
+    verify: bool = typer.Option(False, "--verify", help="then train the recommended adapter on the whole corpus and report what it reaches"),
+    chat: Chat = None, device: Device = None, dtype: Dtype = None,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder of the plan [memprobe_plans/<corpus>_<adapter>]; an existing one resumes"),
+    fresh: bool = typer.Option(False, "--fresh", help="discard what the folder already holds"),
+    json_: Json = False,
+):
+    """From your corpus to a plan: count it, calibrate on nested random subsets of it, measure the whole corpus
+    toward the target, recommend rank, objective and budget; with --verify, train and check the adapter."""
+    from rich.console import Console
+
+    from memprobe.plan import PLAN_RANKS, PlanProgress, PlanSettings, default_plan_dir, run_plan
+    from memprobe.report import render_corpus, render_corpus_plan
+
+    settings = PlanSettings(
+        data=data, target_em=target_em, model=model or "embedded",
+        adapter=AdapterSpec(kind=adapter or "mlp-bypass", **adapter_options(layer, lora_layers, target_modules, lora_alpha)),
+        objectives=tuple(parse_list(objectives, "--objectives", str) or ("sft",)),
+        ranks=tuple(parse_list(ranks, "--ranks", noun="positive integers") or PLAN_RANKS),
+        steps=steps, lr=lr, time_budget_min=time_budget, verify=verify, chat=True if chat is None else chat, device=device, dtype=dtype)
+    console = Console(stderr=json_)
+    out = out or default_plan_dir(settings)
+    result = run_plan(settings, out, fresh=fresh, progress=PlanProgress(console),
+                      log=lambda msg: console.print(msg, highlight=False),
+                      on_corpus=lambda stats: console.print(render_corpus(stats)))
+    emit(json_, result.to_dict(), render_corpus_plan(result), console=console)
+    if result.decision.rank is None:
+        raise MemprobeError(f"no plan: {result.decision.reason}; the cells are kept in {result.calibration.run_dir}")
 
 
 def adapter_options(layer, lora_layers, target_modules, lora_alpha) -> dict:

@@ -10,7 +10,8 @@ Four sources, the paper's settings plus the user's own corpus:
 
 T counts answer tokens with the model's own tokenizer; the key only conditions and never counts.
 For one seed, the set built for T is a prefix of the set built for any larger T, so a grid over T
-measures one growing corpus rather than unrelated ones.
+measures one growing corpus rather than unrelated ones. A JSONL file cut to T tokens is cut along a
+seeded shuffle of its lines, not the file order (files are often sorted): nested, seeded random subsets.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ RAW_SEPARATOR = "\n"
 # seeded draws come in fixed chunks from one generator: the first T values never depend on T
 _DRAW_CHUNK = 1024
 # independent random streams per purpose, so e.g. phonebook numbers do not shift with the name order
-_STREAM_NAMES, _STREAM_NUMBERS, _STREAM_RANDOM, _STREAM_TEXT = 0, 1, 2, 3
+_STREAM_NAMES, _STREAM_NUMBERS, _STREAM_RANDOM, _STREAM_TEXT, _STREAM_SUBSET = 0, 1, 2, 3, 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,6 +463,12 @@ def load_jsonl(path) -> list[tuple[str, str]]:
     return [(key, answer) for _, key, answer in _read_jsonl(path)]
 
 
+def subset_order(n: int, seed: int) -> list[int]:
+    """The order in which a corpus of n lines is cut into subsets for `seed`: a seeded shuffle, so the subset
+    for T is a random sample of the file (whatever its sort order) and a prefix of the subset for any larger T."""
+    return [int(i) for i in _rng(seed, _STREAM_SUBSET).permutation(n)]
+
+
 def _build_jsonl(tokenizer, T: int | None, path: Path, seed: int, chat: bool) -> Dataset:
     rows = _read_jsonl(path)
     answer_ids = [_encode_answer(tokenizer, answer, f"{path}:{lineno}") for lineno, _, answer in rows]
@@ -469,10 +476,9 @@ def _build_jsonl(tokenizer, T: int | None, path: Path, seed: int, chat: bool) ->
     total = sum(lengths)
     if T is not None and T > total:
         raise MemprobeError(f"tokens={T} exceeds the {total} answer tokens in {path}; maximum is {total}")
-    n = len(rows) if T is None else _prefix_length(lengths, T)
-    seqs = tuple(
-        Sequence(key, answer, prompt_ids(tokenizer, key, chat), a)
-        for (_, key, answer), a in zip(rows[:n], answer_ids[:n])
-    )
+    order = list(range(len(rows))) if T is None else subset_order(len(rows), seed)
+    n = len(rows) if T is None else _prefix_length([lengths[i] for i in order], T)
+    seqs = tuple(Sequence(rows[i][1], rows[i][2], prompt_ids(tokenizer, rows[i][1], chat), answer_ids[i])
+                 for i in order[:n])
     return Dataset(f"jsonl:{path.name}", seqs, _spec("jsonl", tokenizer, T, seed, chat, replace_ratio=None,
                                                       source=str(path), n_sequences=n))

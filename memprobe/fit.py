@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings as warnings_module
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -205,7 +206,10 @@ def _lmfit(r, T, y, start):
         return _residual_theta((p["C"].value, p["alpha"].value, p["beta"].value, p["b"].value), r, T, y, w)
 
     # a bounded budget: cells a power law cannot describe (e.g. strongly saturating) otherwise crawl for seconds
-    result = lmfit.Minimizer(residual, params, max_nfev=MAX_NFEV).minimize(method="least_squares")
+    with warnings_module.catch_warnings():
+        # a singular covariance at a bound gives NaN standard errors, which the fit reports as unidentified
+        warnings_module.filterwarnings("ignore", "invalid value encountered in sqrt", RuntimeWarning)
+        result = lmfit.Minimizer(residual, params, max_nfev=MAX_NFEV).minimize(method="least_squares")
     theta = np.array([result.params[p].value for p in PARAMS])
     stderr = {p: float(result.params[p].stderr) for p in PARAMS
               if result.params[p].stderr is not None and np.isfinite(result.params[p].stderr)}

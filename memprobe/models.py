@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,6 +135,9 @@ def _quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    # the frozen-prefix engine hands shared keys and values to the layers as `past_key_values`, the name every
+    # transformers release this project supports accepts; the rename notice is not for our users
+    warnings.filterwarnings("ignore", r"`past_key_values` is deprecated", FutureWarning)
 
 
 def _freeze(model):

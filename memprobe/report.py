@@ -8,6 +8,7 @@ long values (paths, cell ids) folded onto further lines rather than cut.
 from __future__ import annotations
 
 import math
+import shlex
 
 from rich import box
 from rich.console import Group
@@ -70,6 +71,42 @@ def key_value_table(title: str | None = None) -> Table:
     t.add_column("key", style="bold", no_wrap=True)
     add_text_column(t, "value")
     return t
+
+
+class ShellCommand:
+    """A shell command broken over lines with backslash continuations at the console's width, each option on the
+    line of its value where both fit: printed in a log, it still pastes into a shell as one command."""
+
+    def __init__(self, command: str, indent: int = 2):
+        self.command = command
+        self.indent = indent
+
+    def pieces(self) -> list[list[str]]:
+        """The quoted words, an option grouped with its value."""
+        args = shlex.split(self.command)
+        out, i = [], 0
+        while i < len(args):
+            n = 2 if args[i].startswith("-") and i + 1 < len(args) and not args[i + 1].startswith("-") else 1
+            out.append([shlex.quote(a) for a in args[i:i + n]])
+            i += n
+        return out
+
+    def __rich_console__(self, console, options):
+        width, cont = options.max_width, " \\"
+        lines = [" " * self.indent]
+
+        def place(piece: str) -> None:
+            if lines[-1].strip() and len(lines[-1]) + 1 + len(piece) + len(cont) > width:
+                lines.append(" " * (self.indent + 2) + piece)
+            else:
+                lines[-1] += (" " if lines[-1].strip() else "") + piece
+
+        for words in self.pieces():
+            together = " ".join(words)
+            for piece in [together] if self.indent + 2 + len(together) + len(cont) <= width else words:
+                place(piece)
+        # a word longer than a line (a long data path) is folded by rich: all of it shows, that line does not paste
+        yield Text(f"{cont}\n".join(lines), overflow="fold")
 
 
 def by_objective(df) -> list[tuple[str | None, object]]:
@@ -361,3 +398,93 @@ def render_memorize(result) -> Group:
         parts.append(Text(f"warning: {w}", style="yellow"))
     parts.append(Text(f"saved {', '.join(result.files)} in {result.out_dir}; load with {result.load_hint()}"))
     return Group(*parts)
+
+
+# ----------------------------------------------------------------------------------------- memprobe plan
+
+
+def render_corpus(stats) -> Table:
+    """What `memprobe plan` counted before training (memprobe.plan.CorpusStats)."""
+    s = stats.length_summary()
+    t = key_value_table(f"corpus: {stats.n_rows:,} lines, {stats.answer_tokens:,} answer tokens")
+    t.add_row("source", Text(stats.source))
+    t.add_row("answer tokens/line", f"min {s['min']}, median {s['median']:g}, p90 {s['p90']}, max {s['max']}")
+    t.add_row("base model", f"loss {stats.base_loss:.3f} nats/token, token acc {stats.base_token_acc:.3f}, "
+              f"EM {stats.base_exact_match:.3f}")
+    t.add_row("prompt format", stats.prompt_format)
+    t.add_row("one training step", f"{stats.step_seconds:.2f} s on the whole corpus (rank 1, measured)")
+    return t
+
+
+def _em_interval(x, interval) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
+def render_corpus_plan(result) -> Group:
+    """The plan of `memprobe plan` (memprobe.plan.PlanResult): the measurements on the whole corpus beside the
+    law's prediction, and with --verify the trained adapter against both."""
+    d, c, s = result.decision, result.corpus, result.settings
+    parts = [render_corpus(c)]
+    design = result.design
+    parts.append(Text(f"calibrated on nested random subsets of {', '.join(map(str, design.tokens))} answer "
+                      f"tokens at ranks {', '.join(map(str, design.ranks))} (up to {design.steps} steps, to the "
+                      f"plateau): {result.calibration.run_dir}"))
+    m = report_table("whole corpus, measured", header_style="bold")
+    add_text_column(m, "objective")
+    add_number_column(m, "rank")
+    add_number_column(m, "EM")
+    add_number_column(m, "law's EM")
+    for objective, by_rank in d.measured.items():
+        for rank, em in sorted(by_rank.items()):
+            mark = "[green]*[/]" if rank == d.rank and objective == d.objective else ""
+            m.add_row(Text(objective), f"{rank}{mark}", f"{em:.3f}", _g(_law_em_at(result, objective, rank)))
+    parts.append(m)
+    t = key_value_table(f"plan: target EM {s.target_em:g} on all {c.answer_tokens:,} answer tokens")
+    if d.rank is None:
+        t.add_row("rank", "[red]none[/]")
+    else:
+        t.add_row("rank", f"[bold green]{d.rank}[/]  ({d.source})")
+        t.add_row("objective", Text(d.objective + ("" if d.objective_gain is None else
+                                                   f"  (law: EM {d.objective_gain:+.3f} over sft)")))
+        t.add_row("adapter", Text(f"{s.adapter.kind} on {s.model}"))
+        measured = d.measured.get(d.objective, {}).get(d.rank)
+        t.add_row("measured EM", _fmt(measured, ".3f"))
+        t.add_row("law's EM", _em_interval(d.predicted_em, d.predicted_em_interval))
+        if result.plan is not None:
+            budget = result.plan["recipe"]["budget"]
+            t.add_row("budget", f"up to {budget['steps']} steps, lr {budget['lr']:g} (to the plateau)")
+    parts.append(t)
+    parts.append(Text(d.reason))
+    if d.law_refusal:
+        parts.append(Text(f"the law alone: {d.law_refusal}", style="dim"))
+    if result.verify is not None:
+        r = result.verify["result"]
+        v = key_value_table("verified: the adapter trained on the whole corpus")
+        v.add_row("exact match", f"{r['exact_match']:.3f}  (target {s.target_em:g})")
+        v.add_row("token accuracy", f"{r['token_acc']:.3f}")
+        v.add_row("steps", Text(f"{r['steps']} ({r['stop_reason']})"))
+        v.add_row("saved in", Text(result.verify["out_dir"]))
+        parts.append(v)
+        if r["failures"]:
+            shown = ", ".join(f"{f['key']!r} (wrong from token {f['first_failure']})" for f in r["failures"][:5])
+            more = f" and {r['n_failed'] - 5} more" if r["n_failed"] > 5 else ""
+            parts.append(Text(f"not reproduced: {shown}{more}", style="yellow"))
+    elif result.plan is not None:
+        parts += [Text("train it with:", style="bold"), ShellCommand(result.plan["memorize_command"])]
+    for w in d.warnings:
+        parts.append(Text(f"warning: {w}", style="yellow"))
+    took = result.timings.get("total_s")
+    if took is not None:
+        parts.append(Text(f"took {took / 60:.1f} min (estimated at most {design.estimated_s['total'] / 60:.1f}); "
+                          f"wrote {result.out_dir}/report.json", style="dim"))
+    return Group(*parts)
+
+
+def _law_em_at(result, objective: str, rank: int):
+    law = next((f.law for name, f in result.calibration.fits.items() if name == objective), None)
+    if law is None or not law.usable:
+        return None
+    c = result.corpus
+    return float(law.with_answer_length(c.answer_tokens / c.n_rows).predict_em(rank, c.answer_tokens, c.base_loss))

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import shlex
-
 from rich.console import Group
 from rich.text import Text
 
-from memprobe.report import add_number_column, add_text_column, key_value_table, report_table
+from memprobe.report import ShellCommand, add_number_column, add_text_column, key_value_table, report_table
 from planner.recommend import Curve, Plan
 
 
@@ -17,42 +15,6 @@ def _g(x, digits: int = 4) -> str:
 
 def _interval(iv, digits: int = 4) -> str:
     return "" if iv is None else f"  [{_g(iv[0], digits)}, {_g(iv[1], digits)}]"
-
-
-class ShellCommand:
-    """A shell command broken over lines with backslash continuations at the console's width, each option on the
-    line of its value where both fit: printed in a log, it still pastes into a shell as one command."""
-
-    def __init__(self, command: str, indent: int = 2):
-        self.command = command
-        self.indent = indent
-
-    def pieces(self) -> list[list[str]]:
-        """The quoted words, an option grouped with its value."""
-        args = shlex.split(self.command)
-        out, i = [], 0
-        while i < len(args):
-            n = 2 if args[i].startswith("-") and i + 1 < len(args) and not args[i + 1].startswith("-") else 1
-            out.append([shlex.quote(a) for a in args[i:i + n]])
-            i += n
-        return out
-
-    def __rich_console__(self, console, options):
-        width, cont = options.max_width, " \\"
-        lines = [" " * self.indent]
-
-        def place(piece: str) -> None:
-            if lines[-1].strip() and len(lines[-1]) + 1 + len(piece) + len(cont) > width:
-                lines.append(" " * (self.indent + 2) + piece)
-            else:
-                lines[-1] += (" " if lines[-1].strip() else "") + piece
-
-        for words in self.pieces():
-            together = " ".join(words)
-            for piece in [together] if self.indent + 2 + len(together) + len(cont) <= width else words:
-                place(piece)
-        # a word longer than a line (a long data path) is folded by rich: all of it shows, that line does not paste
-        yield Text(f"{cont}\n".join(lines), overflow="fold")
 
 
 def _training(plan: Plan):

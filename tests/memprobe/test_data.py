@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
 from memprobe import data, resources
-from memprobe.data import Dataset, Sequence, build_dataset, load_jsonl, phonebook_entries
+from memprobe.data import Dataset, Sequence, build_dataset, load_jsonl, phonebook_entries, subset_order
 from memprobe.errors import MemprobeError
 
 CHAT_TEMPLATE = (
@@ -239,12 +239,27 @@ def test_jsonl_happy_path(tmp_path, tok):
     ds = build_dataset(f"jsonl:{p}", tok, None)
     assert len(ds) == 5 and ds.n_answer_tokens == 15
     assert ds.name == "jsonl:d.jsonl" and ds.spec["source"] == str(p)
-    # T = 6 fits 1 + 2 + 3 answer tokens exactly; 9 still only the first three
-    assert len(build_dataset(f"jsonl:{p}", tok, 6)) == 3
-    assert len(build_dataset(f"jsonl:{p}", tok, 9)) == 3
-    assert build_dataset(f"jsonl:{p}", tok, 10).sequences == ds.sequences[:4]
+    # cut to T: the lines of a seeded shuffle whose answers fit in T tokens
+    order = subset_order(5, seed=0)
+    cum = np.cumsum([len(lines[i]["answer"]) for i in order])
+    for T in (6, 9, 10, 15):
+        cut = build_dataset(f"jsonl:{p}", tok, T)
+        n = max(int((cum <= T).sum()), 1)
+        assert [s.key for s in cut.sequences] == [f"q{i}" for i in order[:n]]
     with pytest.raises(MemprobeError, match="maximum is 15$"):
         build_dataset(f"jsonl:{p}", tok, 16)
+
+
+def test_jsonl_subsets_are_nested_seeded_samples_not_the_file_prefix(tmp_path, tok):
+    # a sorted file: a prefix would hold only the shortest answers
+    lines = [{"key": f"q{i:02d}", "answer": "x" * (1 + i // 10)} for i in range(40)]
+    p = write(tmp_path, "\n".join(json.dumps(l) for l in lines) + "\n")
+    keys = {T: [s.key for s in build_dataset(f"jsonl:{p}", tok, T, seed=1).sequences] for T in (10, 20, 40)}
+    assert keys[10] == keys[20][:len(keys[10])] and keys[20] == keys[40][:len(keys[20])]
+    assert keys[10] != [f"q{i:02d}" for i in range(len(keys[10]))]
+    assert [s.key for s in build_dataset(f"jsonl:{p}", tok, 20, seed=1).sequences] == keys[20]
+    assert [s.key for s in build_dataset(f"jsonl:{p}", tok, 20, seed=2).sequences] != keys[20]
+    assert sorted(subset_order(40, 3)) == list(range(40))
 
 
 def test_jsonl_special_token_text_is_memorized_as_text(tmp_path, tok):
