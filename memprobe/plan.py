@@ -288,6 +288,17 @@ def _power_of_2_at_least(x: float, cap: int) -> int:
     return int(min(2 ** math.ceil(math.log2(max(x, 1.0)) - 1e-9), cap))
 
 
+def subset_guess(cells, objective: str, target_em: float, ranks: tuple[int, ...], cap: int) -> int:
+    """The rank to try first when the law cannot say: twice the smallest rank that reached the target on the
+    largest subset (half the corpus: a rank holds about twice as much at twice the rank), else twice the largest."""
+    import pandas as pd
+
+    sel = cells[cells["objective"] == objective]
+    largest = sel[sel["tokens_requested"] == sel["tokens_requested"].max()]
+    ok = largest[pd.to_numeric(largest["exact_match"]) >= target_em]["rank"]
+    return min(2 * (int(ok.min()) if len(ok) else max(ranks)), cap)
+
+
 def law_guess(law, tokens: int, target_em: float, base_loss: float, fallback: int, cap: int) -> int:
     """The rank to try first on the whole corpus: the law's answer as a power of 2 when the law is usable."""
     if law is None or not law.usable:
@@ -304,6 +315,20 @@ def rank_cap(adapter_kind: str, params_per_rank) -> int:
     if adapter_kind == "mlp-bypass" and params_per_rank:
         return min(MAX_RANK, int(params_per_rank) // 2)
     return MAX_RANK
+
+
+def brute_force_seconds(cells, tokens: int, objective: str, rank: int) -> float | None:
+    """What the search a plan replaces would cost: training the whole corpus at rank 1, 2, 4, ... up to `rank`,
+    one cell after another. Ranks measured here count their measured seconds; the others, the mean of those
+    (a step costs nearly the same at every rank). None without a measured whole-corpus cell."""
+    import pandas as pd
+
+    sel = cells[(cells["tokens_requested"] == tokens) & (cells["objective"] == objective)]
+    if sel.empty:
+        return None
+    seconds = pd.to_numeric(sel["seconds"]).groupby(sel["rank"]).mean()
+    ladder = [2 ** k for k in range(int(math.log2(rank)) + 1)]
+    return float(sum(seconds.get(r, seconds.mean()) for r in ladder))
 
 
 # ----------------------------------------------------------------------------------------- the decision
@@ -533,7 +558,8 @@ def _measure_and_decide(lm, settings, stats, design, config, out, fresh, progres
     cap = rank_cap(settings.adapter.kind, result.cells["trainable_params"].iloc[0] // result.cells["rank"].iloc[0])
     laws = {name: f.law for name, f in result.fits.items()}
     for objective in settings.objectives:
-        guess = law_guess(laws.get(objective), T, settings.target_em, stats.base_loss, max(design.ranks), cap)
+        fallback = subset_guess(result.cells, objective, settings.target_em, design.ranks, cap)
+        guess = law_guess(laws.get(objective), T, settings.target_em, stats.base_loss, fallback, cap)
         for k in range(settings.rounds):
             add = ranks_to_measure(measured_em(result.cells, T, objective), guess, settings.target_em, cap)
             if not add:
@@ -558,6 +584,9 @@ def _measure_and_decide(lm, settings, stats, design, config, out, fresh, progres
         verified = _verify(lm, settings, plan, out / "adapter", progress)
         timings["verify_s"] = round(time.perf_counter() - t1, 1)
     timings["total_s"] = round(time.perf_counter() - t0, 1)
+    if decision.rank is not None:
+        brute = brute_force_seconds(result.cells, T, decision.objective, decision.rank)
+        timings["brute_force_s"] = None if brute is None else round(brute, 1)
     timings["finished"] = rundir.now()
     res = PlanResult(out, settings, stats, design, decision, plan, result, verified, timings)
     rundir.write_json(out / "report.json", res.to_dict())

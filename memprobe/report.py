@@ -463,7 +463,10 @@ def render_corpus_plan(result) -> Group:
         r = result.verify["result"]
         v = key_value_table("verified: the adapter trained on the whole corpus")
         v.add_row("exact match", f"{r['exact_match']:.3f}  (target {s.target_em:g})")
-        v.add_row("token accuracy", f"{r['token_acc']:.3f}")
+        v.add_row("token accuracy", f"{r['token_acc']:.4f}")
+        check = result.verify.get("plan") or {}
+        if check.get("em_inside_interval") is not None:
+            v.add_row("inside law's interval", "[green]yes[/]" if check["em_inside_interval"] else "[red]no[/]")
         v.add_row("steps", Text(f"{r['steps']} ({r['stop_reason']})"))
         v.add_row("saved in", Text(result.verify["out_dir"]))
         parts.append(v)
@@ -477,7 +480,9 @@ def render_corpus_plan(result) -> Group:
         parts.append(Text(f"warning: {w}", style="yellow"))
     took = result.timings.get("total_s")
     if took is not None:
-        parts.append(Text(f"took {took / 60:.1f} min (estimated at most {design.estimated_s['total'] / 60:.1f}); "
+        brute = result.timings.get("brute_force_s")
+        vs = "" if brute is None else f"; training ranks 1, 2, 4, ... up to it on the whole corpus: {brute / 60:.1f} min"
+        parts.append(Text(f"took {took / 60:.1f} min (estimated at most {design.estimated_s['total'] / 60:.1f}{vs}); "
                           f"wrote {result.out_dir}/report.json", style="dim"))
     return Group(*parts)
 

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from memprobe.cli import app
 from memprobe.errors import MemprobeError
-from memprobe.plan import (MIN_SUBSET_TOKENS, CorpusStats, Design, PlanSettings, decide, design_grid,
-                           estimate_seconds, ranks_to_measure, subset_sizes)
+from memprobe.plan import (MIN_SUBSET_TOKENS, brute_force_seconds, CorpusStats, Design, PlanSettings, decide, design_grid,
+                           estimate_seconds, ranks_to_measure, subset_guess, subset_sizes)
 from memprobe.rundir import check_plan
 
 
@@ -93,6 +93,28 @@ def test_search_halves_from_the_smallest_success_until_its_half_falls_short():
 def test_search_doubles_past_the_largest_failure_up_to_the_cap():
     assert ranks_to_measure({4: 0.0, 8: 0.2}, 8, 0.99, 1024) == [16]
     assert ranks_to_measure({16: 0.0, 32: 0.2}, 32, 0.99, 32) == []
+
+
+def test_without_a_law_the_first_guess_doubles_the_smallest_rank_that_held_half_the_corpus():
+    import pandas as pd
+
+    cells = pd.DataFrame({"objective": "sft", "tokens_requested": [50, 50, 100, 100, 100],
+                          "rank": [1, 2, 1, 2, 4], "exact_match": [1.0, 1.0, 0.2, 1.0, 1.0]})
+    assert subset_guess(cells, "sft", 0.99, (1, 2, 4), 1024) == 4
+    assert subset_guess(cells, "sft", 0.99, (1, 2, 4), 2) == 2
+    none = cells.assign(exact_match=0.0)
+    assert subset_guess(none, "sft", 0.99, (1, 2, 4), 1024) == 8
+
+
+def test_brute_force_cost_climbs_the_power_of_2_ladder_with_measured_seconds_where_there_are_some():
+    import pandas as pd
+
+    cells = pd.DataFrame({"objective": "sft", "tokens_requested": [100, 100, 50], "rank": [4, 8, 1],
+                          "seconds": [30.0, 50.0, 1.0]})
+    # ranks 1 and 2 were not measured on the whole corpus: each costs the mean of the measured ones (40 s)
+    assert brute_force_seconds(cells, 100, "sft", 8) == pytest.approx(40 + 40 + 30 + 50)
+    assert brute_force_seconds(cells, 100, "sft", 1) == pytest.approx(40)
+    assert brute_force_seconds(cells, 100, "memft-ot", 8) is None
 
 
 def test_decision_takes_the_smallest_measured_rank_and_says_why():

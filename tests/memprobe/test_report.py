@@ -3,6 +3,7 @@ value cut with an ellipsis, every key value printed whole; and a narrower consol
 
 import importlib.util
 import math
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,9 @@ from memprobe.calibrate import CalibrationResult
 from memprobe.fit import fit_laws, read_cells
 from memprobe.memorize import MemorizeResult, PlanCheck
 from memprobe.phases import analyze_phases
-from memprobe.report import render_calibration, render_cells, render_memorize, render_phase_summary
+from memprobe.plan import CorpusStats, Decision, Design, PlanResult, PlanSettings
+from memprobe.report import (ShellCommand, render_calibration, render_cells, render_corpus_plan, render_memorize,
+                             render_phase_summary)
 from memprobe.rundir import AdapterSpec, TrainConfig
 from conftest import assert_fits, render
 
@@ -154,3 +157,71 @@ def test_memorize_report_reads_at_80_columns():
 
     for width in (60, 40):
         assert_fits(render(render_memorize(result), width), width)
+
+
+# ----------------------------------------------------------------------------------------- shell commands
+
+
+def as_one_command(block: str) -> list[str]:
+    # what a shell makes of the pasted lines: a backslash-newline joins them
+    return shlex.split(block.replace("\\\n", " "))
+
+
+def test_a_command_breaks_at_options_and_a_too_long_word_folds():
+    words = ["memprobe", "memorize", "--data", "jsonl:my data/with spaces.jsonl", "--no-chat", "--rank", "8", "--lr",
+             "0.01", "--model", "/models/a-long-directory/model.gguf"]
+    for width in (80, 60, 45):
+        lines = assert_fits(render(ShellCommand(shlex.join(words)), width), width)
+        assert lines[0].startswith("  memprobe memorize")
+        assert any("--data 'jsonl:my data/with spaces.jsonl'" in line for line in lines) == (width > 45)
+        assert as_one_command("\n".join(lines)) == words
+    # at 45 columns "--model PATH" does not fit one line: the option ends one, its value starts the next
+    lines = render(ShellCommand(shlex.join(words)), 45).splitlines()
+    assert lines[-2].endswith(" --model \\") and lines[-1].strip() == words[-1]
+
+    too_long = words[:-1] + ["/models/" + "a-long-directory/" * 6 + "model.gguf"]
+    text = render(ShellCommand(shlex.join(too_long)), 60)
+    assert_fits(text, 60)
+    assert too_long[-1] in "".join(line.strip() for line in text.splitlines())
+
+
+
+# ----------------------------------------------------------------------------------------- memprobe plan
+
+
+def corpus_plan(verify: bool) -> PlanResult:
+    source = "/home/someone/projects/inventory/exports/part-numbers-2026.jsonl"
+    corpus = CorpusStats(source, 1200, 9600, tuple([8] * 1200), 3.38, 0.062, 0.0, "chat", 1.92)
+    design = Design((1200, 2400, 4800), (1, 2, 4, 8), 400,
+                    {"calibration": 3000.0, "whole_corpus": 2000.0, "verify": 700.0, "total": 5700.0})
+    decision = Decision(8, "memft-ot", "measured", "rank 8 reached EM 1.000 on the whole corpus; rank 4 reached "
+                        "0.412 (target 0.99)", {"sft": {8: 0.97, 16: 1.0}, "memft-ot": {4: 0.412, 8: 1.0}}, None,
+                        "the sft law cannot be planned from: its cells cannot identify it", predicted_em=0.93,
+                        predicted_em_interval=(0.41, 1.0), objective_gain=0.05,
+                        warnings=["rank 8 lies 1 power-of-2 step beyond the measured ranks"])
+    command = f"memprobe memorize --data jsonl:{source} --rank 8 --objective memft-ot --steps 400 --lr 0.01"
+    plan = {"rank": 8, "recipe": {"budget": {"steps": 400, "lr": 0.01}}, "memorize_command": command}
+    calibration = CalibrationResult(Path("memprobe_plans/part-numbers-2026_mlp-bypass/calibration"),
+                                    pd.DataFrame(), {}, None, None, None, {})
+    v = {"out_dir": "memprobe_plans/part-numbers-2026_mlp-bypass/adapter",
+         "result": {"exact_match": 0.998, "token_acc": 0.9998, "steps": 212, "stop_reason": "plateau",
+                    "n_failed": 7, "failures": [{"key": f"Part AB-{i:03d} stock code:", "first_failure": 5}
+                                                for i in range(7)]}} if verify else None
+    settings = PlanSettings(data=f"jsonl:{source}", objectives=("sft", "memft-ot"), verify=verify)
+    return PlanResult(Path("memprobe_plans/part-numbers-2026_mlp-bypass"), settings, corpus, design, decision,
+                      plan, calibration, v, {"total_s": 4100.0})
+
+
+@pytest.mark.parametrize("verify", [False, True])
+@pytest.mark.parametrize("width", [80, 60])
+def test_the_corpus_plan_reads_at_80_columns(verify, width):
+    text = render(render_corpus_plan(corpus_plan(verify)), width)
+    assert_fits(text, width)
+    flat = " ".join(text.split())
+    assert "corpus: 1,200 lines, 9,600 answer tokens" in flat
+    assert "8 (measured)" in flat and "0.930 [0.410, 1.000]" in flat and "EM +0.050 over sft" in flat
+    assert "part-numbers-2026.jsonl" in unwrapped(text)
+    if verify:
+        assert "0.998" in flat and "'Part AB-004 stock code:' (wrong from token 5) and 2 more" in flat
+    else:
+        assert "--objective memft-ot" in flat

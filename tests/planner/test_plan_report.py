@@ -12,7 +12,7 @@ import pytest
 from memprobe.law import EMLink, MemoryLaw
 from memprobe.rundir import AdapterSpec, Recipe
 from planner.recommend import Plan, curve, recommend
-from planner.report import ShellCommand, render_curve, render_plan
+from planner.report import render_curve, render_plan
 from conftest import assert_fits, render
 
 MODEL = "/models/some-organisation/SmolLM2-135M-Instruct-Q8_0.gguf"
@@ -87,24 +87,6 @@ def test_curve_reads_at_80_columns():
         assert values in [line.split() for line in lines], values
     assert "1,179,648" in text
     assert_fits(render(render_curve(c), 60), 60)
-
-
-def test_a_command_breaks_at_options_and_a_too_long_word_folds():
-    words = ["memprobe", "memorize", "--data", "jsonl:my data/with spaces.jsonl", "--no-chat", "--rank", "8", "--lr",
-             "0.01", "--model", "/models/a-long-directory/model.gguf"]
-    for width in (80, 60, 45):
-        lines = assert_fits(render(ShellCommand(shlex.join(words)), width), width)
-        assert lines[0].startswith("  memprobe memorize")
-        assert any("--data 'jsonl:my data/with spaces.jsonl'" in line for line in lines) == (width > 45)
-        assert as_one_command("\n".join(lines)) == words
-    # at 45 columns "--model PATH" does not fit one line: the option ends one, its value starts the next
-    lines = render(ShellCommand(shlex.join(words)), 45).splitlines()
-    assert lines[-2].endswith(" --model \\") and lines[-1].strip() == words[-1]
-
-    too_long = words[:-1] + ["/models/" + "a-long-directory/" * 6 + "model.gguf"]
-    text = render(ShellCommand(shlex.join(too_long)), 60)
-    assert_fits(text, 60)
-    assert too_long[-1] in "".join(line.strip() for line in text.splitlines())
 
 
 def test_the_plan_report_leaves_pandas_out():
