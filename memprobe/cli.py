@@ -186,7 +186,7 @@ def plan(
     result = run_plan(settings, out, fresh=fresh, progress=PlanProgress(console),
                       log=lambda msg: console.print(msg, highlight=False),
                       on_corpus=lambda stats: console.print(render_corpus(stats)))
-    emit(json_, result.to_dict(), render_corpus_plan(result), console=console)
+    emit(json_, result.to_dict(), render_corpus_plan(result, with_corpus=False), console=console)
     if result.decision.rank is None:
         raise MemprobeError(f"no plan: {result.decision.reason}; the cells are kept in {result.calibration.run_dir}")
 

@@ -366,12 +366,12 @@ def _list(x):
     return None if x is None else [float(v) for v in x]
 
 
-def _law_plan(laws: dict, stats: CorpusStats, target_em: float, max_rank: int):
+def _law_plan(laws: dict, stats: CorpusStats, target_em: float, max_rank: int, fit_error: str | None = None):
     """planner.recommend on the corpus's size, base loss and mean answer length; (plan dict, refusal)."""
     from planner.recommend import recommend
 
     if not laws:
-        return None, "no law was fitted"
+        return None, f"no law was fitted ({fit_error})" if fit_error else "no law was fitted"
     try:
         plan = recommend(laws, stats.answer_tokens, target_em, base_loss=stats.base_loss, max_rank=max_rank,
                          answer_length=stats.answer_tokens / stats.n_rows)
@@ -391,12 +391,13 @@ def _predict(law, rank: int, stats: CorpusStats, level: float = 0.9) -> dict:
     return out
 
 
-def decide(laws: dict, measured: dict, stats: CorpusStats, target_em: float, max_rank: int) -> Decision:
+def decide(laws: dict, measured: dict, stats: CorpusStats, target_em: float, max_rank: int,
+           fit_error: str | None = None) -> Decision:
     """The smallest rank measured on the whole corpus reaching the target (over the objectives, SFT first on
     ties), else the law's plan; the law's prediction at that rank beside it."""
     from memprobe.rundir import objective_order
 
-    law_plan, refusal = _law_plan(laws, stats, target_em, max_rank)
+    law_plan, refusal = _law_plan(laws, stats, target_em, max_rank, fit_error)
     hits = sorted(((min(r for r, em in m.items() if em >= target_em), objective_order(o), o)
                    for o, m in measured.items() if any(em >= target_em for em in m.values())))
     if hits:
@@ -571,7 +572,7 @@ def _measure_and_decide(lm, settings, stats, design, config, out, fresh, progres
     timings["whole_corpus_s"] = round(time.perf_counter() - t0 - timings["calibration_s"], 1)
     laws = {name: f.law for name, f in result.fits.items()}
     measured = {o: measured_em(result.cells, T, o) for o in settings.objectives}
-    decision = decide(laws, measured, stats, settings.target_em, cap)
+    decision = decide(laws, measured, stats, settings.target_em, cap, result.fit_error)
     plan = None
     if decision.rank is not None:
         plan = plan_document(decision, stats, config.recipe(decision.objective), settings.target_em,
@@ -584,6 +585,8 @@ def _measure_and_decide(lm, settings, stats, design, config, out, fresh, progres
         verified = _verify(lm, settings, plan, out / "adapter", progress)
         timings["verify_s"] = round(time.perf_counter() - t1, 1)
     timings["total_s"] = round(time.perf_counter() - t0, 1)
+    # every cell of every run of this plan (a resumed plan's own time leaves out what earlier runs trained)
+    timings["cells_s"] = round(float(result.cells["seconds"].astype(float).sum()), 1)
     if decision.rank is not None:
         brute = brute_force_seconds(result.cells, T, decision.objective, decision.rank)
         timings["brute_force_s"] = None if brute is None else round(brute, 1)

@@ -422,11 +422,12 @@ def _em_interval(x, interval) -> str:
     return f"{x:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
 
-def render_corpus_plan(result) -> Group:
+def render_corpus_plan(result, with_corpus: bool = True) -> Group:
     """The plan of `memprobe plan` (memprobe.plan.PlanResult): the measurements on the whole corpus beside the
-    law's prediction, and with --verify the trained adapter against both."""
+    law's prediction, and with --verify the trained adapter against both. `with_corpus=False` leaves out the
+    corpus table (the command prints it before training)."""
     d, c, s = result.decision, result.corpus, result.settings
-    parts = [render_corpus(c)]
+    parts = [render_corpus(c)] if with_corpus else []
     design = result.design
     parts.append(Text(f"calibrated on nested random subsets of {', '.join(map(str, design.tokens))} answer "
                       f"tokens at ranks {', '.join(map(str, design.ranks))} (up to {design.steps} steps, to the "
@@ -482,8 +483,11 @@ def render_corpus_plan(result) -> Group:
     if took is not None:
         brute = result.timings.get("brute_force_s")
         vs = "" if brute is None else f"; training ranks 1, 2, 4, ... up to it on the whole corpus: {brute / 60:.1f} min"
-        parts.append(Text(f"took {took / 60:.1f} min (estimated at most {design.estimated_s['total'] / 60:.1f}{vs}); "
-                          f"wrote {result.out_dir}/report.json", style="dim"))
+        cells = result.timings.get("cells_s")
+        trained = "" if cells is None else f", its cells trained {cells / 60:.1f} min in all runs"
+        parts.append(Text(f"this run took {took / 60:.1f} min{trained} (estimated at most "
+                          f"{design.estimated_s['total'] / 60:.1f}{vs}); wrote {result.out_dir}/report.json",
+                          style="dim"))
     return Group(*parts)
 
 
