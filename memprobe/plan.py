@@ -536,63 +536,98 @@ def run_plan(settings: PlanSettings, out: Path, *, fresh: bool = False, progress
                                                 "design": design.to_dict()})
     log(f"design: ranks {', '.join(map(str, design.ranks))} on subsets of "
         f"{', '.join(map(str, design.tokens))} tokens; estimated at most {design.estimated_s['total'] / 60:.1f} min")
-    config = calibration_config(settings, design)
+    run = PlanRun(settings, out, lm, stats, design, progress, log, fresh, timings, t0)
     try:
         if progress is not None:
             progress.expect(design.cell_steps(len(settings.objectives), settings.verify))
-        return _measure_and_decide(lm, settings, stats, design, config, out, fresh, progress, log, timings, t0)
+        return finish_plan(run, *measure_whole_corpus(run, calibrate_subsets(run)))
     finally:
         if progress is not None:
             progress.close()
 
 
-def _measure_and_decide(lm, settings, stats, design, config, out, fresh, progress, log, timings, t0) -> PlanResult:
-    from memprobe.calibrate import run_calibration
+@dataclass
+class PlanRun:
+    """What the phases of one `run_plan` share."""
 
-    kw = dict(progress=progress, log=log, lm=lm)
-    _phase(progress, "calibrate")
-    result = run_calibration(config, out / "calibration", fresh=fresh, **kw)
-    timings["calibration_s"] = round(time.perf_counter() - t0, 1)
-    _phase(progress, "whole corpus")
+    settings: PlanSettings
+    out: Path
+    lm: object  # memprobe.models.LoadedModel
+    stats: CorpusStats
+    design: Design
+    progress: object
+    log: Callable[[str], None]
+    fresh: bool
+    timings: dict
+    t0: float
 
-    T = stats.answer_tokens
-    cap = rank_cap(settings.adapter.kind, result.cells["trainable_params"].iloc[0] // result.cells["rank"].iloc[0])
+    def calibrate(self, config, fresh: bool = False):
+        from memprobe.calibrate import run_calibration
+
+        return run_calibration(config, self.out / "calibration", fresh=fresh, progress=self.progress,
+                               log=self.log, lm=self.lm)
+
+
+def calibrate_subsets(run: PlanRun):
+    """The design's cells on the nested subsets: (config, CalibrationResult)."""
+    _phase(run.progress, "calibrate")
+    config = calibration_config(run.settings, run.design)
+    result = run.calibrate(config, fresh=run.fresh)
+    run.timings["calibration_s"] = round(time.perf_counter() - run.t0, 1)
+    return config, result
+
+
+def measure_whole_corpus(run: PlanRun, calibrated):
+    """Whole-corpus cells per objective from the first guess until `ranks_to_measure` has nothing left to add;
+    each round's cells are ordinary cells of the calibration (resumable). Returns (config, result)."""
+    config, result = calibrated
+    _phase(run.progress, "whole corpus")
+    s, T = run.settings, run.stats.answer_tokens
+    t1 = time.perf_counter()
+    cap = rank_cap(s.adapter.kind, result.cells["trainable_params"].iloc[0] // result.cells["rank"].iloc[0])
     laws = {name: f.law for name, f in result.fits.items()}
-    for objective in settings.objectives:
-        fallback = subset_guess(result.cells, objective, settings.target_em, design.ranks, cap)
-        guess = law_guess(laws.get(objective), T, settings.target_em, stats.base_loss, fallback, cap)
-        for k in range(settings.rounds):
-            add = ranks_to_measure(measured_em(result.cells, T, objective), guess, settings.target_em, cap)
+    for objective in s.objectives:
+        fallback = subset_guess(result.cells, objective, s.target_em, run.design.ranks, cap)
+        guess = law_guess(laws.get(objective), T, s.target_em, run.stats.base_loss, fallback, cap)
+        for k in range(s.rounds):
+            add = ranks_to_measure(measured_em(result.cells, T, objective), guess, s.target_em, cap)
             if not add:
                 break
-            log(f"whole corpus, {objective}, round {k + 1}: rank {', '.join(map(str, add))}")
-            config = dataclasses.replace(config, extra=config.extra + tuple((r, T) for r in add
-                                                                            if (r, T) not in config.extra))
-            result = run_calibration(config, out / "calibration", **kw)
-    timings["whole_corpus_s"] = round(time.perf_counter() - t0 - timings["calibration_s"], 1)
+            run.log(f"whole corpus, {objective}, round {k + 1}: rank {', '.join(map(str, add))}")
+            new = tuple((r, T) for r in add if (r, T) not in config.extra)
+            config = dataclasses.replace(config, extra=config.extra + new)
+            result = run.calibrate(config)
+    run.timings["whole_corpus_s"] = round(time.perf_counter() - t1, 1)
+    run.timings["rank_cap"] = cap
+    return config, result
+
+
+def finish_plan(run: PlanRun, config, result) -> PlanResult:
+    """Decide, write plan.json, verify when asked, and write report.json."""
+    s, T, timings = run.settings, run.stats.answer_tokens, run.timings
     laws = {name: f.law for name, f in result.fits.items()}
-    measured = {o: measured_em(result.cells, T, o) for o in settings.objectives}
-    decision = decide(laws, measured, stats, settings.target_em, cap, result.fit_error)
+    measured = {o: measured_em(result.cells, T, o) for o in s.objectives}
+    decision = decide(laws, measured, run.stats, s.target_em, timings["rank_cap"], result.fit_error)
     plan = None
     if decision.rank is not None:
-        plan = plan_document(decision, stats, config.recipe(decision.objective), settings.target_em,
+        plan = plan_document(decision, run.stats, config.recipe(decision.objective), s.target_em,
                              str(result.law_path) if result.law_path else "")
-        rundir.write_json(out / "plan.json", plan)
+        rundir.write_json(run.out / "plan.json", plan)
     verified = None
-    if settings.verify and plan is not None:
-        _phase(progress, "verify")
+    if s.verify and plan is not None:
+        _phase(run.progress, "verify")
         t1 = time.perf_counter()
-        verified = _verify(lm, settings, plan, out / "adapter", progress)
+        verified = _verify(run.lm, s, plan, run.out / "adapter", run.progress)
         timings["verify_s"] = round(time.perf_counter() - t1, 1)
-    timings["total_s"] = round(time.perf_counter() - t0, 1)
+    timings["total_s"] = round(time.perf_counter() - run.t0, 1)
     # every cell of every run of this plan (a resumed plan's own time leaves out what earlier runs trained)
     timings["cells_s"] = round(float(result.cells["seconds"].astype(float).sum()), 1)
     if decision.rank is not None:
         brute = brute_force_seconds(result.cells, T, decision.objective, decision.rank)
         timings["brute_force_s"] = None if brute is None else round(brute, 1)
     timings["finished"] = rundir.now()
-    res = PlanResult(out, settings, stats, design, decision, plan, result, verified, timings)
-    rundir.write_json(out / "report.json", res.to_dict())
+    res = PlanResult(run.out, s, run.stats, run.design, decision, plan, result, verified, timings)
+    rundir.write_json(run.out / "report.json", res.to_dict())
     return res
 
 
