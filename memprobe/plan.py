@@ -650,7 +650,7 @@ def _verify(lm, settings: PlanSettings, plan: dict, out: Path, progress) -> dict
     recipe = rundir.plan_recipe(plan)
     if progress is not None:
         progress.start(1, recipe.budget.steps)
-        progress.pack(f"verify: {recipe.adapter.kind} r={plan['rank']} {plan['objective']} on the whole corpus")
+        progress.pack(f"{recipe.adapter.kind} r={plan['rank']} {plan['objective']} on the whole corpus")
     try:
         result = memorize(lm, settings.data, plan["rank"], plan["objective"], recipe.adapter, recipe.budget, out,
                           plan=plan, seed=settings.seed, chat=settings.chat,
