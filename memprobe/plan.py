@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from memprobe import rundir
+from memprobe.calibrate import Progress
 from memprobe.errors import MemprobeError
 from memprobe.rundir import AdapterSpec, DataSpec, TrainConfig
 
@@ -500,8 +501,7 @@ def _check_out(out: Path, settings: PlanSettings, stats: CorpusStats) -> Design 
 def calibration_config(settings: PlanSettings, design: Design):
     from memprobe.calibrate import CalibrationConfig
 
-    adapter = dataclasses.replace(settings.adapter)
-    return CalibrationConfig(model=settings.model, data=settings.data, chat=settings.chat, adapter=adapter,
+    return CalibrationConfig(model=settings.model, data=settings.data, chat=settings.chat, adapter=settings.adapter,
                              ranks=design.ranks, tokens=design.tokens, seeds=(settings.seed,),
                              objectives=settings.objectives, train=dataclasses.replace(settings.budget(),
                                                                                         steps=design.steps),
@@ -663,22 +663,16 @@ def _verify(lm, settings: PlanSettings, plan: dict, out: Path, progress) -> dict
     return result.to_dict()
 
 
-class PlanProgress:
-    """One progress view over every phase of a plan: an overall bar in cell-steps over the whole design (the
-    calibration, the whole-corpus rounds, the verification) with an ETA, and a bar for the pack training now.
+class PlanProgress(Progress):
+    """One progress view over every phase of a plan: the overall bar (in cell-steps) spans the whole design (the
+    calibration, the whole-corpus rounds, the verification) with an ETA, the second bar the pack training now.
 
-    It takes the calls memprobe.calibrate.Progress takes, so run_calibration and the verification drive it;
-    their start/stop only open a new pack, `close()` ends the view."""
+    run_calibration and the verification drive it as they drive calibrate's Progress; their start/stop only open
+    a new pack, `close()` ends the view."""
 
     def __init__(self, console=None):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        self._p = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
-        self._overall = self._pack = None
+        super().__init__(console)
         self._done = 0  # cell-steps of the finished cells, each counted at its full budget
-        self._budget = 0
         self.phase = "plan"
 
     def expect(self, cell_steps: int) -> None:
@@ -699,11 +693,7 @@ class PlanProgress:
             self._p.update(self._overall, total=self._done + n_cells * steps)
 
     def pack(self, description: str) -> None:
-        self._p.reset(self._pack, total=self._budget, description=f"{self.phase}: {description}")
-
-    def step(self, n_active: int) -> None:
-        self._p.advance(self._pack, 1)
-        self._p.advance(self._overall, n_active)
+        super().pack(f"{self.phase}: {description}")
 
     def cells_done(self, n: int) -> None:
         self._done += n * self._budget
@@ -714,4 +704,4 @@ class PlanProgress:
 
     def close(self) -> None:
         if self._overall is not None:
-            self._p.stop()
+            super().stop()
