@@ -145,9 +145,9 @@ class CorpusStats:
                    prompt_format=str(d["prompt_format"]), step_seconds=float(d["step_seconds"]))
 
 
-def count_corpus(lm, settings: PlanSettings, timing_steps: int = 3) -> CorpusStats:
+def count_corpus(lm, settings: PlanSettings, timing_steps: int = 3, step_seconds: float | None = None) -> CorpusStats:
     """Count the corpus with the model's tokenizer, measure the base model on it, and time a training step of one
-    rank-1 cell on all of it (the unit every estimate of the design is made of)."""
+    rank-1 cell on all of it (the unit every estimate of the design is made of), unless `step_seconds` is known."""
     from memprobe.data import build_dataset, uses_chat_template
     from memprobe.engine import CellSpec, prepare_prefix, train_cells
     from memprobe.measure import make_batch
@@ -156,10 +156,12 @@ def count_corpus(lm, settings: PlanSettings, timing_steps: int = 3) -> CorpusSta
     batch = make_batch(ds.sequences, pad_id=lm.tokenizer.pad_token_id or 0)
     prefix, _ = prepare_prefix(lm.model, batch, settings.adapter)
     base = prefix.measure_base()
-    probe = dataclasses.replace(settings.budget(), steps=timing_steps, stop_p=None)
-    t0 = time.perf_counter()
-    train_cells(lm.model, prefix, batch, [CellSpec(1, settings.seed)], settings.adapter, probe)
-    step_s = (time.perf_counter() - t0) / (timing_steps + 1)  # + 1: the closing measurement
+    step_s = step_seconds
+    if step_s is None:
+        probe = dataclasses.replace(settings.budget(), steps=timing_steps, stop_p=None)
+        t0 = time.perf_counter()
+        train_cells(lm.model, prefix, batch, [CellSpec(1, settings.seed)], settings.adapter, probe)
+        step_s = (time.perf_counter() - t0) / (timing_steps + 1)  # + 1: the closing measurement
     return CorpusStats(source=str(ds.spec["source"]), n_rows=len(ds.sequences), answer_tokens=ds.n_answer_tokens,
                        lengths=tuple(s.T for s in ds.sequences), base_loss=float(base.loss),
                        base_token_acc=float(base.token_acc), base_exact_match=float(base.exact_match),
@@ -525,7 +527,10 @@ def run_plan(settings: PlanSettings, out: Path, *, fresh: bool = False, progress
     t0 = time.perf_counter()
     timings = {"started": rundir.now()}
     lm = load_model(settings.model, device=settings.device, dtype=settings.dtype)
-    stats = count_corpus(lm, settings)
+    # a resumed plan keeps its design, so the step it was sized with needs no new timing run
+    resumed = not fresh and (out / "design.json").is_file() and (out / "corpus.json").is_file()
+    known_step = CorpusStats.from_dict(json.loads((out / "corpus.json").read_text())).step_seconds if resumed else None
+    stats = count_corpus(lm, settings, step_seconds=known_step)
     rundir.write_json(out / "corpus.json", stats.to_dict())
     if on_corpus is not None:
         on_corpus(stats)
