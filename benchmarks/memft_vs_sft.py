@@ -1,36 +1,37 @@
 """MemFT vs SFT: exact match and token accuracy against adapter rank, for the three training objectives,
-on the embedded model (SmolLM2-135M), PhoneBook and random sequences, at one fixed step budget.
+on the embedded model (SmolLM2-135M), PhoneBook and random sequences, each cell trained to its plateau.
 
-Every cell gets the same budget: no early stop (stop_p=None, and the plateau window is longer than the
-budget), so the objectives are compared at equal training compute. For each dataset and seed, the cells of
-every (objective, rank) train PACKED in one `train_cells` call: one forward pass per step for all of them,
-each row through its own adapter, each cell with its own loss and optimizer (exactly equal to isolated runs).
+Every cell trains with the recipe of `memprobe plan` (memprobe.plan.plan_budget: AdamW at a constant lr, stop
+when every answer token has p >= 0.9 or when the loss fell by less than 1 % over 30 steps), capped at --steps.
+The objectives are thus compared at what they can hold, not at how far a short budget gets them (a 60-step
+version of this table showed no EM separation: every cell was still descending). Each cell records why it
+stopped, after how many steps, and the loss slope it ended at. For each dataset and seed, the cells of every
+(objective, rank) train PACKED in one `train_cells` call: one forward pass per step for all of them, each row
+through its own adapter, each cell with its own loss, optimizer and stop (exactly equal to isolated runs).
 A seed sets both the data (which phone book, which random tokens) and the adapters' initialization.
 
-    .venv/bin/python benchmarks/memft_vs_sft.py            # full run: < 15 min on a 2-core CPU
+    .venv/bin/python benchmarks/memft_vs_sft.py            # full run: about 45 min on a 2-core CPU
     .venv/bin/python benchmarks/memft_vs_sft.py --quick    # smoke run: about a minute
 
 Writes benchmarks/results/memft_vs_sft.csv (one row per cell), memft_vs_sft.png (EM and token accuracy vs
 rank, one column per dataset) and memft_vs_sft.json (configuration, versions, timings, summary); --quick
 writes memft_vs_sft_quick.* instead, so a smoke run never overwrites the full results.
 
-Defaults, chosen from timings on the 2-core CPU (a pack of 9 cells: ~0.15 s per cell-step for PhoneBook
-T=100 without chat template, ~0.3 s for random T=64): PhoneBook T=100 (10 numbers, EM in steps of 0.1) and
-random T=32. Random sequences use T=32, not 64: at 60 steps an r <= 4 adapter stays far from reproducing 64
-random tokens (T=64 at r=1 reaches token accuracy ~0.28 after 150 steps), so EM would be 0 in every cell;
-at T=32 the ranks separate. The full grid is 2 datasets x 2 seeds x 9 cells x 60 steps = 2,160 cell-steps:
-about 6-8 minutes on an idle 2-core CPU. A CPU busy with other work is much slower (a --quick run measured
-1.3 s per cell-step at load average 3.8); there, try --threads 1, and read the ETA on the progress bar.
+Sizes, chosen from timings on the 2-core CPU (a pack of 9 cells: ~0.15 s per cell-step for PhoneBook T=100
+without chat template, ~0.3 s for random T=64) so that some cells are capacity-bound at their plateau:
+PhoneBook T=100 (10 numbers, EM in steps of 0.1) and random T=64 (one sequence: EM is 0 or 1, token accuracy
+carries the detail), ranks 1, 2, 4, two seeds. At most 2 datasets x 2 seeds x 9 cells x 400 steps = 14,400
+cell-steps; cells that converge or plateau stop early. A CPU busy with other work is much slower; there, try
+--threads 1, and read the ETA on the progress bar.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -39,7 +40,7 @@ DATASETS = ("phonebook", "random")
 OBJECTIVES = ("sft", "memft-ot", "memft-sw")
 CSV_COLUMNS = ["dataset", "tokens_requested", "tokens", "n_sequences", "seed", "objective", "rank",
                "trainable_params", "loss_before", "loss_after", "delta_loss", "token_acc", "exact_match",
-               "ordered_frac", "steps", "seconds", "final_slope"]
+               "ordered_frac", "steps", "stop_reason", "seconds", "final_slope"]
 
 
 @dataclass(frozen=True)
@@ -47,14 +48,12 @@ class BenchConfig:
     model: str = "embedded"
     datasets: tuple[str, ...] = DATASETS
     phonebook_tokens: tuple[int, ...] = (100,)
-    random_tokens: tuple[int, ...] = (32,)
+    random_tokens: tuple[int, ...] = (64,)
     ranks: tuple[int, ...] = (1, 2, 4)
     objectives: tuple[str, ...] = OBJECTIVES
     seeds: tuple[int, ...] = (0, 1)
-    steps: int = 60
-    lr: float = 1e-2
-    schedule: str = "constant"
-    clip: float | None = None
+    steps: int = 400  # the cap: a cell stops earlier when it converges or plateaus
+    lr: float | None = None  # None: the plan's lr for the adapter
     adapter: str = "mlp-bypass"
     layer: int | None = None
     device: str | None = "cpu"
@@ -83,11 +82,10 @@ class BenchConfig:
         return self.phonebook_tokens if dataset == "phonebook" else self.random_tokens
 
     def train_config(self):
-        from memprobe.engine import TrainConfig
+        from memprobe.plan import plan_budget
 
-        # no early stop of any kind: every cell trains the full budget
-        return TrainConfig(steps=self.steps, lr=self.lr, schedule=self.schedule, clip=self.clip, stop_p=None,
-                           plateau_window=self.steps + 1)
+        # the plan's recipe, so that the objective it picks is judged the way its cells are trained
+        return plan_budget(self.adapter, steps=self.steps, lr=self.lr)
 
     def adapter_spec(self):
         from memprobe.adapters import AdapterSpec
@@ -104,7 +102,7 @@ class BenchConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
-QUICK = dict(phonebook_tokens=(20,), random_tokens=(16,), ranks=(1, 2), seeds=(0,), steps=10)
+QUICK = dict(phonebook_tokens=(20,), random_tokens=(16,), ranks=(1, 2), seeds=(0,), steps=40)
 
 
 # ----------------------------------------------------------------------------------------- the run
@@ -133,7 +131,7 @@ def run_benchmark(model, tokenizer, config: BenchConfig, progress=None, log=lamb
             for seed in config.seeds:
                 ds = build_data(dataset, tokenizer, T, seed)
                 batch = make_batch(ds.sequences, pad_id=getattr(tokenizer, "pad_token_id", None) or 0)
-                prefix, _ = prepare_prefix(model, batch, adapter)
+                prefix, params_per_rank = prepare_prefix(model, batch, adapter)
                 base = prefix.measure_base()
                 cells = [CellSpec(r, seed, o) for o in config.objectives for r in config.ranks]
                 if progress is not None:
@@ -144,17 +142,18 @@ def run_benchmark(model, tokenizer, config: BenchConfig, progress=None, log=lamb
                 dt = time.perf_counter() - t0
                 if progress is not None:
                     progress.cells_done(len(cells))
-                log(f"{dataset} T={ds.n_answer_tokens} seed={seed}: {len(cells)} cells x {train.steps} steps "
-                    f"in {dt:.0f} s ({dt / (len(cells) * train.steps):.3f} s per cell-step)")
+                done = sum(o.steps for o in outcomes)
+                log(f"{dataset} T={ds.n_answer_tokens} seed={seed}: {len(cells)} cells, {done} cell-steps "
+                    f"in {dt:.0f} s ({dt / max(done, 1):.3f} s per cell-step)")
                 for o in outcomes:
                     a = o.after
                     rows.append({
                         "dataset": dataset, "tokens_requested": T, "tokens": ds.n_answer_tokens,
                         "n_sequences": len(ds.sequences), "seed": seed, "objective": o.spec.objective,
-                        "rank": o.spec.rank, "trainable_params": probe.trainable_params(o.spec.rank),
+                        "rank": o.spec.rank, "trainable_params": params_per_rank * o.spec.rank,
                         "loss_before": base.loss, "loss_after": a.loss, "delta_loss": base.loss - a.loss,
                         "token_acc": a.token_acc, "exact_match": a.exact_match, "ordered_frac": a.ordered_frac,
-                        "steps": o.steps, "seconds": o.seconds, "final_slope": o.final_slope(),
+                        "steps": o.steps, "stop_reason": o.stop_reason, "seconds": o.seconds, "final_slope": o.final_slope(),
                     })
     return pd.DataFrame(rows, columns=CSV_COLUMNS)
 
@@ -163,7 +162,7 @@ def summarize(cells):
     """Mean and standard deviation over seeds per (dataset, tokens, rank, objective)."""
     keys = ["dataset", "tokens", "rank", "objective"]
     g = cells.groupby(keys, sort=False)
-    out = g[["exact_match", "token_acc", "delta_loss"]].agg(["mean", "std", "count"])
+    out = g[["exact_match", "token_acc", "delta_loss", "steps"]].agg(["mean", "std", "count"])
     out.columns = [f"{m}_{s}" for m, s in out.columns]
     return out.reset_index()
 
@@ -171,23 +170,17 @@ def summarize(cells):
 # ----------------------------------------------------------------------------------------- report
 
 
-def _pm(mean: float, std: float) -> str:
-    return f"{mean:.2f}" if not math.isfinite(std) else f"{mean:.2f}±{std:.2f}"
-
-
 def render_table(summary, objectives):
-    """Rows (dataset, T, rank); for each objective EM and token accuracy, mean ± std over seeds; the best
-    EM of a row in bold."""
+    """Rows (dataset, T, rank); for each objective the mean over seeds of EM, token accuracy and the steps the
+    cells trained before they stopped; the best EM of a row in bold (standard deviations are in the JSON)."""
     from rich.table import Table
 
     n_seeds = int(summary["exact_match_count"].max()) if len(summary) else 0
-    t = Table(title=f"MemFT vs SFT: exact match / token accuracy (mean ± std over {n_seeds} seed(s))",
-              header_style="bold")
-    for name in ("dataset", "T", "rank"):
-        t.add_column(name, justify="right" if name != "dataset" else "left")
-    for o in objectives:
-        t.add_column(f"{o}\nEM", justify="right")
-        t.add_column(f"{o}\nacc", justify="right")
+    t = Table(title=f"MemFT vs SFT at the plateau: mean over {n_seeds} seed(s)", header_style="bold")
+    for name in ("data", "T", "r"):
+        t.add_column(name, justify="right" if name != "data" else "left")
+    for o in objectives:  # one column per objective keeps three of them inside 80 columns
+        t.add_column(f"{o}\n  EM  acc steps", justify="right")
     for (dataset, T, r), block in summary.groupby(["dataset", "tokens", "rank"], sort=False):
         by_obj = {row.objective: row for row in block.itertuples()}
         best = max(by_obj[o].exact_match_mean for o in objectives if o in by_obj)
@@ -195,11 +188,11 @@ def render_table(summary, objectives):
         for o in objectives:
             row = by_obj.get(o)
             if row is None:
-                cells += ["-", "-"]
+                cells.append("-")
                 continue
-            em = _pm(row.exact_match_mean, row.exact_match_std)
-            cells += [f"[bold]{em}[/]" if row.exact_match_mean == best and best > 0 else em,
-                      _pm(row.token_acc_mean, row.token_acc_std)]
+            em = f"{row.exact_match_mean:.2f}"
+            em = f"[bold]{em}[/]" if row.exact_match_mean == best and best > 0 else em
+            cells.append(f"{em} {row.token_acc_mean:.2f} {row.steps_mean:5.0f}")
         t.add_row(*cells)
     return t
 
@@ -266,14 +259,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="embedded (default), a hub id, a local folder or a .gguf file")
     p.add_argument("--datasets", default=None, help="phonebook,random [both]")
     p.add_argument("--phonebook-tokens", default=None, help="PhoneBook answer tokens T, e.g. 100 or 50,100 [100]")
-    p.add_argument("--random-tokens", default=None, help="random-sequence lengths T, e.g. 32 or 16,32 [32]")
+    p.add_argument("--random-tokens", default=None, help="random-sequence lengths T, e.g. 64 or 32,64 [64]")
     p.add_argument("--ranks", default=None, help="ranks [1,2,4]")
     p.add_argument("--objectives", default=None, help="sft,memft-ot,memft-sw [all three]")
     p.add_argument("--seeds", default=None, help="seeds (data and initialization) [0,1]")
-    p.add_argument("--steps", type=int, default=None, help="training steps per cell, the same for all [60]")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate [1e-2, constant]")
-    p.add_argument("--schedule", default=None, help="constant | linear [constant]")
-    p.add_argument("--clip", type=float, default=None, help="gradient clipping norm [none]")
+    p.add_argument("--steps", type=int, default=None,
+                   help="most training steps per cell; each stops at its plateau [400]")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant [the plan's: 1e-2 bypass]")
     p.add_argument("--adapter", default=None, help="mlp-bypass | lora [mlp-bypass]")
     p.add_argument("--layer", type=int, default=None, help="mlp-bypass layer [about 2/3 of the depth]")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] | auto [cpu]")
@@ -281,7 +273,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads [torch's default]; 1 is often faster on a machine others are using")
     p.add_argument("--out-dir", type=Path, default=None, help=f"where to write the results [{RESULTS_DIR}]")
-    p.add_argument("--quick", action="store_true", help="smoke run: T=20/16, ranks 1,2, one seed, 10 steps")
+    p.add_argument("--quick", action="store_true", help="smoke run: T=20/16, ranks 1,2, one seed, at most 40 steps")
     return p.parse_args(argv)
 
 
@@ -294,7 +286,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "ranks": args.ranks and _ints(args.ranks, "--ranks"),
         "objectives": args.objectives and _names(args.objectives, "--objectives"),
         "seeds": args.seeds and _ints(args.seeds, "--seeds"), "steps": args.steps, "lr": args.lr,
-        "schedule": args.schedule, "clip": args.clip, "adapter": args.adapter, "layer": args.layer,
+        "adapter": args.adapter, "layer": args.layer,
         "device": args.device, "dtype": args.dtype,
     }
     values.update({k: v for k, v in given.items() if v is not None})
@@ -330,7 +322,8 @@ def run(args: argparse.Namespace) -> int:
     stem = NAME + ("_quick" if config.quick else "")
     console = Console()
     n_cells = config.n_packs() * config.pack_size()
-    console.print(f"{n_cells} cells in {config.n_packs()} packs of {config.pack_size()}, {config.steps} steps each")
+    console.print(f"{n_cells} cells in {config.n_packs()} packs of {config.pack_size()}, "
+                  f"each to its plateau, at most {config.steps} steps")
     t_start = time.perf_counter()
     lm = load_model(config.model, device=config.device, dtype=config.dtype)
     load_s = time.perf_counter() - t_start
@@ -344,6 +337,7 @@ def run(args: argparse.Namespace) -> int:
         progress.stop()
     train_s = time.perf_counter() - t_start - load_s
     summary = summarize(cells)
+    cell_steps = int(cells["steps"].sum())
 
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path, json_path = (out_dir / f"{stem}.{ext}" for ext in ("csv", "png", "json"))
@@ -354,14 +348,14 @@ def run(args: argparse.Namespace) -> int:
         "adapter": config.adapter_spec().to_dict(), "train": config.train_config().to_dict(),
         "model": {"name": lm.name, "source": lm.source, "device": lm.device, "dtype": lm.dtype, **lm.info},
         "timings": {"load_s": round(load_s, 2), "train_s": round(train_s, 2),
-                    "s_per_cell_step": round(train_s / (n_cells * config.steps), 4)},
+                    "cell_steps": cell_steps, "s_per_cell_step": round(train_s / max(cell_steps, 1), 4)},
         "versions": versions(), "git": git_hash(), "hardware": hardware(),
         "summary": json.loads(summary.to_json(orient="records")),
     }
     json_path.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str))
     console.print(render_table(summary, config.objectives))
-    console.print(f"{n_cells} cells x {config.steps} steps in {train_s:.0f} s "
-                  f"({train_s / (n_cells * config.steps):.3f} s per cell-step), model load {load_s:.0f} s")
+    console.print(f"{n_cells} cells, {cell_steps} cell-steps in {train_s:.0f} s "
+                  f"({train_s / max(cell_steps, 1):.3f} s per cell-step), model load {load_s:.0f} s")
     console.print(f"wrote {csv_path}, {png_path}, {json_path}")
     return 0
 
