@@ -24,10 +24,13 @@ def parse_ranks(text: str | None) -> list[int] | None:
     return parse_list(text, "--ranks", int, noun="positive integers")
 
 
-def _load(law: Path | None):
+ADAPTER_HELP = "only a law calibrated with this adapter: mlp-bypass | lora [whichever law is found]"
+
+
+def _load(law: Path | None, adapter: str | None = None):
     from planner.laws import resolve_laws
 
-    laws, source = resolve_laws(law)
+    laws, source = resolve_laws(law, adapter)
     return laws, source.describe()
 
 
@@ -46,6 +49,7 @@ def recommend(
     tokens: int = typer.Option(..., "--tokens", help="answer tokens T of the data to memorize"),
     target_em: float = typer.Option(..., "--target-em", help="exact match to reach, in (0, 1]"),
     law: Optional[Path] = typer.Option(None, "--law", help=LAW_HELP),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
     ranks: Optional[str] = typer.Option(None, "--ranks", help="allowed ranks, e.g. 1,2,4,8 [default: powers of two]"),
     max_rank: Optional[int] = typer.Option(None, "--max-rank", help="largest rank allowed [default: 1024]"),
     objective: Optional[str] = typer.Option(None, "--objective", help="only consider this objective"),
@@ -57,6 +61,7 @@ def recommend(
 ):
     """The smallest rank (and the objective) whose predicted exact match reaches the target."""
     from memprobe.law import check_target_em
+    from planner.laws import check_adapter
     from planner.recommend import allowed_ranks, check_level, check_tokens
     from planner.recommend import recommend as recommend_
 
@@ -66,7 +71,8 @@ def recommend(
     check_level(level)
     rank_list = parse_ranks(ranks)
     allowed_ranks(rank_list, max_rank)
-    laws, source = _load(law)
+    check_adapter(adapter)
+    laws, source = _load(law, adapter)
     plan = _with_source(lambda: recommend_(laws, tokens=tokens, target_em=target_em, ranks=rank_list,
                                            max_rank=max_rank, base_loss=base_loss, level=level, objective=objective,
                                            law_source=source, allow_uncertain=allow_uncertain,
@@ -80,6 +86,7 @@ def recommend(
 def curve(
     tokens: int = typer.Option(..., "--tokens", help="answer tokens T"),
     law: Optional[Path] = typer.Option(None, "--law", help=LAW_HELP),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
     ranks: Optional[str] = typer.Option(None, "--ranks", help="ranks, e.g. 1,2,4,8 [default: powers of two]"),
     max_rank: Optional[int] = typer.Option(None, "--max-rank", help="largest rank [default: 1024]"),
     objective: Optional[str] = typer.Option(None, "--objective", help="only this objective"),
@@ -88,6 +95,7 @@ def curve(
     json_: bool = typer.Option(False, "--json", help="print the curve as JSON"),
 ):
     """Predicted dL and exact match against rank at T answer tokens."""
+    from planner.laws import check_adapter
     from planner.recommend import allowed_ranks, check_level, check_tokens
     from planner.recommend import curve as curve_
 
@@ -96,7 +104,8 @@ def curve(
     check_level(level)
     rank_list = parse_ranks(ranks)
     allowed_ranks(rank_list, max_rank)
-    laws, source = _load(law)
+    check_adapter(adapter)
+    laws, source = _load(law, adapter)
     c = _with_source(lambda: curve_(laws, tokens=tokens, ranks=rank_list, max_rank=max_rank,
                                     base_loss=base_loss, level=level, objective=objective, law_source=source), source)
     from planner.report import render_curve

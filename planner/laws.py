@@ -2,7 +2,9 @@
 
 In order: the path the user gave (--law); else the newest */law.json under the runs folder
 ($MEMPROBE_RUNS_DIR, default ./memprobe_runs), by modification time; else the reference law
-shipped with the project (SmolLM2-135M). A plan always says which one it used.
+shipped with the project (SmolLM2-135M, mlp-bypass). Asked for an adapter (--adapter lora), only a law
+calibrated with that adapter is taken: a rank is a property of the adapter it was measured on, and a
+bypass law says nothing of standard LoRA. A plan always says which law it used and for which adapter.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 from memprobe.errors import MemprobeError
 from memprobe.law import MemoryLaw, load_laws
 from memprobe.resources import reference_law_path
-from memprobe.rundir import runs_dir
+from memprobe.rundir import ADAPTER_KINDS, runs_dir
 
 REFERENCE_LAW = reference_law_path()
 
@@ -22,6 +24,7 @@ REFERENCE_LAW = reference_law_path()
 class LawSource:
     path: Path
     kind: str  # "explicit" | "runs" | "reference"
+    adapter: str | None = None  # the adapter the law was calibrated with, when it records one
 
     def __post_init__(self):
         if self.kind not in ("explicit", "runs", "reference"):
@@ -29,37 +32,76 @@ class LawSource:
 
     def describe(self) -> str:
         how = {"explicit": "given", "runs": "newest in the runs folder", "reference": "shipped reference law"}[self.kind]
-        return f"{self.path} ({how})"
+        return f"{self.path} ({how}{', ' + self.adapter if self.adapter else ''})"
 
 
-def newest_run_law(root: Path | None = None) -> Path | None:
-    """The most recently modified <root>/*/law.json, or None."""
+def check_adapter(adapter: str | None) -> None:
+    if adapter is not None and adapter not in ADAPTER_KINDS:
+        raise MemprobeError(f"--adapter must be one of {', '.join(ADAPTER_KINDS)}, got {adapter!r}")
+
+
+def law_adapter(path: Path) -> str | None:
+    """The adapter a law file was calibrated with (None when it records none or cannot be read)."""
+    try:
+        laws = load_laws(path)
+    except MemprobeError:
+        return None
+    return next(iter(laws.values())).adapter
+
+
+def run_laws(root: Path | None = None) -> list[Path]:
+    """Every <root>/*/law.json, newest first by modification time."""
     root = runs_dir() if root is None else Path(root)
     if not root.is_dir():
-        return None
+        return []
     found = [p for p in root.glob("*/law.json") if p.is_file()]
-    return max(found, key=lambda p: (p.stat().st_mtime, str(p))) if found else None
+    return sorted(found, key=lambda p: (p.stat().st_mtime, str(p)), reverse=True)
 
 
-def find_law(law=None) -> LawSource:
+def newest_run_law(root: Path | None = None, adapter: str | None = None) -> Path | None:
+    """The most recently modified <root>/*/law.json (calibrated with `adapter`, when given), or None."""
+    for path in run_laws(root):
+        if adapter is None or law_adapter(path) == adapter:
+            return path
+    return None
+
+
+def _no_law_for(adapter: str) -> MemprobeError:
+    reference = law_adapter(REFERENCE_LAW) if REFERENCE_LAW.is_file() else None
+    shipped = f"the shipped reference law is for {reference}" if reference else "no reference law is shipped"
+    return MemprobeError(
+        f"no law for adapter {adapter}: {runs_dir()} holds none and {shipped}; calibrate one on your model with "
+        f"`memprobe calibrate --adapter {adapter} --model MODEL` (it writes the law), or plan your corpus "
+        f"directly with `memprobe plan --data jsonl:CORPUS --adapter {adapter}`")
+
+
+def find_law(law=None, adapter: str | None = None) -> LawSource:
     """Where the law comes from (see the module docstring); a clear error when there is none."""
+    check_adapter(adapter)
     if law is not None:
         path = Path(law)
         if not path.is_file():
             raise MemprobeError(f"law file not found: {path}")
-        return LawSource(path, "explicit")
-    newest = newest_run_law()
+        found = law_adapter(path)
+        if adapter is not None and found is not None and found != adapter:
+            raise MemprobeError(f"the law {path} was calibrated with {found}, not {adapter}")
+        return LawSource(path, "explicit", found)
+    newest = newest_run_law(adapter=adapter)
     if newest is not None:
-        return LawSource(newest, "runs")
+        return LawSource(newest, "runs", law_adapter(newest))
     if REFERENCE_LAW.is_file():
-        return LawSource(REFERENCE_LAW, "reference")
+        found = law_adapter(REFERENCE_LAW)
+        if adapter is None or found == adapter:
+            return LawSource(REFERENCE_LAW, "reference", found)
+    if adapter is not None:
+        raise _no_law_for(adapter)
     raise MemprobeError(
         f"no law found (no {runs_dir()}/*/law.json and no reference law): run `memprobe calibrate` "
-        f"then `memprobe fit`, or pass --law LAW.json"
+        f"(it writes the law), or pass --law LAW.json"
     )
 
 
-def resolve_laws(law=None) -> tuple[dict[str, MemoryLaw], LawSource]:
+def resolve_laws(law=None, adapter: str | None = None) -> tuple[dict[str, MemoryLaw], LawSource]:
     """The laws (one per objective) of the law file find_law picks, and where they came from."""
-    source = find_law(law)
+    source = find_law(law, adapter)
     return load_laws(source.path), source

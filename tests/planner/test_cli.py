@@ -45,7 +45,7 @@ def test_recommend_report(law_file):
     result = invoke("recommend", "--tokens", 300, "--target-em", 0.9, "--law", law_file)
     assert result.exit_code == 0, result.output
     plan = recommend(str(law_file), tokens=300, target_em=0.9)
-    assert f"using law: {law_file} (given)" in result.stderr
+    assert f"using law: {law_file} (given, mlp-bypass)" in result.stderr
     for word in (f"rank ", str(plan.rank), plan.objective, "predicted EM", "train with", "steps=150", "per objective"):
         assert word in result.stdout
 
@@ -58,7 +58,7 @@ def test_recommend_json_matches_the_library(law_file):
     plan = recommend(str(law_file), tokens=300, target_em=0.9, ranks=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64], level=0.8)
     assert doc["rank"] == plan.rank and doc["objective"] == plan.objective
     assert doc["predicted_em"] == pytest.approx(plan.predicted_em)
-    assert doc["law_source"] == f"{law_file} (given)" and doc["level"] == 0.8
+    assert doc["law_source"] == f"{law_file} (given, mlp-bypass)" and doc["level"] == 0.8
     assert result.stdout.strip() == json.dumps(doc, sort_keys=True)
     only = json.loads(invoke("recommend", "--tokens", 300, "--target-em", 0.9, "--law", law_file, "--json",
                              "--objective", "sft", "--max-rank", 512).stdout)
@@ -69,7 +69,7 @@ def test_recommend_uses_the_newest_run(tmp_path, law_file):
     run_law = make_law("sft", 21.0).save(tmp_path / "runs" / "run1" / "law.json")
     result = invoke("recommend", "--tokens", 300, "--target-em", 0.9, "--json")
     assert result.exit_code == 0, result.output
-    assert f"using law: {run_law} (newest in the runs folder)" in result.stderr
+    assert f"using law: {run_law} (newest in the runs folder, mlp-bypass)" in result.stderr
     assert json.loads(result.stdout)["law_source"].startswith(str(run_law))
 
 
@@ -115,6 +115,17 @@ def test_missing_and_absent_laws(tmp_path):
     assert_one_line_error(invoke("recommend", "--tokens", 300, "--target-em", 0.9), "no law found", "memprobe calibrate")
     assert_one_line_error(invoke("curve", "--tokens", 10), "no law found")
     assert_one_line_error(invoke("curve", "--tokens", 0), "tokens must be a positive integer, got 0")
+
+
+def test_an_adapter_without_a_law_is_refused_naming_the_calibration(law_file):
+    # law_file is a bypass law: asked for standard LoRA it is not taken, given or found
+    assert_one_line_error(invoke("recommend", "--tokens", 300, "--target-em", 0.9, "--adapter", "lora"),
+                          "no law for adapter lora", "memprobe calibrate --adapter lora")
+    assert_one_line_error(invoke("recommend", "--tokens", 300, "--target-em", 0.9, "--adapter", "lora",
+                                 "--law", law_file), "calibrated with mlp-bypass, not lora")
+    assert_one_line_error(invoke("curve", "--tokens", 300, "--adapter", "dora"), "--adapter must be one of")
+    result = invoke("recommend", "--tokens", 300, "--target-em", 0.9, "--adapter", "mlp-bypass", "--law", law_file)
+    assert result.exit_code == 0 and f"{law_file} (given, mlp-bypass)" in result.stderr
 
 
 def test_usage_errors_exit_nonzero_without_traceback(capsys, law_file):

@@ -64,3 +64,32 @@ def test_reference_then_a_clear_error(tmp_path, monkeypatch, no_reference):
     monkeypatch.setattr(laws_mod, "REFERENCE_LAW", ref)
     source = find_law()
     assert source.kind == "reference" and source.path == ref
+
+
+def test_an_adapter_takes_only_a_law_calibrated_with_it(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("MEMPROBE_RUNS_DIR", str(runs))
+    lora = MemoryLaw(C=1.0, alpha=0.4, beta=0.4, adapter="lora").save(runs / "lora-run" / "law.json")
+    bypass = MemoryLaw(C=2.0, alpha=0.4, beta=0.4, adapter="mlp-bypass").save(runs / "bypass-run" / "law.json")
+    os.utime(lora, (1_000_000, 1_000_000))
+    os.utime(bypass, (2_000_000, 2_000_000))
+    assert find_law().path == bypass and find_law().adapter == "mlp-bypass"
+    source = find_law(adapter="lora")
+    assert source.path == lora and source.describe().endswith("(newest in the runs folder, lora)")
+    assert resolve_laws(adapter="lora")[0]["sft"].C == 1.0
+    with pytest.raises(MemprobeError, match=r"calibrated with mlp-bypass, not lora"):
+        find_law(bypass, adapter="lora")
+    with pytest.raises(MemprobeError, match=r"--adapter must be one of lora, mlp-bypass, got 'qlora'"):
+        find_law(adapter="qlora")
+
+
+def test_no_law_for_an_adapter_names_the_calibration_that_would_give_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMPROBE_RUNS_DIR", str(tmp_path / "empty-runs"))
+    # the shipped reference law is for the bypass: it answers for it and refuses for standard LoRA
+    assert find_law(adapter="mlp-bypass").kind == "reference"
+    with pytest.raises(MemprobeError) as e:
+        find_law(adapter="lora")
+    message = str(e.value)
+    for fragment in ("no law for adapter lora", "reference law is for mlp-bypass",
+                     "memprobe calibrate --adapter lora", "memprobe plan --data jsonl:CORPUS --adapter lora"):
+        assert fragment in message
