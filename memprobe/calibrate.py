@@ -27,15 +27,16 @@ from memprobe import rundir
 from memprobe.engine import CellSpec
 from memprobe.errors import MemprobeError
 from memprobe.rundir import (CELL_COLUMNS, CURVE_COLUMNS, OBJECTIVES, TOKEN_COLUMNS, AdapterSpec, DataSpec,  # noqa: F401
-                             Recipe, TrainConfig, is_saturated)
+                             Recipe, TrainConfig, default_lr, is_saturated)
 
 # Presets. quick: the embedded 135M model on a 2-core CPU in a few minutes. Measured on it: with AdamW at a
 # constant lr 1e-2, no clipping, 150 steps, T = 32 random tokens is memorized even at r = 1, so the grid
 # starts at T = 48 and goes up to where r = 1..8 leave most cells unsaturated.
+# Its lr is the adapter's (memprobe.rundir.default_lr: 1e-2 for the bypass, 1e-3 for LoRA on every layer).
 # paper: the public code's recipe for 8B models on a GPU (lr 1e-2 with linear decay, clip 1.0, dropout 0.1).
 PRESETS: dict[str, dict] = {
     "quick": dict(data="random", adapter="mlp-bypass", ranks=(1, 2, 4, 8), tokens=(48, 96, 192), seeds=(0,),
-                  objectives=("sft",), steps=100, lr=1e-2, schedule="constant", clip=None, dropout=0.0),
+                  objectives=("sft",), steps=100, lr=None, schedule="constant", clip=None, dropout=0.0),
     "paper": dict(data="random", adapter="mlp-bypass", ranks=(1, 2, 4, 8, 16, 32, 64),
                   tokens=(256, 512, 1024, 2048, 4096), seeds=(0,), objectives=("sft",), steps=300, lr=1e-2,
                   schedule="linear", clip=1.0, dropout=0.1),
@@ -86,6 +87,8 @@ class CalibrationConfig:
         p = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
         if p.get("clip") == 0:
             p["clip"] = None
+        if p.get("lr") is None:
+            p["lr"] = default_lr(p["adapter"])
         adapter = AdapterSpec(kind=p.pop("adapter"), dropout=p.pop("dropout"), **p.pop("adapter_kwargs", {}))
         train_keys = ("steps", "lr", "schedule", "clip", "stop_p", "warmup")
         train = TrainConfig(**{k: p.pop(k) for k in train_keys if k in p})

@@ -323,7 +323,10 @@ def _train_loop(prefix, adapters, cells, objectives, cfg, keep_state, on_step) -
             curves[i].append(losses[g])
             ordered[i].append(ordered_fracs[g])
             em[i].append(ems[g])
-            reason = _stop_reason(min_ps[g], curves[i], step, cfg)
+            # the plateau window must lie wholly in the stage that trains every sample
+            window_start = max(0, step - cfg.plateau_window) / cfg.steps
+            reason = _stop_reason(min_ps[g], curves[i], ordered[i], step, cfg,
+                                  objectives[i].trains_every_sample(window_start))
             if reason is not None:
                 if dropout and step < cfg.steps:
                     metrics = _measure_eval(prefix, adapters, G, g)
@@ -379,15 +382,20 @@ def _step_stats(token_loss: torch.Tensor, hit: torch.Tensor, mask: torch.Tensor)
     return stats[0], stats[1], stats[2], stats[3]
 
 
-def _stop_reason(min_p: float, curve: list[float], step: int, cfg: TrainConfig) -> str | None:
+def _stop_reason(min_p: float, curve: list[float], ordered: list[float], step: int, cfg: TrainConfig,
+                 every_sample: bool = True) -> str | None:
+    """converged (every answer token has p >= stop_p), budget, or plateau: over the last plateau_window steps
+    the loss fell by less than plateau_tol and no more tokens became ordered. MemFT's objectives do not
+    minimize the mean loss (MemFT-OT leaves ordered tokens alone, so it drifts up), so a stalled loss alone
+    is not a plateau while tokens still cross p = 0.5; nor while a curriculum holds samples back."""
     if cfg.stop_p is not None and min_p >= cfg.stop_p:
         return "converged"
     if step >= cfg.steps:
         return "budget"
     w = cfg.plateau_window
-    if step >= max(cfg.min_steps, w) and len(curve) > w:
+    if every_sample and step >= max(cfg.min_steps, w) and len(curve) > w:
         old, new = curve[-1 - w], curve[-1]
-        if old - new < cfg.plateau_tol * max(old, 1e-12):
+        if old - new < cfg.plateau_tol * max(old, 1e-12) and ordered[-1] <= ordered[-1 - w]:
             return "plateau"
     return None
 

@@ -29,7 +29,7 @@ from typing import Callable
 
 from memprobe import rundir
 from memprobe.errors import MemprobeError
-from memprobe.rundir import AdapterSpec, DataSpec, Recipe, TrainConfig, normalize_objective
+from memprobe.rundir import AdapterSpec, DataSpec, Recipe, TrainConfig, default_lr, normalize_objective
 # the plan file is part of the contract between the stages: defined with it
 from memprobe.rundir import check_plan, check_rank, plan_recipe, read_plan  # noqa: F401
 
@@ -116,6 +116,9 @@ def settings_from_plan(plan: dict | None = None, *, rank: int | None = None, obj
                  dropout=dropout)
     spec_kw = {k: pick(k, given[k], getattr(spec, k)) for k in _ADAPTER_FLAGS}
     budget_given = dict(steps=steps, lr=lr, schedule=schedule, clip=clip, stop_p=stop_p)
+    if lr is None and (calibrated is None or kind != base.adapter.kind):
+        # no calibrated lr for this adapter: its measured default, not another adapter's
+        budget_given["lr"] = default_lr(kind)
     budget_kw = {k: pick(k, budget_given[k], getattr(base.budget, k)) for k in _BUDGET_FLAGS}
     if budget_kw["clip"] == 0:
         budget_kw["clip"] = None

@@ -302,6 +302,11 @@ class Objective:
             raise MemprobeError(f"progress must be a number in [0, 1], got {progress!r}")
         return sum(progress >= b for b in self.config.stage_boundaries)
 
+    def trains_every_sample(self, progress: float) -> bool:
+        """Whether the curriculum has reached all samples at ``progress``: before that, a stalled loss over all
+        rows is the curriculum holding samples back, not the adapter at its plateau."""
+        return not self.curriculum or self.config.stage_fractions[self.stage(progress)] >= 1.0
+
     def curriculum_order(self, n_samples: int) -> torch.Tensor:
         """The fixed seeded permutation of sample indices, (n_samples,) long."""
         _check_n_samples(n_samples)

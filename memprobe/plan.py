@@ -35,7 +35,7 @@ from typing import Callable
 from memprobe import rundir
 from memprobe.calibrate import Progress
 from memprobe.errors import MemprobeError
-from memprobe.rundir import AdapterSpec, DataSpec, TrainConfig
+from memprobe.rundir import AdapterSpec, DataSpec, TrainConfig, default_lr
 
 REPORT_FORMAT = "memprobe-corpus-plan"
 REPORT_SCHEMA_VERSION = 1
@@ -45,9 +45,6 @@ REPORT_SCHEMA_VERSION = 1
 # step 221, r = 2..8 by steps 246..104; 40 PhoneBook entries at r = 8 by step 400. Each cell stops earlier
 # once every answer token has p >= 0.9 ("converged") or its loss fell < 1 % over 30 steps ("plateau").
 PLAN_STEPS = 400
-# lr 1e-2 on the one bypass matrix pair; LoRA on every linear layer of every block is chaotic at 1e-2 on the
-# embedded model, and 1e-3 agrees with a plain PyTorch loop
-PLAN_LR = {"mlp-bypass": 1e-2, "lora": 1e-3}
 PLAN_RANKS = (1, 2, 4, 8)
 SUBSET_FRACTIONS = (1 / 8, 1 / 4, 1 / 2)  # nested subsets: the law is read at 2x the largest
 MIN_SUBSET_TOKENS = 16
@@ -58,7 +55,7 @@ MAX_RANK = 1024
 
 def plan_budget(adapter_kind: str, steps: int = PLAN_STEPS, lr: float | None = None) -> TrainConfig:
     """The recipe of every cell of a plan and of its adapter: AdamW at a constant lr, trained to the plateau."""
-    return TrainConfig(steps=steps, lr=lr or PLAN_LR.get(adapter_kind, 1e-3), schedule="constant", stop_p=0.9,
+    return TrainConfig(steps=steps, lr=lr or default_lr(adapter_kind), schedule="constant", stop_p=0.9,
                        plateau_window=30, plateau_tol=0.01)
 
 
@@ -76,7 +73,7 @@ class PlanSettings:
     chat: bool = True
     ranks: tuple[int, ...] = PLAN_RANKS
     steps: int = PLAN_STEPS
-    lr: float | None = None  # None: PLAN_LR for the adapter
+    lr: float | None = None  # None: the adapter's default (memprobe.rundir.default_lr)
     seed: int = 0
     rounds: int = 5  # most rounds of whole-corpus cells
     device: str | None = None

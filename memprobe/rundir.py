@@ -175,6 +175,16 @@ def default_bypass_layer(n_layers: int) -> int:
     return int(round(n_layers * 2 / 3))
 
 
+# The learning rate of each adapter when none is given, measured on the embedded model: lr 1e-2 suits the one
+# bypass matrix pair; LoRA on every linear layer of every block is chaotic at 1e-2 and agrees with a plain
+# PyTorch loop at 1e-3.
+ADAPTER_LR = {"mlp-bypass": 1e-2, "lora": 1e-3}
+
+
+def default_lr(adapter_kind: str) -> float:
+    return ADAPTER_LR.get(adapter_kind, 1e-3)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training budget a law is calibrated with (recorded in the law: plans must train at least this)."""

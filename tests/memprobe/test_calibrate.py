@@ -296,3 +296,12 @@ def test_the_curves_are_plotted(calibrated):
     run_dir, _ = calibrated
     png = run_dir / "curves.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_the_quick_preset_takes_the_adapters_lr():
+    from memprobe.calibrate import CalibrationConfig
+
+    assert CalibrationConfig.from_preset("quick").train.lr == 1e-2
+    assert CalibrationConfig.from_preset("quick", adapter="lora").train.lr == 1e-3
+    assert CalibrationConfig.from_preset("quick", adapter="lora", lr=3e-3).train.lr == 3e-3
+    assert CalibrationConfig.from_preset("paper", adapter="lora").train.lr == 1e-2  # the published recipe

@@ -384,6 +384,28 @@ def test_a_flat_curve_stops_on_plateau(make_tiny_model, batch, min_steps, window
     assert (out.stop_reason, out.steps, len(out.curve)) == ("plateau", expected, expected + 1)
 
 
+def test_a_plateau_needs_a_stalled_loss_and_no_newly_ordered_token():
+    from memprobe.engine import _stop_reason
+
+    cfg = TrainConfig(steps=100, stop_p=0.9, plateau_window=3, min_steps=0)
+    flat = [1.0, 1.0, 1.0, 1.0, 1.0]
+    assert _stop_reason(0.1, flat, [0.2] * 5, 4, cfg) == "plateau"
+    # MemFT-OT's mean loss drifts up while it pushes more tokens past p = 0.5: still learning
+    assert _stop_reason(0.1, [1.0, 1.0, 1.1, 1.2, 1.3], [0.2, 0.3, 0.4, 0.5, 0.6], 4, cfg) is None
+    assert _stop_reason(0.1, [1.0, 0.9, 0.8, 0.7, 0.6], [0.2] * 5, 4, cfg) is None  # the loss still falls
+    assert _stop_reason(0.1, flat, [0.2] * 5, 4, cfg, every_sample=False) is None  # a curriculum holds rows back
+    assert _stop_reason(0.95, flat, [1.0] * 5, 4, cfg) == "converged"
+
+
+def test_a_curriculum_cell_does_not_plateau_before_it_trains_every_sample(make_tiny_model, batch):
+    model = make_tiny_model()
+    cfg = TrainConfig(steps=50, lr=1e-9, stop_p=0.9, plateau_window=5, min_steps=0)
+    sft, sw = train_cells(model, None, batch, [CellSpec(1), CellSpec(1, objective="memft-sw")], BYPASS, cfg)
+    assert (sft.stop_reason, sft.steps) == ("plateau", 5)
+    # memft-sw trains all samples from 80 % of the budget (step 40) on: its flat curve stops 5 steps later
+    assert (sw.stop_reason, sw.steps) == ("plateau", 45)
+
+
 def test_budget_when_neither_converged_nor_flat(make_tiny_model, batch):
     model = make_tiny_model()
     cfg = TrainConfig(steps=12, lr=1e-2, stop_p=0.9, plateau_window=5, plateau_tol=1e-4)

@@ -209,6 +209,17 @@ def test_settings_come_from_the_plan_and_flags_override():
     assert s.adapter.kind == "mlp-bypass" and s.adapter.layers is None
 
 
+def test_an_adapter_without_a_calibrated_lr_trains_at_its_measured_default():
+    # LoRA on every layer is chaotic at the bypass's 1e-2: without a plan it gets its own lr, not the bypass's
+    assert settings_from_plan(None, rank=4, adapter="lora").train.lr == 1e-3
+    assert settings_from_plan(None, rank=4).train.lr == 1e-2
+    assert settings_from_plan(None, rank=4, adapter="lora", lr=5e-4).train.lr == 5e-4
+    plan = make_plan()  # a bypass plan calibrated at lr 3e-2
+    assert settings_from_plan(plan).train.lr == 3e-2
+    s = settings_from_plan(plan, adapter="lora")
+    assert s.train.lr == 1e-3 and "lr" not in s.from_plan
+
+
 def test_settings_need_a_rank_and_check_the_plans_values():
     with pytest.raises(MemprobeError, match="a rank is needed"):
         settings_from_plan(None)

@@ -502,3 +502,9 @@ def test_plain_trainer_with_compute_loss_func(tmp_path):
     out = trainer.train()
     assert math.isfinite(out.training_loss)
     assert answer_loss(model, rows) < loss_before
+
+
+def test_a_curriculum_trains_every_sample_only_in_its_last_stage():
+    sw, sft = make_objective("memft-sw"), make_objective("sft")
+    assert [sw.trains_every_sample(p) for p in (0.0, 0.5, 0.79, 0.8, 1.0)] == [False, False, False, True, True]
+    assert all(sft.trains_every_sample(p) for p in (0.0, 0.5, 1.0))
