@@ -2,7 +2,8 @@
 on the embedded model (SmolLM2-135M), PhoneBook and random sequences, each cell trained to its plateau.
 
 Every cell trains with the recipe of `memprobe plan` (memprobe.plan.plan_budget: AdamW at a constant lr, stop
-when every answer token has p >= 0.9 or when the loss fell by less than 1 % over 30 steps), capped at --steps.
+when every answer token has p >= 0.9, or at the plateau: over 30 steps the loss fell by less than 1 % and no
+token newly crossed p = 0.5, with every row in training), capped at --steps.
 The objectives are thus compared at what they can hold, not at how far a short budget gets them (a 60-step
 version of this table showed no EM separation: every cell was still descending). Each cell records why it
 stopped, after how many steps, and the loss slope it ended at. For each dataset and seed, the cells of every
@@ -10,7 +11,7 @@ stopped, after how many steps, and the loss slope it ended at. For each dataset 
 through its own adapter, each cell with its own loss, optimizer and stop (exactly equal to isolated runs).
 A seed sets both the data (which phone book, which random tokens) and the adapters' initialization.
 
-    .venv/bin/python benchmarks/memft_vs_sft.py            # full run: about 45 min on a 2-core CPU
+    .venv/bin/python benchmarks/memft_vs_sft.py            # full run: 25 min on an idle 2-core CPU
     .venv/bin/python benchmarks/memft_vs_sft.py --quick    # smoke run: about a minute
 
 Writes benchmarks/results/memft_vs_sft.csv (one row per cell), memft_vs_sft.png (EM and token accuracy vs

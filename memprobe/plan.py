@@ -43,7 +43,8 @@ REPORT_SCHEMA_VERSION = 1
 # The calibration cells train to their plateau, not for a fixed short budget (100 steps measured how far 100
 # steps get, not what a rank holds). Measured on the embedded model: 48 random tokens reach EM 1 at r = 1 by
 # step 221, r = 2..8 by steps 246..104; 40 PhoneBook entries at r = 8 by step 400. Each cell stops earlier
-# once every answer token has p >= 0.9 ("converged") or its loss fell < 1 % over 30 steps ("plateau").
+# once every answer token has p >= 0.9 ("converged") or when, over 30 steps, its loss fell < 1 % and no
+# token newly crossed p = 0.5 ("plateau", memprobe.engine).
 PLAN_STEPS = 400
 PLAN_RANKS = (1, 2, 4, 8)
 SUBSET_FRACTIONS = (1 / 8, 1 / 4, 1 / 2)  # nested subsets: the law is read at 2x the largest

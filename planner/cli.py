@@ -61,7 +61,6 @@ def recommend(
 ):
     """The smallest rank (and the objective) whose predicted exact match reaches the target."""
     from memprobe.law import check_target_em
-    from planner.laws import check_adapter
     from planner.recommend import allowed_ranks, check_level, check_tokens
     from planner.recommend import recommend as recommend_
 
@@ -71,8 +70,7 @@ def recommend(
     check_level(level)
     rank_list = parse_ranks(ranks)
     allowed_ranks(rank_list, max_rank)
-    check_adapter(adapter)
-    laws, source = _load(law, adapter)
+    laws, source = _load(law, adapter)  # a bad --adapter is refused before any law is read
     plan = _with_source(lambda: recommend_(laws, tokens=tokens, target_em=target_em, ranks=rank_list,
                                            max_rank=max_rank, base_loss=base_loss, level=level, objective=objective,
                                            law_source=source, allow_uncertain=allow_uncertain,
@@ -95,7 +93,6 @@ def curve(
     json_: bool = typer.Option(False, "--json", help="print the curve as JSON"),
 ):
     """Predicted dL and exact match against rank at T answer tokens."""
-    from planner.laws import check_adapter
     from planner.recommend import allowed_ranks, check_level, check_tokens
     from planner.recommend import curve as curve_
 
@@ -104,8 +101,7 @@ def curve(
     check_level(level)
     rank_list = parse_ranks(ranks)
     allowed_ranks(rank_list, max_rank)
-    check_adapter(adapter)
-    laws, source = _load(law, adapter)
+    laws, source = _load(law, adapter)  # a bad --adapter is refused before any law is read
     c = _with_source(lambda: curve_(laws, tokens=tokens, ranks=rank_list, max_rank=max_rank,
                                     base_loss=base_loss, level=level, objective=objective, law_source=source), source)
     from planner.report import render_curve

@@ -58,16 +58,22 @@ def run_laws(root: Path | None = None) -> list[Path]:
     return sorted(found, key=lambda p: (p.stat().st_mtime, str(p)), reverse=True)
 
 
-def newest_run_law(root: Path | None = None, adapter: str | None = None) -> Path | None:
-    """The most recently modified <root>/*/law.json (calibrated with `adapter`, when given), or None."""
+def _newest_run(root: Path | None, adapter: str | None) -> tuple[Path, str | None] | None:
+    """The newest run law (calibrated with `adapter`, when given) and its adapter, each file read once."""
     for path in run_laws(root):
-        if adapter is None or law_adapter(path) == adapter:
-            return path
+        found = law_adapter(path)
+        if adapter is None or found == adapter:
+            return path, found
     return None
 
 
-def _no_law_for(adapter: str) -> MemprobeError:
-    reference = law_adapter(REFERENCE_LAW) if REFERENCE_LAW.is_file() else None
+def newest_run_law(root: Path | None = None, adapter: str | None = None) -> Path | None:
+    """The most recently modified <root>/*/law.json (calibrated with `adapter`, when given), or None."""
+    newest = _newest_run(root, adapter)
+    return newest[0] if newest else None
+
+
+def _no_law_for(adapter: str, reference: str | None) -> MemprobeError:
     shipped = f"the shipped reference law is for {reference}" if reference else "no reference law is shipped"
     return MemprobeError(
         f"no law for adapter {adapter}: {runs_dir()} holds none and {shipped}; calibrate one on your model with "
@@ -86,15 +92,14 @@ def find_law(law=None, adapter: str | None = None) -> LawSource:
         if adapter is not None and found is not None and found != adapter:
             raise MemprobeError(f"the law {path} was calibrated with {found}, not {adapter}")
         return LawSource(path, "explicit", found)
-    newest = newest_run_law(adapter=adapter)
+    newest = _newest_run(None, adapter)
     if newest is not None:
-        return LawSource(newest, "runs", law_adapter(newest))
-    if REFERENCE_LAW.is_file():
-        found = law_adapter(REFERENCE_LAW)
-        if adapter is None or found == adapter:
-            return LawSource(REFERENCE_LAW, "reference", found)
+        return LawSource(newest[0], "runs", newest[1])
+    reference = law_adapter(REFERENCE_LAW) if REFERENCE_LAW.is_file() else None
+    if REFERENCE_LAW.is_file() and (adapter is None or reference == adapter):
+        return LawSource(REFERENCE_LAW, "reference", reference)
     if adapter is not None:
-        raise _no_law_for(adapter)
+        raise _no_law_for(adapter, reference)
     raise MemprobeError(
         f"no law found (no {runs_dir()}/*/law.json and no reference law): run `memprobe calibrate` "
         f"(it writes the law), or pass --law LAW.json"
