@@ -1,10 +1,10 @@
 # Two commands do everything on a fresh machine:
-#   make demo   set up .venv, calibrate the embedded model (~7 min on a 2-core CPU), then plan a LoRA for
-#               TOKENS answer tokens (default 192: the largest size the quick grid measures)
+#   make demo   set up .venv, calibrate the embedded model (~15 min on a 2-core CPU), then plan a LoRA for
+#               TOKENS answer tokens (default 256: the largest size the quick grid measures)
 #   make test   set up .venv and run the test suite
 VENV ?= .venv
 BIN := $(VENV)/bin
-TOKENS ?= 192
+TOKENS ?= 256
 TARGET_EM ?= 0.99
 
 .PHONY: setup demo test bench

@@ -17,7 +17,7 @@ resumes without redoing a finished cell.
     .venv/bin/python benchmarks/plan_accuracy.py --data random                       # defaults below
     .venv/bin/python benchmarks/plan_accuracy.py --data phonebook --no-chat --tokens 50,100 --steps 300
 
-Writes plan_accuracy_<data>.csv (one row per held-out T x target), .json (everything, with versions) and .png
+Writes plan_accuracy_<data>_<factors>.csv (one row per held-out T x target), .json (everything, with versions) and .png
 (measured EM against rank at each held-out T with the law's predicted EM and interval).
 """
 
@@ -81,7 +81,8 @@ def within_one_step(predicted: int | None, measured: int | None) -> bool | None:
 
 
 def heldout_errors(law, cells) -> dict:
-    """dL MAPE on the non-saturated held-out cells and the share of held-out cells inside the 90 % interval."""
+    """dL MAPE on the non-saturated held-out cells, the share of them inside the 90 % interval, and the mean EM
+    error of the EM link (at each cell's measured loss) and of the whole prediction (law and link)."""
     from memprobe.rundir import is_saturated
 
     r, T = cells["rank"].to_numpy(float), cells["tokens"].to_numpy(float)
@@ -92,6 +93,12 @@ def heldout_errors(law, cells) -> dict:
     out = {"n_cells": int(len(cells)), "n_unsaturated": int(live.sum())}
     if live.any():
         out["dl_mape"] = float(np.mean(np.abs(pred[live] - measured[live]) / measured[live]))
+    # the EM link alone (at each cell's measured loss) and law plus link, each cell at its own answer length,
+    # which the calibration's cells never had
+    at = law.with_answer_length(float(T[0] / cells["n_sequences"].iloc[0]))
+    em = cells["exact_match"].to_numpy(float)
+    out["em_link_error"] = float(np.mean(np.abs(at.em_link(cells["loss_after"].to_numpy(float)) - em)))
+    out["em_error"] = float(np.mean(np.abs(np.array([at.predict_em(ri, Ti, Li) for ri, Ti, Li in zip(r, T, Lb)]) - em)))
     if law.has_samples:
         inside = []
         for ri, Ti, Li, m in zip(r[live], T[live], Lb[live], measured[live]):
@@ -108,7 +115,9 @@ def plan_row(law, cells, T: int, target: float, n_samples: int) -> dict:
     row = {"tokens": T, "target_em": target, "n_samples": n_samples,
            "measured_rank": smallest_reaching(cells, target), "ranks_measured": sorted(map(int, cells["rank"]))}
     try:
-        plan = recommend(law, tokens=T, target_em=target, level=LEVEL, allow_uncertain=True)
+        # the held-out corpus's own answer length, as a user plans with `--answer-length`
+        plan = recommend(law, tokens=T, target_em=target, level=LEVEL, allow_uncertain=True,
+                         answer_length=T / n_samples)
         row.update(plan_rank=plan.rank, predicted_em=plan.predicted_em,
                    predicted_em_interval=list(plan.predicted_em_interval or []), rank_interval=plan.rank_interval)
     except MemprobeError as e:  # out of reach, or a law that cannot be planned from: a result too
@@ -168,14 +177,14 @@ def build_config(args, ranks, tokens) -> CalibrationConfig:
 
 
 def run(args) -> dict:
-    from memprobe.fit import fit_laws
     from memprobe.models import load_model
 
     out = Path(args.out)
     cal_config = build_config(args, args.ranks, args.tokens)
     cal = run_calibration(cal_config, out / "cal", log=print)
-    fits = fit_laws(cal.cells, recipe=cal_config.recipe(), n_bootstrap=200)
-    fit = fits["sft"]
+    if "sft" not in cal.fits:  # the law the calibration itself fitted (law.json), as a user's plan reads it
+        raise MemprobeError(f"the calibration fitted no law: {cal.fit_error}")
+    fit = cal.fits["sft"]
     law = fit.law
     T_max = max(args.tokens)
     heldout = {}
@@ -200,7 +209,7 @@ def run(args) -> dict:
             row.update(calibration_s=cal_s, calibration_flops=cal_flops, **{f"heldout_{k}": v
                                                                               for k, v in errors[T].items()})
             rows.append(row)
-    doc = {"data": args.data, "calibration": {"ranks": list(args.ranks), "tokens": list(args.tokens),
+    doc = {"data": args.data, "factors": list(args.factors), "calibration": {"ranks": list(args.ranks), "tokens": list(args.tokens),
                                               "steps": args.steps, "lr": args.lr, "seconds": cal_s,
                                               "flops": cal_flops, "run_dir": str(out / "cal")},
            "law": {"form": law.form, "C": law.C, "alpha": law.alpha, "beta": law.beta, "b": law.b,
@@ -216,6 +225,12 @@ def run(args) -> dict:
     return doc
 
 
+def results_name(doc: dict) -> str:
+    """plan_accuracy_<data>_<factors>: a run at other held-out sizes does not overwrite this one's files."""
+    factors = "_".join(f"{f}x" for f in doc["factors"])
+    return f"plan_accuracy_{doc['data']}_{factors}"
+
+
 def write(doc: dict, law, heldout: dict, out: Path) -> None:
     import csv
 
@@ -224,7 +239,7 @@ def write(doc: dict, law, heldout: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    name = f"plan_accuracy_{doc['data']}"
+    name = results_name(doc)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(doc, indent=2, sort_keys=True, default=str))
     cols = ["tokens", "target_em", "measured_rank", "plan_rank", "predicted_em", "axolotl_rank", "params_rank",
@@ -241,9 +256,10 @@ def write(doc: dict, law, heldout: dict, out: Path) -> None:
         ax.plot(ranks, cells.groupby("rank")["exact_match"].mean().reindex(ranks).to_numpy(), "o-",
                 label="measured EM")
         L = float(cells["loss_before"].mean())
-        ax.plot(grid, law.predict_em(grid, T, L), "--", label=f"law ({law.form})")
+        at = law.with_answer_length(T / float(cells["n_sequences"].iloc[0]))
+        ax.plot(grid, at.predict_em(grid, T, L), "--", label=f"law ({law.form})")
         if law.has_samples:
-            lo, hi = law.predict_em_interval(grid, T, LEVEL, L)
+            lo, hi = at.predict_em_interval(grid, T, LEVEL, L)
             ax.fill_between(grid, lo, hi, alpha=0.2, label=f"{LEVEL:.0%} interval")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("rank")

@@ -238,6 +238,8 @@ def _jacobian_form(theta, form, r, T, L, y, w):
     elif form == "hyperbolic":
         u = C * g + b
         du = du * np.where(u > 0, (L / (L + np.maximum(u, 0.0))) ** 2, 0.0)[:, None]
+    elif form == "capped":
+        du = du * (C * g + b < L)[:, None]
     return -du * w[:, None]
 
 
@@ -290,30 +292,86 @@ def bootstrap_samples(r, T, y, theta, n_bootstrap: int, seed: int, form: str = "
     return np.asarray(out, dtype=float).reshape(-1, N_PARAMS)
 
 
-def cross_validate(form: str, r, T, L, y, start) -> dict | None:
-    """Leave one T out: refit without every cell of that T, predict them; over all T that can be left out.
-    Returns the held-out MAPE, the ln(measured / predicted) ratios and how many cells, or None when no T can be
-    left out (fewer than 3 distinct T, or too few cells left). Each refit starts from `start`, the paper form's
-    full fit (a start, not a constraint: the refit sees only the cells it keeps)."""
-    ratios, apes = [], []
-    for T_out in np.unique(T):
-        keep = T != T_out
-        if keep.sum() < N_PARAMS or not _identifiable(r[keep], T[keep]):
+@dataclass(frozen=True)
+class CellArrays:
+    """One objective's cells as arrays, saturated ones included: what the cross-validation predicts."""
+
+    r: np.ndarray
+    T: np.ndarray
+    L: np.ndarray  # loss before
+    loss_after: np.ndarray
+    used: np.ndarray  # non-saturated: the cells a law is fitted on
+    exact_match: np.ndarray  # NaN where not measured
+    answer_length: np.ndarray  # answer tokens per sequence, NaN where unknown
+
+    @property
+    def y(self) -> np.ndarray:
+        return self.L - self.loss_after
+
+    @classmethod
+    def of(cls, cells: pd.DataFrame) -> "CellArrays":
+        r, T, L, La = (cells[c].to_numpy(dtype=float) for c in ("rank", "tokens", "loss_before", "loss_after"))
+        nan = np.full(len(cells), np.nan)
+        em = pd.to_numeric(cells["exact_match"], errors="coerce").to_numpy(dtype=float) \
+            if "exact_match" in cells.columns else nan
+        n = answer_lengths(cells)
+        return cls(r, T, L, La, ~is_saturated(La), em, nan if n is None else n)
+
+
+def cross_validate(form: str, cells: CellArrays, start, link: EMLink | None = None) -> dict | None:
+    """Leave one T out: refit on the non-saturated cells of every other T and predict the cells of that T.
+
+    Returns the held-out dL MAPE and ln(measured / predicted) ratios over the non-saturated cells predicted,
+    and, with an EM link and measured exact match, the mean |predicted - measured| EM over every cell predicted,
+    saturated ones included: whether a rank holds the data is what a plan promises, and the saturated cells are
+    where it does. A T whose cells all saturated is predicted by the fit on all non-saturated cells (which never
+    saw it). None when nothing can be predicted. Each refit starts from `start`, the paper form's full fit (a
+    start, not a constraint: the refit sees only the cells it keeps)."""
+    c = cells
+    ratios, apes, em_errors = [], [], []
+    for T_out in np.unique(c.T):
+        keep = c.used & (c.T != T_out)
+        if keep.sum() < N_PARAMS or not _identifiable(c.r[keep], c.T[keep]):
             continue
-        theta = fit_form(form, r[keep], T[keep], L[keep], y[keep], start)
-        pred = law_delta_loss(form, *theta, r[~keep], T[~keep], L[~keep])
-        apes += list(np.abs(pred - y[~keep]) / np.maximum(np.abs(y[~keep]), 1e-12))
-        ok = (pred > 0) & (y[~keep] > 0)
-        ratios += list(np.log(y[~keep][ok] / pred[ok]))
-    if not apes:
+        theta = fit_form(form, c.r[keep], c.T[keep], c.L[keep], c.y[keep], start)
+        out = c.T == T_out
+        pred = law_delta_loss(form, *theta, c.r[out], c.T[out], c.L[out])
+        live, y = c.used[out], c.y[out]
+        apes += list(np.abs(pred[live] - y[live]) / np.maximum(np.abs(y[live]), 1e-12))
+        ok = live & (pred > 0) & (y > 0)
+        ratios += list(np.log(y[ok] / pred[ok]))
+        if link is not None:
+            em_errors += list(_em_errors(link, c.L[out] - pred, c.exact_match[out], c.answer_length[out]))
+    if not apes and not em_errors:
         return None
-    return {"mape": float(np.mean(apes)), "n_cells": len(apes), "log_ratios": [float(x) for x in ratios]}
+    result = {"mape": float(np.mean(apes)) if apes else float("nan"), "n_cells": len(apes),
+              "log_ratios": [float(x) for x in ratios]}
+    if em_errors:
+        result.update(em_error=float(np.mean(em_errors)), em_cells=len(em_errors))
+    return result
+
+
+def _em_errors(link: EMLink, loss_after, exact_match, answer_length) -> np.ndarray:
+    """|EM(predicted loss after) - measured EM| of each cell that measured it, at the cell's answer length."""
+    ok = np.isfinite(exact_match)
+    pred = [link.with_answer_length(n)(max(L, 0.0)) if np.isfinite(n) else link(max(L, 0.0))
+            for L, n in zip(loss_after[ok], answer_length[ok])]
+    return np.abs(np.asarray(pred, dtype=float) - exact_match[ok])
+
+
+EM_TIE = 3  # held-out EM errors equal to 3 decimals are a tie, settled by the dL error
 
 
 def choose_form(cv: dict) -> str:
-    """The physical form with the smaller held-out error (ties, and no held-out check: saturating)."""
-    scored = [(cv[f]["mape"], i, f) for i, f in enumerate(PHYSICAL_FORMS) if cv.get(f)]
-    return min(scored)[2] if scored else PHYSICAL_FORMS[0]
+    """The physical form whose held-out predictions err least: first on exact match where the cells measured it
+    (what a plan promises), then on dL; remaining ties, and no held-out check: the first of PHYSICAL_FORMS."""
+    scored = [(round(cv[f].get("em_error", 0.0), EM_TIE), _nan_last(cv[f]["mape"]), i, f)
+              for i, f in enumerate(PHYSICAL_FORMS) if cv.get(f)]
+    return min(scored)[3] if scored else PHYSICAL_FORMS[0]
+
+
+def _nan_last(x: float) -> float:
+    return math.inf if not math.isfinite(x) else x
 
 
 def model_error(cv_of_form: dict | None) -> float:
@@ -395,6 +453,58 @@ def fit_em_link(loss_after, exact_match) -> EMLink:
     return EMLink(L50=math.exp(best.x[0]), k=math.exp(best.x[1]), source="fit", n_cells=len(L), rmse=rmse)
 
 
+def training_states(cells: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame | None:
+    """(loss, exact_match, answer_length) of every recorded training step of the cells (curves.csv joined to the
+    cells' answer lengths), or None when the cells cannot be joined or carry no answer lengths."""
+    n = answer_lengths(cells)
+    if n is None or "cell_id" not in cells.columns or curves is None or not len(curves):
+        return None
+    length = pd.Series(n, index=cells["cell_id"].astype(str))
+    states = curves[curves["cell_id"].astype(str).isin(length.index)]
+    states = pd.DataFrame({"loss": states["loss"].to_numpy(dtype=float),
+                           "exact_match": states["exact_match"].to_numpy(dtype=float),
+                           "answer_length": length.loc[states["cell_id"].astype(str)].to_numpy(dtype=float)})
+    states = states[np.isfinite(states).all(axis=1)]
+    return states if len(states) else None
+
+
+def fit_token_link_on_states(states: pd.DataFrame) -> EMLink | None:
+    """The token link fitted on training states: EM = acc(L)**n with acc(L) = 1 / (1 + (L / L50)**k), least
+    squares on the exact match of every recorded step of every cell, each at its cell's answer length n.
+
+    A cell's training passes through every loss from L_before down to where it stops, so its steps measure the
+    transition from EM 0 to EM 1 that finished cells (saturated, or far from it) leave unmeasured; and cells of
+    different answer lengths pin how that transition moves with n. None when the states never reach EM > 0 or
+    never fall short of 1 (nothing to fit)."""
+    from scipy.optimize import least_squares
+
+    L = np.maximum(states["loss"].to_numpy(dtype=float), 0.0)
+    em = np.clip(states["exact_match"].to_numpy(dtype=float), 0.0, 1.0)
+    n = states["answer_length"].to_numpy(dtype=float)
+    if not (em > 0).any() or not (em < 1).any():
+        return None
+
+    def residual(x):  # x = (ln L50, ln k)
+        with np.errstate(over="ignore"):
+            acc = 1.0 / (1.0 + (L / math.exp(x[0])) ** math.exp(x[1]))
+        return acc**n - em
+
+    # start L50 where the states cross EM = 1/2: between the largest loss at EM 1 and the smallest at EM 0
+    edge = float(np.sqrt(max(L[em >= 0.5].max(initial=1e-3), 1e-3) * max(L[em < 0.5].min(initial=1.0), 1e-3)))
+    best = None
+    for k0 in (1.0, 4.0, 16.0):
+        x0 = [math.log(edge) + math.log(float(np.median(n))) / k0, math.log(k0)]
+        sol = least_squares(residual, x0, bounds=([-30, math.log(0.05)], [30, math.log(200.0)]))
+        if best is None or sol.cost < best.cost:
+            best = sol
+    if not best.success or not np.all(np.isfinite(best.x)):
+        return None
+    return EMLink(kind="token", source="fit", token_L50=math.exp(best.x[0]), token_k=math.exp(best.x[1]),
+                  answer_length=float(np.median(n)), n_cells=int(states.get("n_cells", len(states))),
+                  rmse=float(np.sqrt(np.mean(best.fun**2))),
+                  note=f"token link fitted on {len(states)} training states, EM = acc^n")
+
+
 # -------------------------------------------------------------------- public entry points
 
 
@@ -464,7 +574,13 @@ def _parameter_ci(theta_p, stderr, paper_samples, ci_level: float, n_bootstrap: 
             for i, p in enumerate(PARAMS) if p in stderr}
 
 
-def _em_link_of(cells: pd.DataFrame, La, warnings: list) -> EMLink:
+def _em_link_of(cells: pd.DataFrame, La, warnings: list, curves: pd.DataFrame | None = None) -> EMLink:
+    """The EM link: from the cells' training states where the run recorded them (curves.csv), else from the
+    finished cells (the token link where it fits their EM at least as well as the sequence link)."""
+    states = training_states(cells, curves) if curves is not None else None
+    link = fit_token_link_on_states(states) if states is not None else None
+    if link is not None:
+        return dataclasses.replace(link, n_cells=len(cells))
     if "exact_match" in cells.columns:  # every cell, saturated ones included: they carry the high-EM end
         em = pd.to_numeric(cells["exact_match"], errors="coerce").to_numpy(dtype=float)
         link = fit_em_link(La, em)
@@ -523,11 +639,13 @@ def _law_identity(cells: pd.DataFrame, objective: str, provenance: Mapping | Non
 
 
 def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int, holdout: bool,
-             provenance: Mapping | None, ci_level: float, recipe: Recipe | None = None) -> LawFit:
-    r, T, Lb, La = (cells[c].to_numpy(dtype=float) for c in ("rank", "tokens", "loss_before", "loss_after"))
+             provenance: Mapping | None, ci_level: float, recipe: Recipe | None = None,
+             curves: pd.DataFrame | None = None) -> LawFit:
+    arrays = CellArrays.of(cells)
+    r, T, Lb, La = arrays.r, arrays.T, arrays.L, arrays.loss_after
     dL = Lb - La
-    saturated = is_saturated(La)
-    used = ~saturated
+    used = arrays.used
+    saturated = ~used
     _check_fittable(r, T, used, objective)
     n_bootstrap = int(n_bootstrap)
     if n_bootstrap < 0:
@@ -538,7 +656,8 @@ def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int
     # the paper's form, always fitted and reported (r2, mape, ci are its numbers, as the paper reports them); a
     # physical form to predict with, chosen by held-out error, its numbers beside them
     theta_p, stderr, result = fit_params(r_u, T_u, y)
-    cv = {f: cross_validate(f, r_u, T_u, L_u, y, theta_p) for f in ("power", *PHYSICAL_FORMS)} if holdout else {}
+    link = _em_link_of(cells, La, warnings, curves)
+    cv = {f: cross_validate(f, arrays, theta_p, link) for f in ("power", *PHYSICAL_FORMS)} if holdout else {}
     form = choose_form(cv)
     theta = _refit_fast(r_u, T_u, y, theta_p, form, L_u)
     pred = law_delta_loss(form, *theta, r, T, Lb)
@@ -563,7 +682,6 @@ def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int
     ho_p, _ = _holdout(r_u, T_u, y) if holdout else (None, None)
     if note:
         warnings.append(note)
-    link = _em_link_of(cells, La, warnings)
     info, budget, recipe, prov = _law_identity(cells, objective, provenance, recipe)
 
     law = MemoryLaw(
@@ -576,7 +694,9 @@ def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int
         fit_stats={
             "r2": r2, "mape": mape, "n_used": int(used.sum()), "n_excluded": int(saturated.sum()),
             "n_bootstrap": n_bootstrap, "seed": seed, "holdout": None if ho_p is None else ho_p.to_dict(),
-            "forms": {f: None if c is None else {"heldout_mape": c["mape"], "heldout_cells": c["n_cells"]}
+            "forms": {f: None if c is None else {"heldout_mape": c["mape"], "heldout_cells": c["n_cells"],
+                                                 **({"heldout_em_error": c["em_error"], "heldout_em_cells":
+                                                     c["em_cells"]} if "em_error" in c else {})}
                       for f, c in cv.items()},
             "predicting": {"form": form, "r2": _r2(y, pred[used]), "mape": _mape(y, pred[used])[0],
                            "holdout": None if ho is None else ho.to_dict()},
@@ -604,7 +724,7 @@ def _check_options(ci_level) -> float:
 
 def fit_law(cells: pd.DataFrame, *, objective: str | None = None, n_bootstrap: int = 200, seed: int = 0,
             holdout: bool = True, provenance: Mapping | None = None, ci_level: float = 0.95,
-            recipe: Recipe | None = None) -> LawFit:
+            recipe: Recipe | None = None, curves: pd.DataFrame | None = None) -> LawFit:
     """Fit dL(r, T) = C r^alpha T^-beta + b to the non-saturated cells of one objective.
 
     cells needs the columns rank, tokens, loss_before, loss_after; optional: objective
@@ -613,6 +733,9 @@ def fit_law(cells: pd.DataFrame, *, objective: str | None = None, n_bootstrap: i
     recipe: the calibration's recipe (memprobe.rundir.Recipe), recorded in the law so that a plan retrains it;
     without one, model/adapter/dataset come from provenance or the cells' columns.
     provenance: dict with model, adapter, dataset, budget (dict) and anything else to record.
+    curves: the run's curves.csv (memprobe.rundir.read_curves; the cells need cell_id and n_sequences): the EM
+    link is then fitted on every recorded training state (fit_token_link_on_states). Pass it only where the
+    curves were measured without dropout, as the finished cells were.
     """
     df = check_cells(cells)
     level = _check_options(ci_level)
@@ -627,17 +750,17 @@ def fit_law(cells: pd.DataFrame, *, objective: str | None = None, n_bootstrap: i
             raise MemprobeError(f"no cells for objective {objective!r} (the cells hold: {', '.join(present)})")
         df = df[df["objective"] == objective].reset_index(drop=True)
     return _fit_one(df, objective, n_bootstrap=n_bootstrap, seed=seed, holdout=holdout,
-                    provenance=provenance, ci_level=level, recipe=recipe)
+                    provenance=provenance, ci_level=level, recipe=recipe, curves=curves)
 
 
 def fit_laws(cells: pd.DataFrame, *, n_bootstrap: int = 200, seed: int = 0, holdout: bool = True,
              provenance: Mapping | None = None, ci_level: float = 0.95,
-             recipe: Recipe | None = None) -> dict[str, LawFit]:
+             recipe: Recipe | None = None, curves: pd.DataFrame | None = None) -> dict[str, LawFit]:
     """One LawFit per objective present in the cells, simplest objective first."""
     df = check_cells(cells)
     return {
         obj: fit_law(df, objective=obj, n_bootstrap=n_bootstrap, seed=seed, holdout=holdout,
-                     provenance=provenance, ci_level=ci_level, recipe=recipe)
+                     provenance=provenance, ci_level=ci_level, recipe=recipe, curves=curves)
         for obj in objectives_in(df)
     }
 
@@ -692,18 +815,27 @@ def fit_run(cells: pd.DataFrame, out, *, manifest: Mapping | None = None, run_di
     run's curves.csv, each law also carries the laws of the same cells at shorter budgets."""
     recipe = rundir.manifest_recipe(manifest) if manifest else None
     prov = {**rundir.provenance(manifest, run_dir), **(extra_provenance or {})}
-    kw = dict(n_bootstrap=n_bootstrap, seed=seed, provenance=prov, recipe=recipe)
+    curves = run_curves(run_dir, cells, recipe)
+    # curves come from the training forward: with dropout their EM is not the finished cells' EM
+    kw = dict(n_bootstrap=n_bootstrap, seed=seed, provenance=prov, recipe=recipe,
+              curves=curves if recipe is not None and recipe.adapter.dropout == 0 else None)
     fits = {objective: fit_law(cells, objective=objective, **kw)} if objective else fit_laws(cells, **kw)
-    curves_path = Path(run_dir) / "curves.csv" if run_dir is not None else None
     laws = {name: f.law for name, f in fits.items()}
-    if recipe is not None and curves_path is not None and curves_path.is_file() and "cell_id" in cells.columns:
-        curves = rundir.read_curves(curves_path)
+    if curves is not None:
         for name, law in laws.items():
             mine = cells[cells["objective"] == name] if "objective" in cells.columns else cells
             shorter = budget_laws(mine, curves, law.recipe, name)
             laws[name] = dataclasses.replace(law, budget_laws=shorter)
             fits[name] = dataclasses.replace(fits[name], law=laws[name])
     return fits, save_laws(laws, out)
+
+
+def run_curves(run_dir, cells: pd.DataFrame, recipe: Recipe | None) -> pd.DataFrame | None:
+    """The run's curves.csv where the laws can use it (a recipe, cells with cell_id), else None."""
+    path = Path(run_dir) / "curves.csv" if run_dir is not None else None
+    if recipe is None or path is None or not path.is_file() or "cell_id" not in cells.columns:
+        return None
+    return rundir.read_curves(path)
 
 
 def fit_cells_file(cells_path, out=None, **kw) -> tuple[dict[str, LawFit], Path]:

@@ -41,11 +41,12 @@ FILE_FORMAT = "memprobe-law"
 PARAMS = ("C", "alpha", "beta", "b")
 
 # How a law turns (r, T) into dL. "power": the paper's u = C r^alpha T^-beta + b, unbounded: past L (the loss
-# before training) it promises a loss below zero. The physical forms approach L and never pass it, and equal
-# u where u << L: "saturating" L (1 - exp(-u / L)), "hyperbolic" L u / (L + u). A fit always reports the
-# paper's form and predicts with the physical form of smaller error on held-out cells (memprobe.fit).
-FORMS = ("power", "saturating", "hyperbolic")
-PHYSICAL_FORMS = ("saturating", "hyperbolic")
+# before training) it promises a loss below zero. The physical forms never pass L and equal u where u << L:
+# "saturating" L (1 - exp(-u / L)) and "hyperbolic" L u / (L + u) bend away from u as it nears L; "capped"
+# min(u, L) is the paper's law up to L, then all of L. A fit always reports the paper's form and predicts with
+# the physical form of smaller error on held-out cells (memprobe.fit).
+FORMS = ("power", "saturating", "hyperbolic", "capped")
+PHYSICAL_FORMS = ("saturating", "hyperbolic", "capped")
 
 
 def law_delta_loss(form: str, C, alpha, beta, b, r, T, L=None):
@@ -56,6 +57,8 @@ def law_delta_loss(form: str, C, alpha, beta, b, r, T, L=None):
         return u
     if form == "saturating":
         return L * -np.expm1(-u / L)
+    if form == "capped":
+        return np.minimum(u, L)
     u = np.maximum(u, 0.0)
     return L * u / (L + u)
 
@@ -445,6 +448,8 @@ class MemoryLaw:
         if self.form == "power":
             return dL
         L = self.resolve_base_loss(base_loss)
+        if self.form == "capped":  # u = dL up to L, where every u >= L gives it
+            return np.where(dL <= L, dL, np.inf)
         frac = np.clip(dL / L, -np.inf, 1.0)
         with np.errstate(divide="ignore"):
             if self.form == "saturating":
@@ -527,7 +532,7 @@ class MemoryLaw:
         u = f"{self.C:.4g} * r^{self.alpha:.4g} * T^-{self.beta:.4g} {'+' if self.b >= 0 else '-'} {abs(self.b):.4g}"
         if self.form == "power":
             return f"dL(r, T) = {u}"
-        shape = "L (1 - exp(-u / L))" if self.form == "saturating" else "L u / (L + u)"
+        shape = {"saturating": "L (1 - exp(-u / L))", "hyperbolic": "L u / (L + u)", "capped": "min(u, L)"}[self.form]
         return f"dL(r, T) = u = {u} (paper's form); predicted as {shape}, L = loss before"
 
     def _repr_html_(self) -> str:

@@ -175,7 +175,11 @@ def render_quality(fit) -> Table:
     forms = {f: v for f, v in (stats.get("forms") or {}).items() if v}
     if forms:  # in-sample above, out-of-sample here: one line per candidate form
         t.add_row("held-out by form", ", ".join(f"{f} {_pct(v['heldout_mape'])}" for f, v in forms.items())
-                  + " (leave one T out)")
+                  + " dL (leave one T out)")
+        em = {f: v["heldout_em_error"] for f, v in forms.items() if "heldout_em_error" in v}
+        if em and law.form in forms:  # what picks the form where the cells measured EM
+            t.add_row("held-out EM error", ", ".join(f"{f} {e:.3f}" for f, e in em.items())
+                      + f" (mean |EM - predicted| over {forms[law.form].get('heldout_em_cells', 0)} cells)")
     pred = stats.get("predicting") or {}
     if pred:
         ho = pred.get("holdout") or {}

@@ -36,16 +36,16 @@ def test_a_whole_run_on_a_tiny_model(model_dir, tmp_path, capsys):
     code = main(["--model", str(model_dir), "--tokens", "8,16,24", "--ranks", "1,2,4", "--steps", "12",
                  "--lr", "0.03", "--factors", "2", "--heldout-ranks", "1,2,4,8", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
-    doc = json.loads((out / "plan_accuracy_random.json").read_text())
+    doc = json.loads((out / "plan_accuracy_random_2x.json").read_text())
     assert [r["tokens"] for r in doc["rows"]] == [48, 48] and {r["target_em"] for r in doc["rows"]} == {0.99, 0.9}
     row = doc["rows"][0]
     assert row["ranks_measured"] == [1, 2, 4, 8] and row["axolotl_rank"] == 8 and row["params_rank"] == 1
     assert row["calibration_s"] > 0 and row["calibration_flops"] > 0
     assert "plan_rank" in row and "heldout_n_cells" in row and row["heldout_n_cells"] == 4
-    assert (out / "plan_accuracy_random.png").stat().st_size > 0 and (out / "plan_accuracy_random.csv").is_file()
+    assert (out / "plan_accuracy_random_2x.png").stat().st_size > 0 and (out / "plan_accuracy_random_2x.csv").is_file()
     assert "meas." in capsys.readouterr().out
     # resumable: a second run trains nothing and gives the same table
     assert main(["--model", str(model_dir), "--tokens", "8,16,24", "--ranks", "1,2,4", "--steps", "12",
                  "--lr", "0.03", "--factors", "2", "--heldout-ranks", "1,2,4,8", "--out", str(out)]) == 0
-    again = json.loads((out / "plan_accuracy_random.json").read_text())
+    again = json.loads((out / "plan_accuracy_random_2x.json").read_text())
     assert [r.get("plan_rank") for r in again["rows"]] == [r.get("plan_rank") for r in doc["rows"]]

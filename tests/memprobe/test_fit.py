@@ -8,7 +8,7 @@ import pytest
 
 from memprobe.errors import MemprobeError
 from memprobe.fit import fit_em_link, fit_law, fit_laws, read_cells
-from memprobe.law import DEFAULT_K, DEFAULT_L50, MemoryLaw
+from memprobe.law import DEFAULT_K, DEFAULT_L50, PHYSICAL_FORMS, MemoryLaw
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "data_fixtures" / "synthetic"
@@ -298,9 +298,10 @@ def saturating_cells(seed=0, noise=0.04, ranks=(1, 2, 4, 8, 16), tokens=(64, 128
 def test_predictions_use_a_physical_form_chosen_by_held_out_error():
     fit = fit_law(saturating_cells(), n_bootstrap=50)
     law, stats = fit.law, fit.law.fit_stats
-    assert law.form in ("saturating", "hyperbolic")
-    assert set(stats["forms"]) == {"power", "saturating", "hyperbolic"}
-    physical = {f: stats["forms"][f]["heldout_mape"] for f in ("saturating", "hyperbolic")}
+    assert law.form in PHYSICAL_FORMS
+    assert set(stats["forms"]) == {"power", *PHYSICAL_FORMS}
+    # no exact_match column: the held-out dL error alone decides
+    physical = {f: stats["forms"][f]["heldout_mape"] for f in PHYSICAL_FORMS}
     assert stats["forms"][law.form]["heldout_mape"] == min(physical.values())
     # a physical law never promises more than there is to learn, whatever the rank
     assert law.predict(1e6, 64) <= law.base_loss and law.predict_loss_after(1e6, 64) >= 0
@@ -308,6 +309,45 @@ def test_predictions_use_a_physical_form_chosen_by_held_out_error():
     # the paper's form is still fitted and reported, with its own held-out check beside the predicting form's
     assert fit.r2 == pytest.approx(stats["paper_fit"]["r2"]) if "paper_fit" in stats else fit.r2 > 0.9
     assert stats["predicting"]["form"] == law.form and stats["predicting"]["holdout"] is not None
+
+
+def capped_cells(seed=0, noise=0.04, ranks=(1, 2, 4, 8, 16, 32), tokens=(256, 512, 1024, 2048), L=9.0):
+    """Cells as converged training makes them: the paper's dL while the adapter is short of the data; once it
+    holds the data the loss falls to the stop rule's (p >= 0.9: ~0.05) and every sequence is reproduced."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for T in tokens:
+        for r in ranks:
+            loss_after = L - (660.0 * r**0.5 * T**-0.8 + 0.2) * np.exp(rng.normal(0, noise))
+            holds = loss_after < math.log(2)
+            rows.append(dict(rank=r, tokens=T, loss_before=L, exact_match=float(holds),
+                             loss_after=rng.uniform(0.03, 0.08) if holds else loss_after))
+    return pd.DataFrame(rows)
+
+
+def test_the_form_is_chosen_by_held_out_exact_match_where_the_cells_measure_it():
+    cells = capped_cells()
+    assert 0.3 < (cells.exact_match == 1).mean() < 0.7  # both sides of the capacity edge are measured
+    fit = fit_law(cells, n_bootstrap=20)
+    forms = fit.law.fit_stats["forms"]
+    # every cell of a left-out T is predicted, saturated ones included: they are where EM is won
+    assert all(forms[f]["heldout_em_cells"] > forms[f]["heldout_cells"] for f in PHYSICAL_FORMS)
+    assert fit.law.form == "capped"
+    assert forms["capped"]["heldout_em_error"] < min(forms[f]["heldout_em_error"] for f in ("saturating", "hyperbolic"))
+    # a smooth form bends away from the paper's law before L and keeps a residual loss where the cells reach ~0
+    smooth = fit_law(cells.drop(columns=["exact_match"]), n_bootstrap=0)
+    assert smooth.law.form != "capped" or forms["capped"]["heldout_mape"] <= min(
+        smooth.law.fit_stats["forms"][f]["heldout_mape"] for f in PHYSICAL_FORMS)
+    # a rank past the edge holds the data; one well below it does not
+    assert fit.law.predict_em(8, 512) > 0.99 and fit.law.predict_em(4, 2048) < 0.01
+    assert fit.law.predict_loss_after(1e6, 64) == 0.0
+    from rich.console import Console
+
+    from memprobe.report import render_fit
+
+    console = Console(record=True, width=160)
+    console.print(render_fit(fit))
+    assert f"capped {forms['capped']['heldout_em_error']:.3f}" in console.export_text()
 
 
 def law_power_prediction(law, r, T):
@@ -384,3 +424,54 @@ def test_the_token_link_carries_em_to_answers_of_another_length():
     err_sequence = np.abs(link(long.loss_after.to_numpy()) - truth).max()
     assert err_token < 0.05 < err_sequence
     assert isinstance(EMLink.from_dict(token.to_dict()), EMLink) and EMLink.from_dict(token.to_dict()) == token
+
+
+# ---------------------------------------------------------------- the EM link from training states
+
+
+def token_link_states(lengths, L50=0.9, k=6.0, per_length=400, seed=0):
+    """Training states of single sequences of each answer length: EM is 1 with probability acc(L)**n."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in lengths:
+        L = np.geomspace(0.02, 8.0, per_length)
+        p = (1.0 / (1.0 + (L / L50) ** k)) ** n
+        rows.append(pd.DataFrame({"loss": L, "exact_match": (rng.random(per_length) < p).astype(float),
+                                  "answer_length": float(n)}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_the_token_link_fitted_on_training_states_carries_over_to_another_length():
+    from memprobe.fit import fit_token_link_on_states
+
+    link = fit_token_link_on_states(token_link_states((32, 64, 128)))
+    assert link.kind == "token" and link.source == "fit" and "training states" in link.note
+    assert link.token_L50 == pytest.approx(0.9, rel=0.15) and link.token_k == pytest.approx(6.0, rel=0.3)
+    # judged at a length it was not fitted on: where the true EM at n = 512 is 0.9, 0.5 and 0.1
+    at = link.with_answer_length(512)
+    for true_em in (0.9, 0.5, 0.1):
+        acc = true_em ** (1 / 512)
+        L = 0.9 * ((1 - acc) / acc) ** (1 / 6.0)
+        assert at(L) == pytest.approx(true_em, abs=0.15)
+    # nothing to fit where no state ever reproduced its sequence
+    assert fit_token_link_on_states(token_link_states((64,)).assign(exact_match=0.0)) is None
+
+
+def test_a_run_with_curves_fits_its_em_link_on_them(tmp_path):
+    from memprobe.fit import fit_run
+    from memprobe.rundir import Recipe
+
+    cells = capped_cells().assign(cell_id=lambda d: [f"c{i}" for i in range(len(d))], n_sequences=1, steps=49,
+                                  objective="sft")
+    steps = np.arange(0, 50)
+    curves = pd.concat([pd.DataFrame({"cell_id": c.cell_id, "step": steps, "ordered_frac": 0.0,
+                                      "loss": c.loss_before * (c.loss_after / c.loss_before) ** (steps / 49),
+                                      "exact_match": 0.0}) for c in cells.itertuples()], ignore_index=True)
+    # a state reproduces its sequence once its loss is below 1.2 nats per token
+    curves["exact_match"] = (curves["loss"] < 1.2).astype(float)
+    curves.to_csv(tmp_path / "curves.csv", index=False)
+    manifest = {"recipe": Recipe().to_dict()}
+    fits, _ = fit_run(cells, tmp_path / "law.json", manifest=manifest, run_dir=tmp_path, n_bootstrap=0)
+    link = fits["sft"].law.em_link
+    assert "training states" in link.note
+    assert link.with_answer_length(256)(0.8) > 0.9 and link.with_answer_length(256)(2.0) < 0.1

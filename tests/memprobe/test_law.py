@@ -9,6 +9,7 @@ from memprobe.errors import MemprobeError
 from memprobe.law import (
     DEFAULT_K,
     DEFAULT_L50,
+    PHYSICAL_FORMS,
     SCHEMA_VERSION,
     EMLink,
     MemoryLaw,
@@ -105,6 +106,29 @@ def test_rank_for_inverts_predict_em():
     # more tokens or a higher target need more rank
     assert law.rank_for(2000, target_em=0.9) > law.rank_for(1000, target_em=0.9)
     assert law.rank_for(1000, target_em=0.99) > law.rank_for(1000, target_em=0.9)
+
+
+@pytest.mark.parametrize("form", PHYSICAL_FORMS)
+def test_physical_forms_stay_below_the_loss_before_and_invert(form):
+    law = make_law(form=form, base_loss=10.0)
+    r = np.geomspace(0.5, 1e6, 40)
+    dL = np.asarray(law.predict(r, 300))
+    assert np.all(dL <= 10.0 + 1e-12) and np.all(np.diff(dL) >= -1e-12)
+    # where the paper's term is small the physical form is the paper's law
+    u = law.C * 1e-3**law.alpha * 300**-law.beta + law.b
+    assert law.predict(1e-3, 300) == pytest.approx(u, rel=2 * u / 10.0)  # u / L = 2 %
+    for target in (1.0, 5.0, 9.5):
+        assert law.predict(law.rank_for(300, delta_loss=target), 300) == pytest.approx(target, rel=1e-9)
+
+
+def test_capped_form_is_the_paper_law_up_to_the_loss_before():
+    law = make_law(form="capped", base_loss=10.0)
+    u = lambda r: law.C * r**law.alpha * 300**-law.beta + law.b  # noqa: E731
+    r_edge = float(law.rank_for(300, delta_loss=10.0))
+    assert law.predict(r_edge / 2, 300) == pytest.approx(u(r_edge / 2), rel=1e-12)
+    assert law.predict(r_edge * 2, 300) == 10.0 and law.predict_loss_after(r_edge * 2, 300) == 0.0
+    assert law.predict_em(r_edge * 2, 300) == 1.0
+    assert "min(u, L)" in law.describe()
 
 
 def test_rank_for_below_the_offset_is_zero_and_needs_one_target():

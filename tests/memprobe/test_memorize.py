@@ -1,6 +1,5 @@
 import copy
 import json
-import math
 import string
 
 import pytest
@@ -19,7 +18,6 @@ from memprobe.memorize import (
     check_plan,
     load_bypass,
     memorize,
-    read_plan,
     settings_from_plan,
 )
 from memprobe.report import render_memorize

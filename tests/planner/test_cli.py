@@ -46,7 +46,7 @@ def test_recommend_report(law_file):
     assert result.exit_code == 0, result.output
     plan = recommend(str(law_file), tokens=300, target_em=0.9)
     assert f"using law: {law_file} (given, mlp-bypass)" in result.stderr
-    for word in (f"rank ", str(plan.rank), plan.objective, "predicted EM", "train with", "steps=150", "per objective"):
+    for word in ("rank ", str(plan.rank), plan.objective, "predicted EM", "train with", "steps=150", "per objective"):
         assert word in result.stdout
 
 
