@@ -80,6 +80,11 @@ def within_one_step(predicted: int | None, measured: int | None) -> bool | None:
 # ----------------------------------------------------------------------------------------- analysis
 
 
+def answer_length(cells) -> float:
+    """Answer tokens per sequence of a held-out corpus (its cells share one dataset)."""
+    return float(cells["tokens"].iloc[0] / cells["n_sequences"].iloc[0])
+
+
 def heldout_errors(law, cells) -> dict:
     """dL MAPE on the non-saturated held-out cells, the share of them inside the 90 % interval, and the mean EM
     error of the EM link (at each cell's measured loss) and of the whole prediction (law and link)."""
@@ -95,7 +100,7 @@ def heldout_errors(law, cells) -> dict:
         out["dl_mape"] = float(np.mean(np.abs(pred[live] - measured[live]) / measured[live]))
     # the EM link alone (at each cell's measured loss) and law plus link, each cell at its own answer length,
     # which the calibration's cells never had
-    at = law.with_answer_length(float(T[0] / cells["n_sequences"].iloc[0]))
+    at = law.with_answer_length(answer_length(cells))
     em = cells["exact_match"].to_numpy(float)
     out["em_link_error"] = float(np.mean(np.abs(at.em_link(cells["loss_after"].to_numpy(float)) - em)))
     out["em_error"] = float(np.mean(np.abs(np.array([at.predict_em(ri, Ti, Li) for ri, Ti, Li in zip(r, T, Lb)]) - em)))
@@ -117,7 +122,7 @@ def plan_row(law, cells, T: int, target: float, n_samples: int) -> dict:
     try:
         # the held-out corpus's own answer length, as a user plans with `--answer-length`
         plan = recommend(law, tokens=T, target_em=target, level=LEVEL, allow_uncertain=True,
-                         answer_length=T / n_samples)
+                         answer_length=answer_length(cells))
         row.update(plan_rank=plan.rank, predicted_em=plan.predicted_em,
                    predicted_em_interval=list(plan.predicted_em_interval or []), rank_interval=plan.rank_interval)
     except MemprobeError as e:  # out of reach, or a law that cannot be planned from: a result too
@@ -256,7 +261,7 @@ def write(doc: dict, law, heldout: dict, out: Path) -> None:
         ax.plot(ranks, cells.groupby("rank")["exact_match"].mean().reindex(ranks).to_numpy(), "o-",
                 label="measured EM")
         L = float(cells["loss_before"].mean())
-        at = law.with_answer_length(T / float(cells["n_sequences"].iloc[0]))
+        at = law.with_answer_length(answer_length(cells))
         ax.plot(grid, at.predict_em(grid, T, L), "--", label=f"law ({law.form})")
         if law.has_samples:
             lo, hi = at.predict_em_interval(grid, T, LEVEL, L)

@@ -354,7 +354,7 @@ def cross_validate(form: str, cells: CellArrays, start, link: EMLink | None = No
 def _em_errors(link: EMLink, loss_after, exact_match, answer_length) -> np.ndarray:
     """|EM(predicted loss after) - measured EM| of each cell that measured it, at the cell's answer length."""
     ok = np.isfinite(exact_match)
-    pred = [link.with_answer_length(n)(max(L, 0.0)) if np.isfinite(n) else link(max(L, 0.0))
+    pred = [link.with_answer_length(n)(L) if np.isfinite(n) else link(L)  # the link floors L at 0
             for L, n in zip(loss_after[ok], answer_length[ok])]
     return np.abs(np.asarray(pred, dtype=float) - exact_match[ok])
 
@@ -419,14 +419,26 @@ def _holdout(r, T, y, form: str = "power", L=None) -> tuple[Holdout | None, str 
 # -------------------------------------------------------------------- the EM link
 
 
+def _fit_logistic(residual, ln_L50_start):
+    """least_squares of residual(x), x = (ln L50, ln k), from k = 1, 4 and 16 (the cost is not convex in k), each
+    with L50 started at ln_L50_start(k); the best solution."""
+    from scipy.optimize import least_squares
+
+    best = None
+    for k0 in (1.0, 4.0, 16.0):
+        sol = least_squares(residual, [ln_L50_start(k0), math.log(k0)],
+                            bounds=([-30, math.log(0.05)], [30, math.log(200.0)]))
+        if best is None or sol.cost < best.cost:
+            best = sol
+    return best
+
+
 def fit_em_link(loss_after, exact_match) -> EMLink:
     """EM = 1 / (1 + (L_after / L50)**k), least squares on (loss_after, exact_match).
 
     Needs at least two cells with 0 < EM < 1: cells at EM = 0 or 1 only bound the curve
     (k unbounded), so then the documented default link is returned, flagged source="default".
     """
-    from scipy.optimize import least_squares
-
     L = np.asarray(loss_after, dtype=float)
     em = np.asarray(exact_match, dtype=float)
     ok = np.isfinite(L) & np.isfinite(em)
@@ -440,13 +452,8 @@ def fit_em_link(loss_after, exact_match) -> EMLink:
     def residual(x):  # x = (ln L50, ln k): positivity for free
         return 1.0 / (1.0 + (np.maximum(L, 0.0) / math.exp(x[0])) ** math.exp(x[1])) - em
 
-    L_mid = L[mid]
-    best = None
-    for k0 in (1.0, 4.0, 16.0):  # the cost is not convex in k: a few starts
-        x0 = [math.log(max(float(np.exp(np.mean(np.log(np.maximum(L_mid, 1e-6))))), 1e-6)), math.log(k0)]
-        sol = least_squares(residual, x0, bounds=([-30, math.log(0.05)], [30, math.log(200.0)]))
-        if best is None or sol.cost < best.cost:
-            best = sol
+    L50_0 = max(float(np.exp(np.mean(np.log(np.maximum(L[mid], 1e-6))))), 1e-6)
+    best = _fit_logistic(residual, lambda k0: math.log(L50_0))
     if not best.success or not np.all(np.isfinite(best.x)):
         return EMLink.default(note=f"the EM link fit did not converge ({best.message})")
     rmse = float(np.sqrt(np.mean(best.fun**2)))
@@ -476,8 +483,6 @@ def fit_token_link_on_states(states: pd.DataFrame) -> EMLink | None:
     transition from EM 0 to EM 1 that finished cells (saturated, or far from it) leave unmeasured; and cells of
     different answer lengths pin how that transition moves with n. None when the states never reach EM > 0 or
     never fall short of 1 (nothing to fit)."""
-    from scipy.optimize import least_squares
-
     L = np.maximum(states["loss"].to_numpy(dtype=float), 0.0)
     em = np.clip(states["exact_match"].to_numpy(dtype=float), 0.0, 1.0)
     n = states["answer_length"].to_numpy(dtype=float)
@@ -491,17 +496,12 @@ def fit_token_link_on_states(states: pd.DataFrame) -> EMLink | None:
 
     # start L50 where the states cross EM = 1/2: between the largest loss at EM 1 and the smallest at EM 0
     edge = float(np.sqrt(max(L[em >= 0.5].max(initial=1e-3), 1e-3) * max(L[em < 0.5].min(initial=1.0), 1e-3)))
-    best = None
-    for k0 in (1.0, 4.0, 16.0):
-        x0 = [math.log(edge) + math.log(float(np.median(n))) / k0, math.log(k0)]
-        sol = least_squares(residual, x0, bounds=([-30, math.log(0.05)], [30, math.log(200.0)]))
-        if best is None or sol.cost < best.cost:
-            best = sol
+    # acc**n = 1/2 at the edge puts L50 above it by about n**(1/k)
+    best = _fit_logistic(residual, lambda k0: math.log(edge) + math.log(float(np.median(n))) / k0)
     if not best.success or not np.all(np.isfinite(best.x)):
         return None
     return EMLink(kind="token", source="fit", token_L50=math.exp(best.x[0]), token_k=math.exp(best.x[1]),
-                  answer_length=float(np.median(n)), n_cells=int(states.get("n_cells", len(states))),
-                  rmse=float(np.sqrt(np.mean(best.fun**2))),
+                  answer_length=float(np.median(n)), rmse=float(np.sqrt(np.mean(best.fun**2))),
                   note=f"token link fitted on {len(states)} training states, EM = acc^n")
 
 
