@@ -798,8 +798,10 @@ def budget_laws(cells: pd.DataFrame, curves: pd.DataFrame, recipe: Recipe, objec
         steps = int(round(b.steps * frac))
         if steps < b.min_steps:
             continue
+        # the EM link too is read from the states this budget passed through, as the full law's is from all
+        seen = curves[curves["step"] <= steps] if recipe.adapter.dropout == 0 else None
         try:
-            fit = fit_law(cells_at_step(cells, curves, steps), objective=objective, n_bootstrap=0,
+            fit = fit_law(cells_at_step(cells, curves, steps), objective=objective, n_bootstrap=0, curves=seen,
                           recipe=recipe.replace(budget=dataclasses.replace(b, steps=steps)))
         except MemprobeError:  # too few unsaturated cells at this budget: no law there
             continue

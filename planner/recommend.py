@@ -433,9 +433,12 @@ def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int
     em_below = float(law.predict_em(below, tokens, base_loss)) if below is not None else None
     n_params, mb32, mb16 = _adapter_size(law, rank)
     tradeoff = budget_tradeoff(law, R_law, tokens, target_em, base_loss)
-    # only from budgets whose answer lies among measured ranks: a far extrapolation at a short budget says nothing
-    enough = [row["steps"] for row in tradeoff
+    # a shorter budget only where its answer lies among measured ranks: a far extrapolation there says nothing;
+    # the law's own budget (the last row) is where the plan's rank comes from
+    enough = [row["steps"] for row in tradeoff[:-1]
               if row["rank"] is not None and row["rank"] <= rank and not row["extrapolated"]]
+    if tradeoff[-1]["steps"] is not None:
+        enough.append(tradeoff[-1]["steps"])
     return Plan(
         rank=rank, objective=chosen, tokens=tokens, target_em=target_em,
         predicted_em=em, predicted_delta_loss=dL, predicted_loss_after=max(base - dL, 0.0), base_loss=base,

@@ -401,6 +401,25 @@ def test_laws_at_shorter_budgets_come_from_the_curves():
     assert budget_laws(cells, curves, recipe.replace(budget=TrainConfig(steps=100, schedule="linear")), "sft") == ()
 
 
+def test_a_shorter_budget_reads_its_em_link_from_the_states_it_passed_through():
+    from memprobe.fit import budget_laws
+    from memprobe.rundir import Recipe, TrainConfig
+
+    cells = saturating_cells().assign(cell_id=lambda d: [f"c{i}" for i in range(len(d))], steps=100,
+                                      n_sequences=1, exact_match=lambda d: (d["loss_after"] < 0.5).astype(float))
+    rows = []
+    for _, c in cells.iterrows():
+        for s in range(101):
+            loss = c["loss_before"] - (1 - (1 - s / 100) ** 2) * (c["loss_before"] - c["loss_after"])
+            em = float(np.exp(-c["tokens"] * (loss / 4.0) ** 2))  # acc**n with acc near exp(-(L/4)^2)
+            rows.append({"cell_id": c["cell_id"], "step": s, "loss": loss, "ordered_frac": 0.0, "exact_match": em})
+    curves = pd.DataFrame(rows)
+    shorter = budget_laws(cells, curves, Recipe(budget=TrainConfig(steps=100)), "sft")
+    for law in shorter:
+        states = int((curves["step"] <= law.budget["steps"]).sum())
+        assert law.em_link.kind == "token" and f"fitted on {states} training states" in law.em_link.note
+
+
 def test_the_token_link_carries_em_to_answers_of_another_length():
     """Fitted on 10-token answers, tested on 40-token ones: EM = acc(L)**n with acc fitted on token accuracy."""
     from memprobe.law import EMLink

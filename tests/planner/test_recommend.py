@@ -293,3 +293,6 @@ def test_a_budget_whose_answer_is_extrapolated_does_not_set_the_steps():
     row = plan.budget_tradeoff[0]
     assert row["extrapolated"] and row["rank"] > 16
     assert plan.steps_needed == 150  # read from the full budget, not from the far extrapolation
+    # a plan far outside its own cells still names the budget its rank was read at
+    far = recommend(make_law(rank_range=(1, 2)), tokens=200, target_em=0.9, allow_uncertain=True)
+    assert far.budget_tradeoff[-1]["extrapolated"] and far.steps_needed == 150
