@@ -88,12 +88,13 @@ class CalibrationConfig:
         if preset not in PRESETS:
             raise MemprobeError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         p = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-        if p.get("clip") == 0:
-            p["clip"] = None
+        for off in ("clip", "batch_size"):  # 0: none (no clipping, every row)
+            if p.get(off) == 0:
+                p[off] = None
         if p.get("lr") is None:
             p["lr"] = default_lr(p["adapter"])
         adapter = AdapterSpec(kind=p.pop("adapter"), dropout=p.pop("dropout"), **p.pop("adapter_kwargs", {}))
-        train_keys = ("steps", "lr", "schedule", "clip", "stop_p", "warmup")
+        train_keys = ("steps", "lr", "schedule", "clip", "stop_p", "warmup", "batch_size")
         train = TrainConfig(**{k: p.pop(k) for k in train_keys if k in p})
         p = {k: tuple(v) if isinstance(v, list) else v for k, v in p.items()}
         return cls(adapter=adapter, train=train, **p)

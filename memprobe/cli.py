@@ -31,6 +31,7 @@ Steps = Annotated[Optional[int], typer.Option("--steps", help="training budget i
 Lr = Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate [the adapter's: 1e-2 bypass, 1e-3 lora / plan]")]
 Schedule = Annotated[Optional[str], typer.Option("--schedule", help="constant | linear [preset / plan]")]
 Clip = Annotated[Optional[float], typer.Option("--clip", help="gradient clipping norm, 0 = off [preset / plan]")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="rows per optimizer step, 0 = every row (full batch) [preset / plan]")]
 StopP = Annotated[Optional[float], typer.Option("--stop-p", help="stop once every answer token has p >= this [0.9]")]
 Chat = Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="wrap keys in the chat template [chat / plan]")]
 Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda[:N] [auto]")]
@@ -70,7 +71,7 @@ def calibrate(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="seeds, e.g. 0,1,2 [0]"),
     objectives: Optional[str] = typer.Option(None, "--objectives", help="sft,memft-ot,memft-sw [sft]"),
     steps: Steps = None, lr: Lr = None, schedule: Schedule = None, clip: Clip = None, dropout: Dropout = None,
-    stop_p: StopP = None,
+    stop_p: StopP = None, batch_size: BatchSize = None,
     pack: int = typer.Option(0, "--pack", help="most cells trained together in one pass [0 = as many as fit in memory]"),
     chat: Chat = None, device: Device = None, dtype: Dtype = None,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory [memprobe_runs/<model>_<data>_<adapter>]; an existing one resumes"),
@@ -92,7 +93,7 @@ def calibrate(
         ranks=parse_list(ranks, "--ranks", noun="positive integers"),
         tokens=parse_list(tokens, "--tokens", noun="positive integers"), seeds=parse_list(seeds, "--seeds"),
         objectives=parse_list(objectives, "--objectives", str), steps=steps, lr=lr, schedule=schedule, clip=clip,
-        stop_p=stop_p, chat=chat, device=device, dtype=dtype, pack=pack)
+        stop_p=stop_p, batch_size=batch_size, chat=chat, device=device, dtype=dtype, pack=pack)
     console = Console(stderr=json_)
     kw = dict(fresh=fresh, progress=Progress(console), log=lambda msg: console.print(msg, highlight=False))
     result = (run_brackets(config, out, bracket, target_em, rounds=bracket_rounds, **kw) if bracket is not None
@@ -125,6 +126,7 @@ def memorize(
     model: Model = None, adapter: Adapter = None, layer: Layer = None, lora_layers: LoraLayers = None,
     target_modules: TargetModules = None, lora_alpha: LoraAlpha = None, dropout: Dropout = None,
     steps: Steps = None, lr: Lr = None, schedule: Schedule = None, clip: Clip = None, stop_p: StopP = None,
+    batch_size: BatchSize = None,
     tokens: Optional[int] = typer.Option(None, "--tokens", help="answer tokens to take from the data [all of a jsonl]"),
     seed: int = typer.Option(0, "--seed", help="seed of the adapter's initialization"),
     chat: Chat = None, device: Device = None, dtype: Dtype = None,
@@ -143,7 +145,7 @@ def memorize(
     plan_doc = read_plan(plan) if plan is not None else None
     settings = settings_from_plan(
         plan_doc, rank=rank, objective=objective, model=model, chat=chat, adapter=adapter,
-        dropout=dropout, steps=steps, lr=lr, schedule=schedule, clip=clip, stop_p=stop_p,
+        dropout=dropout, steps=steps, lr=lr, schedule=schedule, clip=clip, stop_p=stop_p, batch_size=batch_size,
         **adapter_options(layer, lora_layers, target_modules, lora_alpha))
     console = Console(stderr=json_)
     result = memorize_data(settings, data, out, plan=plan_doc, seed=seed, tokens=tokens, device=device,

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from memprobe.errors import MemprobeError
 from memprobe.adapters import AdapterSpec, AttachedAdapters, attach_adapters, decoder_layers
 from memprobe.rundir import LN2, TrainConfig
 from memprobe.measure import AnswerBatch, CellMetrics, cell_metrics, head_token_stats, token_stats
@@ -45,20 +46,28 @@ class CellOutcome:
     state: dict | None = None  # adapter weights of this cell (when requested)
     curve_ordered: list[float] = field(default_factory=list)  # share of answer tokens with p > 0.5, per step
     curve_em: list[float] = field(default_factory=list)  # share of sequences with every argmax right, per step
+    # the optimizer step of each curve point: every step with full batches (empty then), every pass over the data
+    # with mini-batches
+    curve_steps: list[int] = field(default_factory=list)
+
+    @property
+    def recorded_steps(self) -> list[int]:
+        return self.curve_steps or list(range(len(self.curve)))
 
     def curve_rows(self, cell_id: str) -> list[dict]:
         """curves.csv rows (memprobe.rundir.CURVE_COLUMNS): step 0 is before any update."""
         return [{"cell_id": cell_id, "step": s, "loss": f"{loss:.6g}", "ordered_frac": f"{o:.6g}",
                  "exact_match": f"{em:.6g}"}
-                for s, (loss, o, em) in enumerate(zip(self.curve, self.curve_ordered, self.curve_em))]
+                for s, loss, o, em in zip(self.recorded_steps, self.curve, self.curve_ordered, self.curve_em)]
 
     def final_slope(self, window: int = 10) -> float:
-        """Relative loss decrease per step over the last `window` steps (near 0 = at its plateau)."""
-        c = self.curve
+        """Relative loss decrease per step over the last `window` steps (near 0 = at its plateau); with
+        mini-batches, from the last measurement at least `window` steps back."""
+        c, steps = self.curve, self.recorded_steps
         if len(c) < 2:
             return float("nan")
-        w = min(window, len(c) - 1)
-        return (c[-1 - w] - c[-1]) / max(c[-1 - w], 1e-12) / w
+        j = _point_before(steps, steps[-1] - window)
+        return (c[j] - c[-1]) / max(c[j], 1e-12) / max(steps[-1] - steps[j], 1)
 
 
 def prepare_prefix(model, batch: AnswerBatch, adapter: AdapterSpec,
@@ -100,46 +109,59 @@ class FrozenPrefix:
         """(G*n, Tm, V) logits at answer positions, rows grouped by adapter: [adapter 0 rows, adapter 1 rows, ...]."""
         return self.model.lm_head(self.answer_hidden(G, share_prefix))
 
-    def token_stats(self, G: int = 1, share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_stats(self, G: int = 1, share_prefix: bool = True,
+                    rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(G*n, Tm) per-token loss and argmax hit: `token_stats(self.logits(G), targets)` computed by blocks of
-        the vocabulary (`head_token_stats`), never holding the full logits in more than one copy."""
-        h = self.answer_hidden(G, share_prefix)
-        targets = self.batch.targets.repeat(G, 1)
+        the vocabulary (`head_token_stats`), never holding the full logits in more than one copy. `rows`: only
+        these rows of the batch (a mini-batch), n = len(rows)."""
+        h = self.answer_hidden(G, share_prefix, rows)
+        targets = (self.batch.targets if rows is None else self.batch.targets[rows]).repeat(G, 1)
         head = self.model.lm_head
         if getattr(head, "bias", None) is not None:  # no fused path for a biased head
             return token_stats(head(h), targets)
         return head_token_stats(h, head.weight, targets)
 
-    def answer_hidden(self, G: int = 1, share_prefix: bool = True) -> torch.Tensor:
-        """(G*n, Tm, d) final-normed hidden states at the positions that predict answer tokens.
+    def answer_hidden(self, G: int = 1, share_prefix: bool = True, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(G*n, Tm, d) final-normed hidden states at the positions that predict answer tokens (of `rows` only,
+        when given).
 
         `share_prefix=False` runs every row whole (see `shares_prefix_in_training`)."""
         P = self.P if share_prefix else 0
-        h = self._upper_layers_shared(G) if P else self._upper_layers(G)  # (G*n, S - P, d)
-        pred_pos = (self.batch.pred_pos - P).clamp(min=0).repeat(G, 1)  # (G*n, Tm); padded entries are masked
+        h = self._upper_layers_shared(G, rows) if P else self._upper_layers(G, rows)  # (G*n, S - P, d)
+        pred_pos = self.batch.pred_pos if rows is None else self.batch.pred_pos[rows]
+        pred_pos = (pred_pos - P).clamp(min=0).repeat(G, 1)  # (G*n, Tm); padded entries are masked
         h = h.gather(1, pred_pos.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (G*n, Tm, d)
         return self.model.model.norm(h)  # RMSNorm is per position: norm after gathering is the same
 
-    def _upper_layers(self, G: int) -> torch.Tensor:
-        h = self.h.repeat(G, 1, 1) if G > 1 else self.h  # (G*n, S, d)
+    def _rows(self, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """Hidden states, position ids and rotary embeddings of `rows` (all when None)."""
+        if rows is None:
+            return self.h, self.position_ids, self.position_embeddings
+        def pick(x):  # per-row tensors are indexed; those shared by every row (batch dim 1) are kept
+            return x[rows] if x.shape[0] > 1 else x
+        cos, sin = self.position_embeddings
+        return self.h[rows], pick(self.position_ids), (pick(cos), pick(sin))
+
+    def _upper_layers(self, G: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        h, position_ids, position_embeddings = self._rows(rows)
+        h = h.repeat(G, 1, 1) if G > 1 else h  # (G*n, S, d)
         for layer in self.layers[self.k:]:
             # no mask: sdpa applies is_causal, which with right padding is exact for every real position
-            h = layer(h, attention_mask=None, position_ids=self.position_ids,
-                      position_embeddings=self.position_embeddings)
+            h = layer(h, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings)
         return h
 
-    def _upper_layers_shared(self, G: int) -> torch.Tensor:
-        n, P = self.h.shape[0], self.P
-        cos, sin = self.position_embeddings
+    def _upper_layers_shared(self, G: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        h, position_ids, (cos, sin) = self._rows(rows)
+        n, P = h.shape[0], self.P
         kv = _PrefixKV(rows_per_adapter=n)
-        hp = self.h[:1, :P].expand(G, -1, -1)  # (G, P, d): the shared prefix, once per adapter
+        hp = h[:1, :P].expand(G, -1, -1)  # (G, P, d): the shared prefix, once per adapter
         for layer in self.layers[self.k:]:
-            hp = layer(hp, attention_mask=None, position_ids=self.position_ids[:, :P], past_key_values=kv,
-                       position_embeddings=(cos[..., :P, :], sin[..., :P, :]))
+            hp = layer(hp, attention_mask=None, position_ids=position_ids[:1, :P], past_key_values=kv,
+                       position_embeddings=(cos[:1, ..., :P, :], sin[:1, ..., :P, :]))
         kv.recording = False
-        h = self.h[:, P:].repeat(G, 1, 1)  # (G*n, S - P, d): every row's own positions
+        h = h[:, P:].repeat(G, 1, 1)  # (G*n, S - P, d): every row's own positions
         for layer in self.layers[self.k:]:
-            h = layer(h, attention_mask=self._suffix_mask, position_ids=self.position_ids[:, P:], past_key_values=kv,
+            h = layer(h, attention_mask=self._suffix_mask, position_ids=position_ids[:, P:], past_key_values=kv,
                       position_embeddings=(cos[..., P:, :], sin[..., P:, :]))
         return h
 
@@ -291,6 +313,8 @@ def train_cells(model, prefix: FrozenPrefix | None, batch: AnswerBatch, cells: l
         if prefix is None or prefix.k != adapters.first_layer:
             prefix = FrozenPrefix(model, batch, adapters.first_layer)
         objectives = [make_objective(c.objective, **(objective_kwargs or {}).get(c.objective, {})) for c in cells]
+        if cfg.batch_size is not None and cfg.batch_size < batch.n_rows:
+            return _train_loop_minibatch(prefix, adapters, cells, objectives, cfg, keep_state, on_step)
         return _train_loop(prefix, adapters, cells, objectives, cfg, keep_state, on_step)
     finally:
         adapters.detach()
@@ -363,6 +387,85 @@ def _train_loop(prefix, adapters, cells, objectives, cfg, keep_state, on_step) -
     return [outcomes[i] for i in range(len(cells))]
 
 
+def _train_loop_minibatch(prefix, adapters, cells, objectives, cfg, keep_state, on_step) -> list[CellOutcome]:
+    """Mini-batches: each pass over the data is a measurement of every row (no gradient, no dropout), which
+    feeds the curves and the stop rule, then one update per batch of `cfg.batch_size` rows in an order drawn
+    per pass from the cells' seed (one order for the whole pack, so the cells must share their seed, as a
+    calibration's packs do: a packed cell's updates are then those it would get alone). Steps count updates, as
+    the learning-rate schedule does."""
+    b = prefix.batch
+    n = b.n_rows
+    seeds = {c.seed for c in cells}
+    if len(seeds) > 1:
+        raise MemprobeError(f"cells trained with mini-batches in one pack must share a seed (it draws the row "
+                            f"order), got seeds {sorted(seeds)}")
+    order = torch.Generator().manual_seed(seeds.pop())
+    active = list(range(len(cells)))
+    outcomes: dict[int, CellOutcome] = {}
+    curves, ordered, em, at = ({i: [] for i in active} for _ in range(4))
+    seconds = {i: 0.0 for i in active}
+    opt = StackedAdamW(adapters.parameters(), cfg)
+    share = shares_prefix_in_training(adapters.spec)
+    step = 0
+    while True:
+        t0 = time.perf_counter()
+        G = len(active)
+        adapters.train(False)
+        with torch.no_grad():
+            tl, hit = prefix.token_stats(G)
+            tl, hit = tl.view(G, n, -1), hit.view(G, n, -1)
+        losses, min_ps, ordered_fracs, ems = _step_stats(tl, hit, b.mask)
+        finished = []
+        for g, i in enumerate(active):
+            curves[i].append(losses[g])
+            ordered[i].append(ordered_fracs[g])
+            em[i].append(ems[g])
+            at[i].append(step)
+            window_start = max(0, step - cfg.plateau_window) / cfg.steps
+            reason = _stop_reason(min_ps[g], curves[i], ordered[i], step, cfg,
+                                  objectives[i].trains_every_sample(window_start), at[i])
+            if reason is not None:
+                outcomes[i] = CellOutcome(cells[i], cell_metrics(tl[g], hit[g], b.mask), step, reason, 0.0,
+                                          curves[i], _cell_state(adapters, g) if keep_state else None,
+                                          ordered[i], em[i], at[i])
+                finished.append(g)
+        if len(finished) == G:
+            _add_time(seconds, active, time.perf_counter() - t0)
+            break
+        if finished:
+            keep = [g for g in range(G) if g not in finished]
+            adapters.keep(keep)
+            opt.keep(keep, adapters.parameters())
+            _add_time(seconds, active, time.perf_counter() - t0)  # the measurement, shared by all it measured
+            active = [active[g] for g in keep]
+            t0 = time.perf_counter()
+        G = len(active)
+        adapters.train(True)
+        for rows in torch.randperm(n, generator=order).to(b.mask.device).split(cfg.batch_size):
+            if step >= cfg.steps:
+                break
+            tl, hit = prefix.token_stats(G, share_prefix=share, rows=rows)
+            tl, hit = tl.view(G, len(rows), -1), hit.view(G, len(rows), -1)
+            progress = step / cfg.steps
+            loss = 0.0
+            for g, i in enumerate(active):
+                # a curriculum's held-back rows stay out of the loss, as with full batches
+                mask = b.mask[rows]
+                if objectives[i].curriculum:
+                    mask = mask & objectives[i].curriculum_rows(rows, n, progress).to(mask.device)[:, None]
+                loss = loss + objectives[i].loss(tl[g], hit[g], mask, rows)
+            loss.backward()
+            opt.step(cfg.lr_at(step))
+            opt.zero_grad()
+            step += 1
+            if on_step is not None:
+                on_step(len(active) + len(outcomes))
+        _add_time(seconds, active, time.perf_counter() - t0)
+    for i, out in outcomes.items():
+        out.seconds = seconds[i]
+    return [outcomes[i] for i in range(len(cells))]
+
+
 def _add_time(seconds: dict, active: list[int], dt: float) -> None:
     # a packed step's wall time is shared equally by the cells in it
     for i in active:
@@ -383,21 +486,34 @@ def _step_stats(token_loss: torch.Tensor, hit: torch.Tensor, mask: torch.Tensor)
 
 
 def _stop_reason(min_p: float, curve: list[float], ordered: list[float], step: int, cfg: TrainConfig,
-                 every_sample: bool = True) -> str | None:
+                 every_sample: bool = True, steps: list[int] | None = None) -> str | None:
     """converged (every answer token has p >= stop_p), budget, or plateau: over the last plateau_window steps
     the loss fell by less than plateau_tol and no more tokens became ordered. MemFT's objectives do not
     minimize the mean loss (MemFT-OT leaves ordered tokens alone, so it drifts up), so a stalled loss alone
-    is not a plateau while tokens still cross p = 0.5; nor while a curriculum holds samples back."""
+    is not a plateau while tokens still cross p = 0.5; nor while a curriculum holds samples back.
+    `steps`: the step of each curve point when not every step is recorded (mini-batches: one per pass)."""
     if cfg.stop_p is not None and min_p >= cfg.stop_p:
         return "converged"
     if step >= cfg.steps:
         return "budget"
     w = cfg.plateau_window
-    if every_sample and step >= max(cfg.min_steps, w) and len(curve) > w:
-        old, new = curve[-1 - w], curve[-1]
-        if old - new < cfg.plateau_tol * max(old, 1e-12) and ordered[-1] <= ordered[-1 - w]:
+    if every_sample and step >= max(cfg.min_steps, w) and len(curve) > 1:
+        j = _point_before(steps, step - w) if steps is not None else len(curve) - 1 - w
+        if j < 0:
+            return None
+        old, new = curve[j], curve[-1]
+        if old - new < cfg.plateau_tol * max(old, 1e-12) and ordered[-1] <= ordered[j]:
             return "plateau"
     return None
+
+
+def _point_before(steps: list[int], step: int) -> int:
+    """Index of the last recorded point at or before `step` (the first point when none is)."""
+    j = 0
+    for k, s in enumerate(steps):
+        if s <= step:
+            j = k
+    return j
 
 
 def _measure_eval(prefix, adapters, G, g) -> CellMetrics:

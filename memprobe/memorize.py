@@ -83,7 +83,7 @@ class MemorizeSettings:
 
 # flag name -> (recipe part, field)
 _ADAPTER_FLAGS = ("layer", "layers", "target_modules", "alpha", "dropout")
-_BUDGET_FLAGS = ("steps", "lr", "schedule", "clip", "stop_p")
+_BUDGET_FLAGS = ("steps", "lr", "schedule", "clip", "stop_p", "batch_size")
 
 
 def settings_from_plan(plan: dict | None = None, *, rank: int | None = None, objective: str | None = None,
@@ -91,8 +91,9 @@ def settings_from_plan(plan: dict | None = None, *, rank: int | None = None, obj
                        layer: int | None = None, layers=None, target_modules=None, alpha: float | None = None,
                        dropout: float | None = None, steps: int | None = None, lr: float | None = None,
                        schedule: str | None = None, clip: float | None = None,
-                       stop_p: float | None = None) -> MemorizeSettings:
-    """Explicit values (not None) over the plan's recipe over the defaults. clip=0 turns clipping off."""
+                       stop_p: float | None = None, batch_size: int | None = None) -> MemorizeSettings:
+    """Explicit values (not None) over the plan's recipe over the defaults. clip=0 turns clipping off,
+    batch_size=0 trains on every row at each step."""
     plan = check_plan(plan) if plan is not None else None
     if plan is None and rank is None:
         raise MemprobeError("a rank is needed: pass --rank R, or --plan plan.json from `planner recommend --json`")
@@ -115,13 +116,14 @@ def settings_from_plan(plan: dict | None = None, *, rank: int | None = None, obj
                  target_modules=tuple(target_modules) if target_modules is not None else None, alpha=alpha,
                  dropout=dropout)
     spec_kw = {k: pick(k, given[k], getattr(spec, k)) for k in _ADAPTER_FLAGS}
-    budget_given = dict(steps=steps, lr=lr, schedule=schedule, clip=clip, stop_p=stop_p)
+    budget_given = dict(steps=steps, lr=lr, schedule=schedule, clip=clip, stop_p=stop_p, batch_size=batch_size)
     if lr is None and (calibrated is None or kind != base.adapter.kind):
         # no calibrated lr for this adapter: its measured default, not another adapter's
         budget_given["lr"] = default_lr(kind)
     budget_kw = {k: pick(k, budget_given[k], getattr(base.budget, k)) for k in _BUDGET_FLAGS}
-    if budget_kw["clip"] == 0:
-        budget_kw["clip"] = None
+    for off in ("clip", "batch_size"):
+        if budget_kw[off] == 0:
+            budget_kw[off] = None
     try:
         recipe = base.replace(
             model=pick("model", model, base.model),
@@ -195,6 +197,7 @@ class MemorizeResult:
     seconds: float
     final_slope: float
     curve: list[float]
+    curve_steps: list[int]  # the step of each curve point (every step with full batches, every pass with mini-batches)
     failures: list[dict]  # sequences greedy decoding does not reproduce: key, first wrong answer position, T
     plan: PlanCheck | None = None
     warnings: list[str] = field(default_factory=list)
@@ -234,7 +237,7 @@ class MemorizeResult:
                        "saturated": self.saturated, "steps": self.steps, "stop_reason": self.stop_reason,
                        "seconds": round(self.seconds, 3), "final_slope": _finite_or_none(self.final_slope),
                        "n_failed": self.n_failed, "failures": self.failures[:MAX_FAILURES_LISTED]},
-            "loss_curve": [round(x, 6) for x in self.curve],
+            "loss_curve": [round(x, 6) for x in self.curve], "loss_curve_steps": list(self.curve_steps),
             "plan": self.plan.to_dict() if self.plan is not None else None,
             "warnings": list(self.warnings),
             "recipe": self.recipe.to_dict() if self.recipe is not None else None,
@@ -399,7 +402,7 @@ def memorize(model, data, rank: int, objective: str = "sft", adapter: AdapterSpe
         loss_after=after.loss, token_acc=after.token_acc, exact_match=after.exact_match,
         ordered_frac=after.ordered_frac, min_p=after.min_p, steps=outcome.steps, stop_reason=outcome.stop_reason,
         seconds=seconds, final_slope=outcome.final_slope(), curve=list(outcome.curve),
-        failures=_failures(ds, after),
+        curve_steps=outcome.recorded_steps, failures=_failures(ds, after),
         plan=compare_with_plan(plan, after.exact_match, before.loss - after.loss, saturated) if plan else None,
         warnings=warnings, created=rundir.now(), recipe=recipe)
     (out / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str))

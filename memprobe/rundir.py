@@ -201,10 +201,14 @@ class TrainConfig:
     plateau_window: int = 30  # plateau: loss fell by less than plateau_tol (relative) over this many steps
     plateau_tol: float = 0.01
     min_steps: int = 10
+    # rows per optimizer step (None: every row, full batch). Mini-batches give several updates per pass over the
+    # data for the same FLOPs; steps then count updates, and the curves and the stop rule read a measurement of
+    # every row taken after each pass
+    batch_size: int | None = None
 
     _TYPES = {"steps": _INT, "lr": _FLOAT, "schedule": _STR, "warmup": _INT, "clip": _FLOAT,
               "weight_decay": _FLOAT, "betas": (_FLOAT,), "eps": _FLOAT, "stop_p": _FLOAT,
-              "plateau_window": _INT, "plateau_tol": _FLOAT, "min_steps": _INT}
+              "plateau_window": _INT, "plateau_tol": _FLOAT, "min_steps": _INT, "batch_size": _INT}
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps <= 0:
@@ -217,6 +221,9 @@ class TrainConfig:
             raise MemprobeError(f"clip must be positive (or none), got {self.clip}")
         if self.stop_p is not None and not 0.5 <= self.stop_p < 1:
             raise MemprobeError(f"stop_p must be in [0.5, 1), got {self.stop_p}")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or int(self.batch_size) != self.batch_size
+                                            or self.batch_size <= 0):
+            raise MemprobeError(f"batch size must be a positive integer (or none: every row), got {self.batch_size}")
         if len(self.betas) != 2:
             raise MemprobeError(f"betas must be two numbers, got {list(self.betas)}")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -235,7 +242,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d, where: str = "budget") -> "TrainConfig":
-        return cls(**_strict_kwargs(cls, d, where, cls._TYPES, optional=("clip", "stop_p")))
+        return cls(**_strict_kwargs(cls, d, where, cls._TYPES, optional=("clip", "stop_p", "batch_size")))
 
 
 @dataclass(frozen=True)

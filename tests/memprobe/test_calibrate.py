@@ -302,6 +302,9 @@ def test_the_quick_preset_takes_the_adapters_lr():
     from memprobe.calibrate import CalibrationConfig
 
     assert CalibrationConfig.from_preset("quick").train.lr == 1e-2
+    assert CalibrationConfig.from_preset("quick").train.batch_size is None  # one row: nothing to split
+    assert CalibrationConfig.from_preset("quick", batch_size=8).recipe().budget.batch_size == 8
+    assert CalibrationConfig.from_preset("quick", batch_size=0).train.batch_size is None
     assert CalibrationConfig.from_preset("quick", adapter="lora").train.lr == 1e-3
     assert CalibrationConfig.from_preset("quick", adapter="lora", lr=3e-3).train.lr == 3e-3
     assert CalibrationConfig.from_preset("paper", adapter="lora").train.lr == 1e-2  # the published recipe

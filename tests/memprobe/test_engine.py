@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -488,3 +489,82 @@ def test_to_dict_is_json_ready():
 
 def test_saturation_threshold_is_ln2():
     assert is_saturated(LN2 - 1e-6) and not is_saturated(LN2 + 1e-6)
+
+
+# ----------------------------------------------------------------------------- mini-batches
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared-prefix", "whole-rows"])
+def test_a_row_subset_gives_those_rows_token_stats(make_tiny_model, header_batch, share):
+    model = make_tiny_model()
+    adapters = attach_adapters(model, BYPASS, [2, 4], [0, 1])
+    try:
+        prefix = FrozenPrefix(model, header_batch, adapters.first_layer)
+        assert prefix.P > 0
+        n, rows = header_batch.n_rows, torch.tensor([4, 1])
+        with torch.no_grad():
+            tl, hit = prefix.token_stats(2, share_prefix=share)
+            sub_tl, sub_hit = prefix.token_stats(2, share_prefix=share, rows=rows)
+        want = torch.cat([rows, rows + n])  # rows of adapter 0, then of adapter 1
+        torch.testing.assert_close(sub_tl, tl[want], atol=1e-5, rtol=1e-5)
+        assert torch.equal(sub_hit, hit[want])
+    finally:
+        adapters.detach()
+
+
+def test_a_mini_batch_update_is_a_full_batch_update_on_those_rows(make_tiny_model, make_sequences):
+    """One update with batch_size=2 equals one full-batch step on a dataset of exactly the 2 rows drawn."""
+    seqs = make_sequences(6, [3, 5, 4], [3, 5, 4, 6], seed=1)
+    model = make_tiny_model()
+    cfg = TrainConfig(steps=1, lr=2e-2, stop_p=None, plateau_window=1000, batch_size=2)
+    mini, = train_cells(model, None, make_batch(seqs), [CellSpec(2, 3)], BYPASS, cfg, keep_state=True)
+    drawn = torch.randperm(6, generator=torch.Generator().manual_seed(3))[:2]
+    full, = train_cells(model, None, make_batch([seqs[i] for i in drawn]), [CellSpec(2, 3)], BYPASS,
+                        TrainConfig(steps=1, lr=2e-2, stop_p=None, plateau_window=1000), keep_state=True)
+    for name in full.state:
+        for x, y in zip(mini.state[name], full.state[name]):
+            assert rel_norm_diff(x, y) < 1e-5, name
+    # and it is not what a full batch of all 6 rows does
+    all6, = train_cells(model, None, make_batch(seqs), [CellSpec(2, 3)], BYPASS,
+                        dataclasses.replace(cfg, batch_size=None), keep_state=True)
+    assert rel_norm_diff(mini.state[name][1], all6.state[name][1]) > 1e-3
+
+
+def test_mini_batches_count_updates_and_measure_every_row_after_each_pass(make_tiny_model, batch):
+    model = make_tiny_model()
+    cfg = TrainConfig(steps=7, lr=2e-2, stop_p=None, plateau_window=1000, batch_size=2)  # 3 updates per pass
+    out, = train_cells(model, None, batch, [CellSpec(2)], BYPASS, cfg, keep_state=True)
+    assert (out.stop_reason, out.steps, out.recorded_steps) == ("budget", 7, [0, 3, 6, 7])
+    assert [row["step"] for row in out.curve_rows("c")] == [0, 3, 6, 7]
+    assert out.curve[-1] == pytest.approx(out.after.loss) and out.curve[-1] < out.curve[0]
+    assert out.final_slope(window=4) == pytest.approx((out.curve[1] - out.curve[-1]) / out.curve[1] / 4)
+
+
+def test_packed_mini_batch_cells_train_exactly_as_alone(make_tiny_model, batch):
+    model = make_tiny_model()
+    cfg = TrainConfig(steps=6, lr=2e-2, stop_p=None, plateau_window=1000, batch_size=4)
+    cells = [CellSpec(1, 5), CellSpec(2, 5), CellSpec(4, 5)]
+    packed = train_cells(model, None, batch, cells, BYPASS, cfg, keep_state=True)
+    for cell, out in zip(cells, packed):
+        alone, = train_cells(model, None, batch, [cell], BYPASS, cfg, keep_state=True)
+        assert_same_outcome(out, alone)
+        assert out.recorded_steps == alone.recorded_steps == [0, 2, 4, 6]
+    # the seed draws the row order, so a pack holds one seed
+    with pytest.raises(MemprobeError, match="share a seed"):
+        train_cells(model, None, batch, CELLS, BYPASS, cfg)
+
+
+def test_a_mini_batch_plateau_reads_the_measurement_a_window_back(make_tiny_model, batch):
+    model = make_tiny_model()
+    cfg = TrainConfig(steps=60, lr=1e-9, stop_p=0.9, plateau_window=5, min_steps=0, batch_size=4)  # 2 per pass
+    out, = train_cells(model, None, batch, [CellSpec(1)], BYPASS, cfg)
+    # the first measurement at least 5 updates after step 0 is at step 6
+    assert (out.stop_reason, out.steps, out.recorded_steps) == ("plateau", 6, [0, 2, 4, 6])
+
+
+def test_batch_size_is_a_positive_integer_or_none():
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(MemprobeError, match="batch size"):
+            TrainConfig(batch_size=bad)
+    assert TrainConfig.from_dict(TrainConfig(batch_size=8).to_dict()).batch_size == 8
+    assert TrainConfig.from_dict({"steps": 10}).batch_size is None  # laws written before mini-batches

@@ -191,6 +191,12 @@ def test_settings_come_from_the_plan_and_flags_override():
     s = settings_from_plan(plan, rank=8, objective="sft", steps=5, clip=0, layer=1)
     assert (s.rank, s.objective, s.train.steps, s.train.clip, s.adapter.layer) == (8, "sft", 5, None, 1)
     assert "rank" not in s.from_plan and "objective" not in s.from_plan
+    # mini-batches: a flag sets them, 0 turns them off again, and they travel in the plan's recipe
+    s = settings_from_plan(plan, batch_size=8)
+    assert s.train.batch_size == 8 and "batch_size" not in s.from_plan
+    batched = make_plan(recipe=s.recipe)
+    assert settings_from_plan(batched).train.batch_size == 8
+    assert settings_from_plan(batched, batch_size=0).train.batch_size is None
     lora = Recipe(model="embedded", data=DataSpec("phonebook", chat=False),
                   adapter=AdapterSpec("lora", layers=(1,), target_modules=("q_proj",), alpha=8.0, dropout=0.1),
                   budget=TrainConfig(steps=40, lr=3e-2, clip=1.0, schedule="linear", betas=(0.8, 0.99)),

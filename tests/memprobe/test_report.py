@@ -135,7 +135,7 @@ def memorize_result(out_dir: Path, plan: bool = True) -> MemorizeResult:
         tokens=192, rank=8, objective="memft-sw", seed=0, adapter=AdapterSpec(kind="mlp-bypass", layer=20),
         train=TrainConfig(), trainable_params=1179648, loss_before=9.0312, loss_after=0.9312, token_acc=0.912,
         exact_match=0.75, ordered_frac=0.88, min_p=0.01, steps=100, stop_reason="budget", seconds=12.3,
-        final_slope=-0.00123, curve=[], failures=[{"key": f"customer {i}", "first_failure": 3} for i in range(7)],
+        final_slope=-0.00123, curve=[], curve_steps=[], failures=[{"key": f"customer {i}", "first_failure": 3} for i in range(7)],
         plan=check if plan else None, warnings=["the plan's prediction is for rank 16, this adapter has rank 8"])
 
 
