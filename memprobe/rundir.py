@@ -397,6 +397,8 @@ class Recipe:
                  "--clip", f"{b.clip:g}" if b.clip is not None else "0"]
         if b.stop_p is not None:
             args += ["--stop-p", f"{b.stop_p:g}"]
+        if b.batch_size is not None:
+            args += ["--batch-size", str(b.batch_size)]
         return args
 
     def memorize_command(self, rank: int, data: str = "jsonl:YOUR_DATA.jsonl") -> str:

@@ -358,13 +358,23 @@ def uncertainty(rank: int, rank_int, em_int, R_law: np.ndarray, tokens: int, lev
 
 def budget_tradeoff(law: MemoryLaw, R: np.ndarray, tokens: int, target_em: float, base_loss) -> list[dict]:
     """Per recorded budget (the law's shorter-budget laws, then the law itself): the smallest rank reaching the
-    target, so that a smaller adapter trained longer can be set against a larger one trained shorter."""
-    rows = []
-    for at in (*[x for x in law.budget_laws if x.usable], law):
-        r, em = _smallest_rank(at, R, tokens, target_em, base_loss)
+    target, so that a smaller adapter trained longer can be set against a larger one trained shorter.
+
+    A rank that holds the data at s steps still holds it at more steps (the stop rule ends a cell that has got
+    there), so a shorter budget never needs a smaller rank than a longer one: where a shorter budget's own law
+    says less, which separate fits on few cells can, the longer budget's rank stands (the law's own budget, whose
+    rank is the plan's, comes last and is kept), and `law_rank` keeps the budget law's own answer."""
+    rows, floor = [], None
+    for at in reversed((*[x for x in law.budget_laws if x.usable], law)):
+        own, em = _smallest_rank(at, R, tokens, target_em, base_loss)
+        r = floor if own is not None and floor is not None and own < floor else own
+        if r != own:
+            em = float(at.predict_em(r, tokens, base_loss))
         far = r is not None and octaves_outside(r, at.rank_range) > MAX_OCTAVES_OUTSIDE
-        rows.append({"steps": at.budget.get("steps"), "rank": r, "predicted_em": em, "extrapolated": far})
-    return rows
+        rows.append({"steps": at.budget.get("steps"), "rank": r, "predicted_em": em, "extrapolated": far,
+                     "law_rank": own})
+        floor = r if r is not None else floor
+    return rows[::-1]
 
 
 def _law_warnings(law: MemoryLaw, tokens: int, rank: int, unusable: dict, answer_length) -> list[str]:

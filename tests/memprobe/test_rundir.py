@@ -1,6 +1,7 @@
 """The contract between the stages: the recipe round-trips through JSON and refuses what it does not know,
 and the run directory's tables are read through one validating reader."""
 
+import dataclasses
 import json
 import math
 
@@ -59,6 +60,9 @@ def test_the_memorize_command_spells_out_the_recipe():
                  "--clip 1", "--stop-p 0.9"):
         assert part in command, part
     assert "--clip 0" in Recipe().memorize_command(1) and "--chat" in Recipe().memorize_command(1)
+    assert "--batch-size" not in command
+    batched = LORA.replace(budget=dataclasses.replace(LORA.budget, batch_size=8))
+    assert batched.memorize_command(8).endswith("--batch-size 8")
 
 
 def test_one_objective_spelling_and_one_saturation_rule():

@@ -274,6 +274,10 @@ def test_the_plan_sets_rank_against_budget():
     short_rank, full_rank = (row["rank"] for row in plan.budget_tradeoff)
     assert full_rank == plan.rank and short_rank > plan.rank  # trained shorter, a larger adapter is needed
     assert plan.steps_needed == 150
+    # a shorter budget whose own law asks for less than the full budget's rank is held to that rank
+    optimistic = make_law(C=200.0, budget={"steps": 25, "lr": 0.01, "schedule": "constant"})
+    rows = recommend(make_law(budget_laws=(optimistic,)), tokens=200, target_em=0.9).budget_tradeoff
+    assert rows[0]["law_rank"] < rows[1]["rank"] == rows[0]["rank"]
     assert MemoryLaw.from_dict(json.loads(json.dumps(law.to_dict()))).budget_laws[0].budget["steps"] == 25
 
 
