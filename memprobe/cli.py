@@ -161,7 +161,7 @@ def plan(
     target_modules: TargetModules = None, lora_alpha: LoraAlpha = None,
     objectives: Optional[str] = typer.Option(None, "--objectives", help="objectives to compare on your subsets: sft,memft-ot,memft-sw [sft]"),
     ranks: Optional[str] = typer.Option(None, "--ranks", help="ranks calibrated on the subsets [1,2,4,8]"),
-    lr: Lr = None,
+    lr: Lr = None, batch_size: BatchSize = None,
     steps: int = typer.Option(400, "--steps", help="most steps a cell trains; each stops at its plateau or once every answer token has p >= 0.9 [400]"),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="minutes the plan may take here: the grid is sized so that its cells fit even if none stops early [no limit]"),
     verify: bool = typer.Option(False, "--verify", help="then train the recommended adapter on the whole corpus and report what it reaches"),
@@ -182,7 +182,7 @@ def plan(
         adapter=AdapterSpec(kind=adapter or "mlp-bypass", **adapter_options(layer, lora_layers, target_modules, lora_alpha)),
         objectives=tuple(parse_list(objectives, "--objectives", str) or ("sft",)),
         ranks=tuple(parse_list(ranks, "--ranks", noun="positive integers") or PLAN_RANKS),
-        steps=steps, lr=lr, time_budget_min=time_budget, verify=verify, chat=True if chat is None else chat, device=device, dtype=dtype)
+        steps=steps, lr=lr, batch_size=batch_size, time_budget_min=time_budget, verify=verify, chat=True if chat is None else chat, device=device, dtype=dtype)
     console = Console(stderr=json_)
     out = out or default_plan_dir(settings)
     result = run_plan(settings, out, fresh=fresh, progress=PlanProgress(console),

@@ -192,6 +192,13 @@ class EMLink:
         return dataclasses.replace(self, answer_length=_positive("answer_length", n)) if self.kind == "token" \
             else self
 
+    def formula(self) -> str:
+        """The link as people read it: the sequence logistic, or the token logistic raised to the answer length."""
+        if self.kind == "token":
+            return (f"EM = acc^{self.answer_length:g}, acc = 1 / (1 + (L_after / {self.token_L50:.3g})"
+                    f"^{self.token_k:.3g})")
+        return f"EM = 1 / (1 + (L_after / {self.L50:.3g})^{self.k:.3g})"
+
     def token_accuracy(self, loss_after):
         L = np.maximum(np.asarray(loss_after, dtype=float), 0.0)
         with np.errstate(over="ignore"):
@@ -549,7 +556,7 @@ class MemoryLaw:
             "params per rank": None if self.params_per_rank is None else f"{self.params_per_rank:.6g}",
             "ranks calibrated": None if not self.rank_range else f"{self.rank_range[0]:g}..{self.rank_range[1]:g}",
             "tokens calibrated": None if not self.tokens_range else f"{self.tokens_range[0]:g}..{self.tokens_range[1]:g}",
-            "EM link": f"1/(1+(L/{self.em_link.L50:.3g})^{self.em_link.k:.3g}) ({self.em_link.source})",
+            "EM link": f"{self.em_link.formula()} ({self.em_link.source})",
             "budget": ", ".join(f"{k}={v}" for k, v in sorted(self.budget.items())) or None,
         }
         info_rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in info.items() if v is not None)

@@ -54,10 +54,12 @@ BRACKET_CELLS_EXPECTED = 3  # whole-corpus cells a plan usually needs: the guess
 MAX_RANK = 1024
 
 
-def plan_budget(adapter_kind: str, steps: int = PLAN_STEPS, lr: float | None = None) -> TrainConfig:
-    """The recipe of every cell of a plan and of its adapter: AdamW at a constant lr, trained to the plateau."""
+def plan_budget(adapter_kind: str, steps: int = PLAN_STEPS, lr: float | None = None,
+                batch_size: int | None = None) -> TrainConfig:
+    """The recipe of every cell of a plan and of its adapter: AdamW at a constant lr, trained to the plateau
+    (full batches unless `batch_size` rows per update are asked for)."""
     return TrainConfig(steps=steps, lr=lr or default_lr(adapter_kind), schedule="constant", stop_p=0.9,
-                       plateau_window=30, plateau_tol=0.01)
+                       plateau_window=30, plateau_tol=0.01, batch_size=batch_size or None)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class PlanSettings:
     ranks: tuple[int, ...] = PLAN_RANKS
     steps: int = PLAN_STEPS
     lr: float | None = None  # None: the adapter's default (memprobe.rundir.default_lr)
+    batch_size: int | None = None  # rows per update; None: every row of the cell's subset
     seed: int = 0
     rounds: int = 5  # most rounds of whole-corpus cells
     device: str | None = None
@@ -103,7 +106,7 @@ class PlanSettings:
         return DataSpec.parse(self.data, chat=self.chat)
 
     def budget(self) -> TrainConfig:
-        return plan_budget(self.adapter.kind, self.steps, self.lr)
+        return plan_budget(self.adapter.kind, self.steps, self.lr, self.batch_size)
 
 
 # ----------------------------------------------------------------------------------------- the count

@@ -143,8 +143,9 @@ def render_provenance(law: MemoryLaw) -> Table:
         "params per rank": None if law.params_per_rank is None else f"{law.params_per_rank:,.0f}",
         "ranks calibrated": None if not law.rank_range else f"{law.rank_range[0]:g} .. {law.rank_range[1]:g}",
         "tokens calibrated": None if not law.tokens_range else f"{law.tokens_range[0]:g} .. {law.tokens_range[1]:g}",
-        "EM link": f"EM = 1 / (1 + (L_after / {link.L50:.3g})^{link.k:.3g})  ({link.source}"
-        + (f", {link.n_cells} cells, rmse {link.rmse:.3g}" if link.source == "fit" and link.rmse is not None else "")
+        "EM link": f"{link.formula()}  ({link.source}"
+        + (f", {link.note or f'{link.n_cells} cells'}, rmse {link.rmse:.3g}"
+           if link.source == "fit" and link.rmse is not None else "")
         + ")",
     }
     for k, v in rows.items():

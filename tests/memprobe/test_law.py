@@ -85,6 +85,14 @@ def test_em_link_shape_and_inverse():
     assert DEFAULT_L50 == pytest.approx(math.log(2) / 2)
 
 
+def test_a_link_is_written_as_the_formula_it_applies():
+    assert EMLink(L50=0.25, k=3.0, source="fit").formula() == "EM = 1 / (1 + (L_after / 0.25)^3)"
+    token = EMLink(source="fit", kind="token", token_L50=1.99, token_k=3.32, answer_length=128)
+    assert token.formula() == "EM = acc^128, acc = 1 / (1 + (L_after / 1.99)^3.32)"
+    # the formula is the link: at L_after = token_L50 every token is right half the time
+    assert token(1.99) == pytest.approx(0.5**128)
+
+
 # ---------------------------------------------------------------- inversion
 
 

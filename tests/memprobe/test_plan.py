@@ -39,6 +39,12 @@ def test_subsets_are_nested_fractions_of_the_corpus_and_small_corpora_are_refuse
     assert MIN_SUBSET_TOKENS == 16
 
 
+def test_the_plan_recipe_takes_mini_batches_when_asked():
+    assert settings().budget().batch_size is None
+    assert settings(batch_size=8).budget().batch_size == 8 and settings(batch_size=0).budget().batch_size is None
+    assert settings(batch_size=8).budget().stop_p == 0.9  # the rest of the plan's recipe is unchanged
+
+
 def test_estimate_scales_with_subset_tokens_and_counts_every_phase():
     s = stats(tokens=400, step_s=2.0)
     est = estimate_seconds(s, (50, 100, 200), (1, 2, 4, 8), steps=100, n_objectives=1, verify=True)
