@@ -103,6 +103,7 @@ def test_phases_on_an_empty_directory(tmp_path, capsys):
     (["--adapter", "nope"], ["adapter must be one of lora, mlp-bypass, got 'nope'"]),
     (["--objectives", "nope"], ["objectives must be among sft, memft-ot, memft-sw, got nope"]),
     (["--replace-ratio", "0.3", "--data", "text"], ["replace_ratio must be one of", "got 0.3"]),
+    (["--batch-size", "-2"], ["batch size must be a positive integer (or none: every row), got -2"]),
 ])
 def test_bad_input_is_one_line_and_exit_1(model_dir, tmp_path, capsys, args, fragments):
     empty = tmp_path / "empty"
@@ -122,6 +123,23 @@ def test_a_run_directory_of_another_recipe_is_refused(json_run, model_dir, capsy
     assert_one_line_error(code, capsys.readouterr().err, str(run_dir), "different calibration",
                           "differs in: budget.lr: 0.01 -> 0.03", "--fresh")
     assert (run_dir / "cells.csv").read_bytes() == cells
+
+
+def test_mini_batches_reach_the_recipe_and_the_curves(model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    code = main(["calibrate", "--model", str(model_dir), "--data", "phonebook", "--ranks", "1,2,4", "--tokens",
+                 "40,80,160", "--steps", "7", "--stop-p", "0.99", "--batch-size", "2", "--out", str(run_dir)])
+    assert code == 0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["recipe"]["budget"]["batch_size"] == 2
+    cells = pd.read_csv(run_dir / "cells.csv").set_index("cell_id")
+    curves = pd.read_csv(run_dir / "curves.csv")
+    assert (cells["n_sequences"] > 2).all()
+    for cell_id, curve in curves.groupby("cell_id"):
+        # one curve point per pass over the rows: after 0, n/2, 2 * n/2 ... updates, then at the cell's end
+        per_pass = -(-int(cells.loc[cell_id, "n_sequences"]) // 2)
+        end = int(cells.loc[cell_id, "steps"])
+        assert sorted(curve["step"]) == sorted({*range(0, end, per_pass), end})
 
 
 # ----------------------------------------------------------------------------------------- a real kill
