@@ -33,11 +33,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=400, help="PhoneBook answer tokens (10 per row)")
     p.add_argument("--ranks", default="1,2,8")
-    p.add_argument("--batch-sizes", default="0,8,4", help="rows per update; 0 = every row (the baseline)")
+    p.add_argument("--batch-sizes", default="0,8,4",
+                   help="rows per update, 0 = every row (the baseline, listed first); B@LR trains B-row batches at LR")
     p.add_argument("--passes", type=int, default=400, help="most passes over the data per cell")
     p.add_argument("--lr", type=float, default=None, help="[the calibration's lr for the adapter]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="embedded", help="any model memprobe loads [embedded]")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--name", default=None, help="file stem of the results [minibatch_recipe]")
     return p.parse_args(argv)
 
 
@@ -52,7 +55,7 @@ def run(args) -> dict:
     from memprobe.rundir import TrainConfig, default_lr
 
     torch.manual_seed(0)
-    m = load_model("embedded", device="cpu")
+    m = load_model(args.model, device="cpu")
     ds = build_dataset("phonebook", m.tokenizer, args.tokens, seed=args.seed)
     batch = make_batch(ds.sequences, pad_id=getattr(m.tokenizer, "pad_token_id", None) or 0)
     adapter = AdapterSpec()
@@ -60,37 +63,40 @@ def run(args) -> dict:
     base = prefix.measure_base()
     n = batch.n_rows
     rows = []
-    for bs in [int(x) for x in args.batch_sizes.split(",")]:
+    for recipe in args.batch_sizes.split(","):
+        bs, _, lr = recipe.partition("@")
+        bs = int(bs)
         per_pass = -(-n // bs) if 0 < bs < n else 1
-        cfg = TrainConfig(steps=args.passes * per_pass, lr=args.lr or default_lr(adapter.kind), stop_p=0.9,
-                          batch_size=bs if 0 < bs < n else None)
+        cfg = TrainConfig(steps=args.passes * per_pass, lr=float(lr) if lr else args.lr or default_lr(adapter.kind),
+                          stop_p=0.9, batch_size=bs if 0 < bs < n else None)
         for r in [int(x) for x in args.ranks.split(",")]:
             t0 = time.perf_counter()
             out, = train_cells(m.model, prefix, batch, [CellSpec(r, args.seed)], adapter, cfg)
             dt = time.perf_counter() - t0
             a = out.after
-            rows.append({"rank": r, "batch_size": bs if 0 < bs < n else n, "updates_per_pass": per_pass,
+            rows.append({"rank": r, "batch_size": bs if 0 < bs < n else n, "lr": cfg.lr, "updates_per_pass": per_pass,
                          "updates": out.steps, "passes": out.steps / per_pass, "seconds": dt,
                          "loss_before": base.loss, "loss_after": a.loss, "delta_loss": base.loss - a.loss,
                          "exact_match": a.exact_match, "token_acc": a.token_acc, "stop_reason": out.stop_reason,
                          "final_slope": out.final_slope(), "curve_steps": out.recorded_steps,
                          "curve": [round(x, 5) for x in out.curve]})
-            print(f"rank {r} batch {rows[-1]['batch_size']}: {out.steps} updates, {dt:.0f} s, "
+            print(f"rank {r} batch {rows[-1]['batch_size']} lr {cfg.lr:g}: {out.steps} updates, {dt:.0f} s, "
                   f"dL {base.loss - a.loss:.3f}, EM {a.exact_match:.3f} ({out.stop_reason})", flush=True)
-    for row in rows:  # against the full-batch cell of the same rank, same run
+    for row in rows:  # against the first full-batch cell of the same rank, same run
         ref = next(x for x in rows if x["rank"] == row["rank"] and x["batch_size"] == n)
         row["seconds_vs_full"] = row["seconds"] / ref["seconds"]
         row["delta_loss_vs_full"] = row["delta_loss"] / ref["delta_loss"]
-    return {"tokens": ds.n_answer_tokens, "n_rows": n, "lr": cfg.lr, "params_per_rank": params_per_rank,
+    return {"tokens": ds.n_answer_tokens, "n_rows": n, "params_per_rank": params_per_rank,
             "passes_cap": args.passes, "seed": args.seed, "cells": rows}
 
 
 def render(result: dict) -> str:
-    lines = [f"PhoneBook T={result['tokens']} ({result['n_rows']} rows), lr {result['lr']:g}, to the plateau",
-             f"{'rank':>4} {'batch':>5} {'passes':>6} {'updates':>7} {'sec':>6} {'x full':>6} "
+    lines = [f"PhoneBook T={result['tokens']} ({result['n_rows']} rows), to the plateau",
+             f"{'rank':>4} {'batch':>5} {'lr':>6} {'passes':>6} {'updates':>7} {'sec':>5} {'x full':>6} "
              f"{'dL':>6} {'x full':>6} {'EM':>5}  stop"]
     for c in result["cells"]:
-        lines.append(f"{c['rank']:>4} {c['batch_size']:>5} {c['passes']:>6.0f} {c['updates']:>7} {c['seconds']:>6.0f} "
+        lines.append(f"{c['rank']:>4} {c['batch_size']:>5} {c['lr']:>6.2g} {c['passes']:>6.0f} {c['updates']:>7} "
+                     f"{c['seconds']:>5.0f} "
                      f"{c['seconds_vs_full']:>6.2f} {c['delta_loss']:>6.3f} {c['delta_loss_vs_full']:>6.3f} "
                      f"{c['exact_match']:>5.2f}  {c['stop_reason']}")
     return "\n".join(lines)
@@ -107,7 +113,7 @@ def plot(result: dict, path: Path) -> None:
     for ax, r in zip(axes[0], ranks):
         for c in (c for c in result["cells"] if c["rank"] == r):
             passes = [s / c["updates_per_pass"] for s in c["curve_steps"]]
-            ax.semilogy(passes, c["curve"], label=f"batch {c['batch_size']} ({c['seconds']:.0f} s)")
+            ax.semilogy(passes, c["curve"], label=f"batch {c['batch_size']}, lr {c['lr']:g} ({c['seconds']:.0f} s)")
         ax.set(title=f"rank {r}", xlabel="passes over the data", ylabel="loss per answer token")
         ax.legend(fontsize=8)
     fig.suptitle(f"PhoneBook T={result['tokens']}: full batch vs mini-batches, to the plateau")
@@ -119,10 +125,16 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None) -> int:
     import pandas as pd
 
+    from memprobe.errors import MemprobeError
+
     args = parse_args(argv)
-    result = run(args)
+    try:
+        result = run(args)
+    except (MemprobeError, ValueError) as e:  # a bad --batch-sizes entry, a model that does not load
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / (NAME if args.tokens == 400 else f"{NAME}_T{args.tokens}")
+    stem = args.out / (args.name or (NAME if args.tokens == 400 else f"{NAME}_T{args.tokens}"))
     pd.DataFrame([{k: v for k, v in c.items() if k not in ("curve", "curve_steps")} for c in result["cells"]]) \
         .to_csv(stem.with_suffix(".csv"), index=False)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
