@@ -82,10 +82,10 @@ def run(args) -> dict:
                          "curve": [round(x, 5) for x in out.curve]})
             print(f"rank {r} batch {rows[-1]['batch_size']} lr {cfg.lr:g}: {out.steps} updates, {dt:.0f} s, "
                   f"dL {base.loss - a.loss:.3f}, EM {a.exact_match:.3f} ({out.stop_reason})", flush=True)
-    for row in rows:  # against the first full-batch cell of the same rank, same run
-        ref = next(x for x in rows if x["rank"] == row["rank"] and x["batch_size"] == n)
-        row["seconds_vs_full"] = row["seconds"] / ref["seconds"]
-        row["delta_loss_vs_full"] = row["delta_loss"] / ref["delta_loss"]
+    for row in rows:  # against the first full-batch cell of the same rank, same run (none: no ratio)
+        ref = next((x for x in rows if x["rank"] == row["rank"] and x["batch_size"] == n), None)
+        row["seconds_vs_full"] = row["seconds"] / ref["seconds"] if ref else float("nan")
+        row["delta_loss_vs_full"] = row["delta_loss"] / ref["delta_loss"] if ref else float("nan")
     return {"tokens": ds.n_answer_tokens, "n_rows": n, "params_per_rank": params_per_rank,
             "passes_cap": args.passes, "seed": args.seed, "cells": rows}
 

@@ -159,7 +159,8 @@ def count_corpus(lm, settings: PlanSettings, timing_steps: int = 3, step_seconds
     base = prefix.measure_base()
     step_s = step_seconds
     if step_s is None:
-        probe = dataclasses.replace(settings.budget(), steps=timing_steps, stop_p=None)
+        # the unit is a full-batch step: estimate_seconds scales it to mini-batch updates
+        probe = dataclasses.replace(settings.budget(), steps=timing_steps, stop_p=None, batch_size=None)
         t0 = time.perf_counter()
         train_cells(lm.model, prefix, batch, [CellSpec(1, settings.seed)], settings.adapter, probe)
         step_s = (time.perf_counter() - t0) / (timing_steps + 1)  # + 1: the closing measurement
@@ -208,13 +209,26 @@ def subset_sizes(answer_tokens: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def estimate_seconds(stats: CorpusStats, tokens, ranks, steps: int, n_objectives: int, verify: bool) -> dict:
-    """Seconds a design costs at most, from the measured step: a cell-step scales with the answer tokens it holds
-    (rows are padded to similar lengths), every cell runs to its step cap."""
+def estimate_seconds(stats: CorpusStats, tokens, ranks, steps: int, n_objectives: int, verify: bool,
+                     batch_size: int | None = None) -> dict:
+    """Seconds a design costs at most, from the measured full-batch step: a cell-step scales with the answer tokens
+    it holds (rows are padded to similar lengths), every cell runs to its step cap. With mini-batches a step is
+    an update on batch_size of the cell's rows, plus a measurement of all of them once per pass, counted here as
+    a full step (it is a forward without gradient: an upper bound; measured, PhoneBook T = 400 in batches of 8
+    costs 0.33 of a full step per update, this counts 0.4)."""
     per_step = stats.step_seconds / stats.answer_tokens  # seconds per answer token per cell-step
-    calib = sum(len(ranks) * n_objectives * steps * per_step * T for T in tokens)
-    corpus = BRACKET_CELLS_EXPECTED * n_objectives * steps * stats.step_seconds
-    check = steps * stats.step_seconds if verify else 0.0
+
+    def share(T):  # cost of one step on T answer tokens, as a share of a full-batch step on them
+        rows = max(1.0, stats.n_rows * T / stats.answer_tokens)
+        if batch_size is None or batch_size >= rows:
+            return 1.0
+        # a pass: every row once with gradient, every row once without, over this many updates
+        return 2.0 / math.ceil(rows / batch_size)
+
+    calib = sum(len(ranks) * n_objectives * steps * per_step * T * share(T) for T in tokens)
+    whole = stats.step_seconds * share(stats.answer_tokens)
+    corpus = BRACKET_CELLS_EXPECTED * n_objectives * steps * whole
+    check = steps * whole if verify else 0.0
     return {"calibration": round(calib, 1), "whole_corpus": round(corpus, 1), "verify": round(check, 1),
             "total": round(calib + corpus + check, 1)}
 
@@ -234,11 +248,11 @@ def design_grid(stats: CorpusStats, settings: PlanSettings) -> Design:
     n_obj = len(settings.objectives)
     budget_s = None if settings.time_budget_min is None else 60.0 * settings.time_budget_min
     for R, Ts in candidates:
-        est = estimate_seconds(stats, Ts, R, settings.steps, n_obj, settings.verify)
+        est = estimate_seconds(stats, Ts, R, settings.steps, n_obj, settings.verify, settings.batch_size)
         if budget_s is None or est["total"] <= budget_s:
             return Design(tuple(Ts), tuple(R), settings.steps, est)
     R, Ts = candidates[-1]
-    est = estimate_seconds(stats, Ts, R, settings.steps, n_obj, settings.verify)
+    est = estimate_seconds(stats, Ts, R, settings.steps, n_obj, settings.verify, settings.batch_size)
     raise MemprobeError(
         f"time budget of {settings.time_budget_min:g} min is too small: the smallest plan on this corpus needs up "
         f"to {est['total'] / 60:.1f} min here ({len(R)} ranks x {len(Ts)} subsets and ~{BRACKET_CELLS_EXPECTED} "

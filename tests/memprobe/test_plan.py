@@ -52,6 +52,11 @@ def test_estimate_scales_with_subset_tokens_and_counts_every_phase():
     assert est["calibration"] == pytest.approx(4 * 100 * 2.0 * 350 / 400)
     assert est["verify"] == pytest.approx(200.0)
     assert est["total"] == pytest.approx(est["calibration"] + est["whole_corpus"] + est["verify"])
+    # batches of 8 of the 40 rows: a step is a fifth of the rows, plus a measurement of all of them every 5 steps
+    mini = estimate_seconds(s, (50, 100, 200), (1, 2, 4, 8), 100, 1, True, batch_size=8)
+    assert mini["verify"] == pytest.approx(200.0 * 2 / 5)
+    # subsets of 5, 10 and 20 rows: one batch (a full step), 2 updates per pass, 3 updates per pass
+    assert mini["calibration"] == pytest.approx(4 * 100 * 2.0 / 400 * (50 + 100 * 2 / 2 + 200 * 2 / 3), abs=0.1)
     two = estimate_seconds(s, (50, 100, 200), (1, 2, 4, 8), steps=100, n_objectives=2, verify=False)
     assert two["calibration"] == pytest.approx(2 * est["calibration"]) and two["verify"] == 0
 
