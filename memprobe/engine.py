@@ -421,9 +421,12 @@ def _train_loop_minibatch(prefix, adapters, cells, objectives, cfg, keep_state, 
             ordered[i].append(ordered_fracs[g])
             em[i].append(ems[g])
             at[i].append(step)
-            window_start = max(0, step - cfg.plateau_window) / cfg.steps
+            # the plateau window counts measurements, one per pass: counted in updates, a 30-update window is 3
+            # passes of 4-row batches, and a noisy pass or the shoulder every curve crosses then stops a cell
+            # still descending (measured: benchmarks/results/minibatch_recipe.png)
+            window_start = at[i][max(0, len(at[i]) - 1 - cfg.plateau_window)] / cfg.steps
             reason = _stop_reason(min_ps[g], curves[i], ordered[i], step, cfg,
-                                  objectives[i].trains_every_sample(window_start), at[i])
+                                  objectives[i].trains_every_sample(window_start))
             if reason is not None:
                 outcomes[i] = CellOutcome(cells[i], cell_metrics(tl[g], hit[g], b.mask), step, reason, 0.0,
                                           curves[i], _cell_state(adapters, g) if keep_state else None,
@@ -486,23 +489,20 @@ def _step_stats(token_loss: torch.Tensor, hit: torch.Tensor, mask: torch.Tensor)
 
 
 def _stop_reason(min_p: float, curve: list[float], ordered: list[float], step: int, cfg: TrainConfig,
-                 every_sample: bool = True, steps: list[int] | None = None) -> str | None:
-    """converged (every answer token has p >= stop_p), budget, or plateau: over the last plateau_window steps
-    the loss fell by less than plateau_tol and no more tokens became ordered. MemFT's objectives do not
-    minimize the mean loss (MemFT-OT leaves ordered tokens alone, so it drifts up), so a stalled loss alone
-    is not a plateau while tokens still cross p = 0.5; nor while a curriculum holds samples back.
-    `steps`: the step of each curve point when not every step is recorded (mini-batches: one per pass)."""
+                 every_sample: bool = True) -> str | None:
+    """converged (every answer token has p >= stop_p), budget, or plateau: over the last plateau_window
+    measurements (steps with full batches, passes over the data with mini-batches) the loss fell by less than
+    plateau_tol and no more tokens became ordered. MemFT's objectives do not minimize the mean loss (MemFT-OT
+    leaves ordered tokens alone, so it drifts up), so a stalled loss alone is not a plateau while tokens still
+    cross p = 0.5; nor while a curriculum holds samples back."""
     if cfg.stop_p is not None and min_p >= cfg.stop_p:
         return "converged"
     if step >= cfg.steps:
         return "budget"
     w = cfg.plateau_window
-    if every_sample and step >= max(cfg.min_steps, w) and len(curve) > 1:
-        j = _point_before(steps, step - w) if steps is not None else len(curve) - 1 - w
-        if j < 0:
-            return None
-        old, new = curve[j], curve[-1]
-        if old - new < cfg.plateau_tol * max(old, 1e-12) and ordered[-1] <= ordered[j]:
+    if every_sample and step >= max(cfg.min_steps, w) and len(curve) > w:
+        old, new = curve[-1 - w], curve[-1]
+        if old - new < cfg.plateau_tol * max(old, 1e-12) and ordered[-1] <= ordered[-1 - w]:
             return "plateau"
     return None
 

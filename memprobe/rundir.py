@@ -198,7 +198,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     stop_p: float | None = 0.9  # converged: every answer token has p >= stop_p (ordered phase with margin)
-    plateau_window: int = 30  # plateau: loss fell by less than plateau_tol (relative) over this many steps
+    # plateau: loss fell by less than plateau_tol (relative) over this many measurements (steps; passes with
+    # mini-batches)
+    plateau_window: int = 30
     plateau_tol: float = 0.01
     min_steps: int = 10
     # rows per optimizer step (None: every row, full batch). Mini-batches give several updates per pass over the

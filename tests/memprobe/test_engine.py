@@ -558,8 +558,8 @@ def test_a_mini_batch_plateau_reads_the_measurement_a_window_back(make_tiny_mode
     model = make_tiny_model()
     cfg = TrainConfig(steps=60, lr=1e-9, stop_p=0.9, plateau_window=5, min_steps=0, batch_size=4)  # 2 per pass
     out, = train_cells(model, None, batch, [CellSpec(1)], BYPASS, cfg)
-    # the first measurement at least 5 updates after step 0 is at step 6
-    assert (out.stop_reason, out.steps, out.recorded_steps) == ("plateau", 6, [0, 2, 4, 6])
+    # the window counts measurements (one per pass of 2 updates): 5 of them back from step 10 is step 0
+    assert (out.stop_reason, out.steps, out.recorded_steps) == ("plateau", 10, [0, 2, 4, 6, 8, 10])
 
 
 def test_batch_size_is_a_positive_integer_or_none():
