@@ -11,6 +11,9 @@ Where the time goes, and what this file does about it:
 - the training forward with dropout off IS the teacher-forced measurement of the current weights, so the
   early-stop check costs nothing;
 - a finished cell leaves the pack (its rows and its optimizer state), so the pack shrinks as cells converge.
+
+With mini-batches (`TrainConfig.batch_size`) the training forward sees only some rows, so it no longer measures
+the cell: one forward of every row without gradient per pass does (`_train_loop_minibatch`).
 """
 
 from __future__ import annotations
@@ -461,8 +464,8 @@ def _train_loop_minibatch(prefix, adapters, cells, objectives, cfg, keep_state, 
             opt.step(cfg.lr_at(step))
             opt.zero_grad()
             step += 1
-            if on_step is not None:
-                on_step(len(active) + len(outcomes))
+            if on_step is not None:  # the cells this update trained
+                on_step(len(active))
         _add_time(seconds, active, time.perf_counter() - t0)
     for i, out in outcomes.items():
         out.seconds = seconds[i]

@@ -549,6 +549,10 @@ def test_packed_mini_batch_cells_train_exactly_as_alone(make_tiny_model, batch):
         alone, = train_cells(model, None, batch, [cell], BYPASS, cfg, keep_state=True)
         assert_same_outcome(out, alone)
         assert out.recorded_steps == alone.recorded_steps == [0, 2, 4, 6]
+    # the progress bar hears of every update each cell trained, no more
+    updates = []
+    packed = train_cells(model, None, batch, cells, BYPASS, cfg, on_step=updates.append)
+    assert sum(updates) == sum(o.steps for o in packed) == 3 * 6
     # the seed draws the row order, so a pack holds one seed
     with pytest.raises(MemprobeError, match="share a seed"):
         train_cells(model, None, batch, CELLS, BYPASS, cfg)
