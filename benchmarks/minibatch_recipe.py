@@ -12,6 +12,8 @@ rank measured in the same run.
     .venv/bin/python benchmarks/minibatch_recipe.py                      # ~20 min on an idle 2-core CPU
     .venv/bin/python benchmarks/minibatch_recipe.py --tokens 40 --ranks 1 --passes 30   # smoke run, ~1 min
 
+Each finished cell is written at once (CSV, JSON), so a run stopped part-way keeps what it measured.
+
 Sizes: T = 400 is the PhoneBook size the plan-accuracy runs need at their low end (below it every default cell
 holds the data); ranks 1, 2 and 8 are one cell short of capacity at 500 full-batch steps (rank 1 plateaus at EM
 0.375), one that just holds it and one with room to spare. Writes benchmarks/results/minibatch_recipe.{csv,json,png}.
@@ -44,7 +46,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run(args) -> dict:
+def run(args, save=lambda result: None) -> dict:
+    """Train every (recipe, rank) cell; `save` gets the result so far after each cell (a killed run keeps them)."""
     import torch
 
     from memprobe.adapters import AdapterSpec
@@ -82,6 +85,11 @@ def run(args) -> dict:
                          "curve": [round(x, 5) for x in out.curve]})
             print(f"rank {r} batch {rows[-1]['batch_size']} lr {cfg.lr:g}: {out.steps} updates, {dt:.0f} s, "
                   f"dL {base.loss - a.loss:.3f}, EM {a.exact_match:.3f} ({out.stop_reason})", flush=True)
+            save(_result(ds, n, params_per_rank, args, rows))
+    return _result(ds, n, params_per_rank, args, rows)
+
+
+def _result(ds, n: int, params_per_rank: int, args, rows: list[dict]) -> dict:
     for row in rows:  # against the first full-batch cell of the same rank, same run (none: no ratio)
         ref = next((x for x in rows if x["rank"] == row["rank"] and x["batch_size"] == n), None)
         row["seconds_vs_full"] = row["seconds"] / ref["seconds"] if ref else float("nan")
@@ -128,16 +136,19 @@ def main(argv=None) -> int:
     from memprobe.errors import MemprobeError
 
     args = parse_args(argv)
+    stem = args.out / (args.name or (NAME if args.tokens == 400 else f"{NAME}_T{args.tokens}"))
+
+    def save(result):  # the table and the curves so far
+        args.out.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame([{k: v for k, v in c.items() if k not in ("curve", "curve_steps")} for c in result["cells"]]) \
+            .to_csv(stem.with_suffix(".csv"), index=False)
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+
     try:
-        result = run(args)
+        result = run(args, save)
     except (MemprobeError, ValueError) as e:  # a bad --batch-sizes entry, a model that does not load
         print(f"error: {e}", file=sys.stderr)
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / (args.name or (NAME if args.tokens == 400 else f"{NAME}_T{args.tokens}"))
-    pd.DataFrame([{k: v for k, v in c.items() if k not in ("curve", "curve_steps")} for c in result["cells"]]) \
-        .to_csv(stem.with_suffix(".csv"), index=False)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     plot(result, stem.with_suffix(".png"))
     print(render(result))
     print(f"wrote {stem}.csv, .json, .png")
