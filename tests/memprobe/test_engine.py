@@ -566,6 +566,16 @@ def test_a_mini_batch_plateau_reads_the_measurement_a_window_back(make_tiny_mode
     assert (out.stop_reason, out.steps, out.recorded_steps) == ("plateau", 10, [0, 2, 4, 6, 8, 10])
 
 
+@pytest.mark.parametrize("objective", ["memft-ot", "memft-sw"])
+def test_memft_objectives_train_in_mini_batches(make_tiny_model, batch, objective):
+    """Their per-sample state and curriculum see each row by its id, whichever batch it falls in."""
+    model = make_tiny_model()
+    cfg = TrainConfig(steps=30, lr=5e-2, stop_p=None, plateau_window=1000, batch_size=2)
+    out, = train_cells(model, None, batch, [CellSpec(4, objective=objective)], BYPASS, cfg)
+    assert out.steps == 30 and out.recorded_steps == [*range(0, 30, 3), 30]
+    assert math.isfinite(out.curve[-1]) and out.curve[-1] < out.curve[0]
+
+
 def test_batch_size_is_a_positive_integer_or_none():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(MemprobeError, match="batch size"):
