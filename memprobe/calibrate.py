@@ -87,10 +87,7 @@ class CalibrationConfig:
         (as in `memprobe memorize`)."""
         if preset not in PRESETS:
             raise MemprobeError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        p = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-        for off in ("clip", "batch_size"):  # 0: none (no clipping, every row)
-            if p.get(off) == 0:
-                p[off] = None
+        p = TrainConfig.zero_means_none({**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
         if p.get("lr") is None:
             p["lr"] = default_lr(p["adapter"])
         adapter = AdapterSpec(kind=p.pop("adapter"), dropout=p.pop("dropout"), **p.pop("adapter_kwargs", {}))

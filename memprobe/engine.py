@@ -18,6 +18,7 @@ the cell: one forward of every row without gradient per pass does (`_train_loop_
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -453,11 +454,11 @@ def _train_loop_minibatch(prefix, adapters, cells, objectives, cfg, keep_state, 
             tl, hit = prefix.token_stats(G, share_prefix=share, rows=rows)
             tl, hit = tl.view(G, len(rows), -1), hit.view(G, len(rows), -1)
             progress = step / cfg.steps
+            rows_mask = b.mask[rows]
             loss = 0.0
             for g, i in enumerate(active):
-                # a curriculum's held-back rows stay out of the loss, as with full batches
-                mask = b.mask[rows]
-                if objectives[i].curriculum:
+                mask = rows_mask
+                if objectives[i].curriculum:  # its held-back rows stay out of the loss, as with full batches
                     mask = mask & objectives[i].curriculum_rows(rows, n, progress).to(mask.device)[:, None]
                 loss = loss + objectives[i].loss(tl[g], hit[g], mask, rows)
             loss.backward()
@@ -511,12 +512,8 @@ def _stop_reason(min_p: float, curve: list[float], ordered: list[float], step: i
 
 
 def _point_before(steps: list[int], step: int) -> int:
-    """Index of the last recorded point at or before `step` (the first point when none is)."""
-    j = 0
-    for k, s in enumerate(steps):
-        if s <= step:
-            j = k
-    return j
+    """Index of the last recorded point at or before `step` (the first point when none is); `steps` ascend."""
+    return max(0, bisect.bisect_right(steps, step) - 1)
 
 
 def _measure_eval(prefix, adapters, G, g) -> CellMetrics:

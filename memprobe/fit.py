@@ -388,8 +388,10 @@ def choose_form(cv: dict) -> str:
 def _clearly_better(a: dict, b: dict) -> bool:
     """a errs less than b on held-out EM beyond noise, or ties there and errs less on dL beyond noise."""
     for key in ("em_errors", "apes"):
-        d = np.asarray(a.get(key, []), dtype=float) - np.asarray(b.get(key, []), dtype=float) \
-            if len(a.get(key, [])) == len(b.get(key, [])) else np.array([])
+        ea, eb = (np.asarray(x.get(key, []), dtype=float) for x in (a, b))
+        if len(ea) != len(eb):  # not the same cells: no paired difference
+            continue
+        d = ea - eb
         d = d[np.isfinite(d)]
         if not len(d):
             continue

@@ -120,10 +120,8 @@ def settings_from_plan(plan: dict | None = None, *, rank: int | None = None, obj
     if lr is None and (calibrated is None or kind != base.adapter.kind):
         # no calibrated lr for this adapter: its measured default, not another adapter's
         budget_given["lr"] = default_lr(kind)
-    budget_kw = {k: pick(k, budget_given[k], getattr(base.budget, k)) for k in _BUDGET_FLAGS}
-    for off in ("clip", "batch_size"):
-        if budget_kw[off] == 0:
-            budget_kw[off] = None
+    budget_kw = TrainConfig.zero_means_none({k: pick(k, budget_given[k], getattr(base.budget, k))
+                                             for k in _BUDGET_FLAGS})
     try:
         recipe = base.replace(
             model=pick("model", model, base.model),

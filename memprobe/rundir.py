@@ -242,6 +242,13 @@ class TrainConfig:
         d["betas"] = list(self.betas)
         return d
 
+    OFF_AT_ZERO = ("clip", "batch_size")  # on the command line 0 means none: no clipping, every row
+
+    @classmethod
+    def zero_means_none(cls, values: dict) -> dict:
+        """`values` with the OFF_AT_ZERO settings given as 0 set to None."""
+        return {k: None if k in cls.OFF_AT_ZERO and v == 0 else v for k, v in values.items()}
+
     @classmethod
     def from_dict(cls, d, where: str = "budget") -> "TrainConfig":
         return cls(**_strict_kwargs(cls, d, where, cls._TYPES, optional=("clip", "stop_p", "batch_size")))

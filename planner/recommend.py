@@ -367,7 +367,7 @@ def budget_tradeoff(law: MemoryLaw, R: np.ndarray, tokens: int, target_em: float
     rows, floor = [], None
     for at in reversed((*[x for x in law.budget_laws if x.usable], law)):
         own, em = _smallest_rank(at, R, tokens, target_em, base_loss)
-        r = floor if own is not None and floor is not None and own < floor else own
+        r = own if own is None or floor is None else max(own, floor)
         if r != own:
             em = float(at.predict_em(r, tokens, base_loss))
         far = r is not None and octaves_outside(r, at.rank_range) > MAX_OCTAVES_OUTSIDE
