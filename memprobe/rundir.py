@@ -198,8 +198,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     stop_p: float | None = 0.9  # converged: every answer token has p >= stop_p (ordered phase with margin)
-    # plateau: loss fell by less than plateau_tol (relative) over this many measurements (steps; passes with
-    # mini-batches)
+    # plateau: loss fell by less than plateau_tol (of the smaller of the loss left and the loss gained) over this
+    # many measurements (steps; passes with mini-batches)
     plateau_window: int = 30
     plateau_tol: float = 0.01
     min_steps: int = 10

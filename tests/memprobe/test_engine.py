@@ -398,6 +398,18 @@ def test_a_plateau_needs_a_stalled_loss_and_no_newly_ordered_token():
     assert _stop_reason(0.95, flat, [1.0] * 5, 4, cfg) == "converged"
 
 
+def test_a_slow_first_descent_is_not_a_plateau_but_the_same_slope_near_zero_is():
+    from memprobe.engine import _stop_reason
+
+    cfg = TrainConfig(steps=100, stop_p=0.9, plateau_window=2, min_steps=0)
+    # random tokens at T = 1024: 0.1 nats per window at a loss of 11 (0.9 % of it) after 1 nat of progress
+    early = [12.0, 11.1, 11.05, 11.0]
+    assert _stop_reason(0.0, early, [0.0] * 4, 3, cfg) is None
+    # the same 0.9 % of the loss left, 11 nats down: the plateau
+    late = [12.0, 1.11, 1.105, 1.1]
+    assert _stop_reason(0.0, late, [0.5] * 4, 3, cfg) == "plateau"
+
+
 def test_a_curriculum_cell_does_not_plateau_before_it_trains_every_sample(make_tiny_model, batch):
     model = make_tiny_model()
     cfg = TrainConfig(steps=50, lr=1e-9, stop_p=0.9, plateau_window=5, min_steps=0)
