@@ -520,7 +520,7 @@ def _plateau_scale(curve: list[float], loss_left: float) -> float:
     """What the window's loss decrease is measured against: the smaller of the loss left and the loss gained so
     far. Against the loss left alone, a long answer's slow first descent reads as a plateau: random tokens at
     T = 1024 fall 0.09 nats per 30 steps at a loss of 11 (0.8 %), and ranks 4 and 8 stopped there at step ~100,
-    2 nats down, while the same cells at rank 16 went on to lose 10 nats by step 400. Against the loss gained,
+    2 nats down, while rank 16 on the same data went on to lose 10 nats by step 400. Against the loss gained,
     that window is 4.5 % of the progress so far: still descending. Late in a curve the loss left is the smaller,
     so a cell at its plateau near 0 stops as before."""
     gained = curve[0] - curve[-1]
