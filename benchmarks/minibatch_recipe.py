@@ -46,6 +46,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def parse_recipes(text: str) -> list[tuple[int, float | None]]:
+    """`--batch-sizes` as (rows per update, lr or None), read before any cell trains, so that a bad entry costs
+    nothing and writes nothing."""
+    recipes = []
+    for entry in text.split(","):
+        bs, _, lr = entry.strip().partition("@")
+        try:
+            recipes.append((int(bs), float(lr) if lr else None))
+        except ValueError:
+            raise ValueError(f"--batch-sizes entry {entry!r} is not ROWS or ROWS@LR (e.g. 4 or 4@0.003)") from None
+        if recipes[-1][0] < 0 or (recipes[-1][1] is not None and recipes[-1][1] <= 0):
+            raise ValueError(f"--batch-sizes entry {entry!r}: rows must be >= 0 and lr > 0")
+    return recipes
+
+
 def run(args, save=lambda result: None) -> dict:
     """Train every (recipe, rank) cell; `save` gets the result so far after each cell (a killed run keeps them)."""
     import torch
@@ -57,6 +72,7 @@ def run(args, save=lambda result: None) -> dict:
     from memprobe.models import load_model
     from memprobe.rundir import TrainConfig, default_lr
 
+    recipes = parse_recipes(args.batch_sizes)
     torch.manual_seed(0)
     m = load_model(args.model, device="cpu")
     ds = build_dataset("phonebook", m.tokenizer, args.tokens, seed=args.seed)
@@ -66,11 +82,9 @@ def run(args, save=lambda result: None) -> dict:
     base = prefix.measure_base()
     n = batch.n_rows
     rows = []
-    for recipe in args.batch_sizes.split(","):
-        bs, _, lr = recipe.partition("@")
-        bs = int(bs)
+    for bs, lr in recipes:
         per_pass = -(-n // bs) if 0 < bs < n else 1
-        cfg = TrainConfig(steps=args.passes * per_pass, lr=float(lr) if lr else args.lr or default_lr(adapter.kind),
+        cfg = TrainConfig(steps=args.passes * per_pass, lr=lr or args.lr or default_lr(adapter.kind),
                           stop_p=0.9, batch_size=bs if 0 < bs < n else None)
         for r in [int(x) for x in args.ranks.split(",")]:
             t0 = time.perf_counter()

@@ -30,7 +30,9 @@ def test_a_whole_run_on_a_tiny_model(model_dir, tmp_path, capsys):
     assert "batch" in capsys.readouterr().out
 
 
-def test_a_bad_recipe_is_one_line_and_exit_1(model_dir, capsys):
-    assert main(["--model", str(model_dir), "--tokens", "80", "--batch-sizes", "0,x"]) == 1
+def test_a_bad_recipe_is_one_line_and_exit_1_before_any_cell(model_dir, tmp_path, capsys):
+    assert main(["--model", str(model_dir), "--tokens", "80", "--batch-sizes", "0,x",
+                 "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ")
+    assert len(err) == 1 and err[0].startswith("error: ") and "'x'" in err[0]
+    assert not list(tmp_path.iterdir())  # the good entry before it trained nothing and wrote nothing
