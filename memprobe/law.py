@@ -62,6 +62,13 @@ def law_delta_loss(form: str, C, alpha, beta, b, r, T, L=None):
     u = np.maximum(u, 0.0)
     return L * u / (L + u)
 
+
+def physical_delta_loss(form: str, dL, L):
+    """A prediction of a physical form held to [0, L]: training neither raises the loss on its own data nor
+    takes it below zero. (The saturating form's paper term can go negative where a small rank meets a large T,
+    b < 0; fits read law_delta_loss unclipped, so their residuals keep a gradient there.)"""
+    return np.clip(dL, 0.0, L) if form in PHYSICAL_FORMS else dL
+
 # Used when the cells cannot identify the link (no exact_match column, or every EM is 0 or 1).
 # L50 = ln 2 / 2: half the sequences survive when the mean token sits at p ~ 0.71, well inside
 # the ordered phase (p > 0.5); k = 4 makes EM fall from ~0.99 at L = 0.1 to ~0.06 at L = ln 2.
@@ -349,7 +356,8 @@ class MemoryLaw:
         r = _positive_array("rank", rank)
         T = _positive_array("tokens", tokens)
         L = self.resolve_base_loss(base_loss) if self.form != "power" else None
-        return _scalar_or_array(law_delta_loss(self.form, *self.predicting_params, r, T, L))
+        dL = law_delta_loss(self.form, *self.predicting_params, r, T, L)
+        return _scalar_or_array(physical_delta_loss(self.form, dL, L))
 
     @property
     def predicting_params(self) -> tuple:
@@ -405,7 +413,7 @@ class MemoryLaw:
             z = _ERROR_Z.reshape((1, -1) + (1,) * len(shape))
             C = (C[:, None] * np.exp(self.model_error * z)).reshape((-1,) + (1,) * len(shape))
             a, be, b = (np.repeat(x, len(_ERROR_Z), axis=0) for x in (a, be, b))
-        dL = law_delta_loss(self.form, C, a, be, b, r, T, L)  # (n, *shape)
+        dL = physical_delta_loss(self.form, law_delta_loss(self.form, C, a, be, b, r, T, L), L)  # (n, *shape)
         lo, hi = np.quantile(dL, [(1 - level) / 2, (1 + level) / 2], axis=0)
         return _scalar_or_array(lo), _scalar_or_array(hi)
 

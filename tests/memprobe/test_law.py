@@ -13,6 +13,7 @@ from memprobe.law import (
     SCHEMA_VERSION,
     EMLink,
     MemoryLaw,
+    law_delta_loss,
     load_laws,
     save_laws,
 )
@@ -168,6 +169,18 @@ def test_predict_interval_brackets_the_estimate_and_widens_with_level():
         law.predict_interval(1, 10, level=1.0)
     with pytest.raises(MemprobeError, match="no bootstrap samples"):
         MemoryLaw(C=1, alpha=0.5, beta=0.5).predict_interval(1, 10)
+
+
+def test_a_physical_law_and_its_interval_stay_within_zero_and_the_base_loss():
+    # b < 0: the paper term goes negative at rank 1 and a large T, where the saturating form would
+    # predict a loss above the one before training
+    law = make_law(form="saturating", C=20.0, b=-3.0, model_error=0.5)
+    assert law_delta_loss("saturating", 20.0, 0.4, 0.45, -3.0, 1, 1e6, 14.0) < 0
+    assert law.predict(1, 1e6) == 0.0
+    lo, hi = law.predict_interval(np.array([1, 1e4]), np.array([1e6, 16]), level=0.9)
+    assert np.all(lo >= 0) and np.all(hi <= 14.0) and lo[0] == 0.0
+    power = make_law(b=-3.0)  # the paper's form is reported as fitted, unclipped
+    assert power.predict(1, 1e6) < 0
 
 
 # ---------------------------------------------------------------- validation, frozen
