@@ -89,8 +89,6 @@ def cache_dir() -> Path:
 
 def load_model(spec: str = "embedded", *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Load `spec` frozen for measurement. Raises MemprobeError (one line) when it cannot be loaded."""
-    import torch
-
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     _quiet_transformers()
