@@ -318,12 +318,15 @@ def curves_figure(cells: pd.DataFrame, curves: pd.DataFrame) -> Figure:
     fig = _new_figure(3.6 * len(sizes), 5.2)
     axes = fig.subplots(2, len(sizes), squeeze=False, sharex="col")
     by_cell = dict(tuple(curves.groupby("cell_id")))
+    drawn, missing = set(), []  # a cell trained before curves were recorded has none
     for j, T in enumerate(sizes):
         top, bottom = axes[0, j], axes[1, j]
         for _, cell in cells[cells["tokens"] == T].sort_values("rank").iterrows():
             c = by_cell.get(str(cell["cell_id"]))
             if c is None:
+                missing.append(f"r={_label(cell['rank'])}, T={_label(T)}")
                 continue
+            drawn.add(cell["rank"])
             c = c.sort_values("step")
             kw = dict(color=colour[cell["rank"]], lw=1.2)
             top.plot(c["step"], c["loss"].clip(lower=1e-4), label=f"r={_label(cell['rank'])}", **kw)
@@ -337,7 +340,9 @@ def curves_figure(cells: pd.DataFrame, curves: pd.DataFrame) -> Figure:
         if j == 0:
             top.set_ylabel("training loss (nats/token)")
             bottom.set_ylabel("exact match")
-    handles = [Line2D([], [], color=colour[r], label=f"r={_label(r)}") for r in ranks]
+    handles = [Line2D([], [], color=colour[r], label=f"r={_label(r)}") for r in ranks if r in drawn]
     handles += [Line2D([], [], color="k", ls="", marker=m, label=k) for k, m in marker.items()]
+    if missing:
+        handles.append(Line2D([], [], ls="", label="no curve:\n" + "\n".join(missing)))
     fig.legend(handles=handles, loc="outside right center", fontsize=8)
     return fig

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from memprobe.errors import MemprobeError
-from memprobe.plots import law_figure, phases_figure, plot_law, plot_phases
+from memprobe.plots import curves_figure, law_figure, phases_figure, plot_law, plot_phases
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LN2 = math.log(2.0)
@@ -199,3 +199,14 @@ def test_phases_figure_default_objective_is_the_one_with_most_ranks():
     assert ax.images[0].get_array().shape == (3, 15) and "memft-ot" in ax.get_title(loc="left")
     ax = phases_figure(cells, tokens, objective="sft").axes[0]
     assert ax.images[0].get_array().shape == (2, 15) and "sft" in ax.get_title(loc="left")
+
+
+def test_the_curves_legend_names_only_drawn_ranks_and_the_cells_without_a_curve():
+    cells = pd.DataFrame([dict(cell_id=f"r{r}", rank=r, tokens=64, stop_reason="budget") for r in (1, 2, 16)])
+    curves = pd.DataFrame([dict(cell_id=f"r{r}", step=s, loss=10.0 / (1 + s * r), exact_match=0.0)
+                           for r in (1, 2) for s in range(5)])
+    fig = curves_figure(cells, curves)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    plt.close(fig)
+    assert labels[:2] == ["r=1", "r=2"] and "r=16" not in labels
+    assert labels[-1] == "no curve:\nr=16, T=64"
