@@ -69,6 +69,7 @@ def physical_delta_loss(form: str, dL, L):
     b < 0; fits read law_delta_loss unclipped, so their residuals keep a gradient there.)"""
     return np.clip(dL, 0.0, L) if form in PHYSICAL_FORMS else dL
 
+
 # Used when the cells cannot identify the link (no exact_match column, or every EM is 0 or 1).
 # L50 = ln 2 / 2: half the sequences survive when the mean token sits at p ~ 0.71, well inside
 # the ordered phase (p > 0.5); k = 4 makes EM fall from ~0.99 at L = 0.1 to ~0.06 at L = ln 2.
