@@ -308,3 +308,28 @@ def test_the_quick_preset_takes_the_adapters_lr():
     assert CalibrationConfig.from_preset("quick", adapter="lora").train.lr == 1e-3
     assert CalibrationConfig.from_preset("quick", adapter="lora", lr=3e-3).train.lr == 3e-3
     assert CalibrationConfig.from_preset("paper", adapter="lora").train.lr == 1e-2  # the published recipe
+
+
+def test_without_a_terminal_progress_prints_plain_lines_with_an_eta(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from memprobe import calibrate
+    from memprobe.calibrate import Progress
+
+    monkeypatch.setattr(calibrate, "PLAIN_PROGRESS_EVERY_S", 0.0)
+    for terminal in (False, True):
+        out = io.StringIO()
+        p = Progress(Console(file=out, force_terminal=terminal, width=80))
+        p.start(n_cells=2, steps=10)
+        p.pack("T=64 seed=0 ranks=1,2")
+        for _ in range(3):
+            p.step(n_active=2)
+        p.stop()
+        lines = [x for x in out.getvalue().splitlines() if "elapsed" in x]
+        if terminal:  # the bars show it
+            assert not lines
+        else:
+            assert len(lines) == 3 and lines[-1].startswith("T=64 seed=0 ranks=1,2: step 3/10; all cells 30%")
+            assert "ETA" in lines[-1] and len(lines[-1]) <= 80
