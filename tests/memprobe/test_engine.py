@@ -410,6 +410,18 @@ def test_a_slow_first_descent_is_not_a_plateau_but_the_same_slope_near_zero_is()
     assert _stop_reason(0.0, late, [0.5] * 4, 3, cfg) == "plateau"
 
 
+def test_one_spike_is_not_a_plateau_but_no_new_best_over_the_window_is():
+    from memprobe.engine import _stop_reason
+
+    cfg = TrainConfig(steps=100, stop_p=0.9, plateau_window=3, min_steps=0)
+    # descending 3 % per step, then one step up past where the window began (rank 16, T = 1024, step 577)
+    spike = [12.0, 1.30, 1.26, 1.22, 1.18, 1.33]
+    assert _stop_reason(0.0, spike, [0.30, 0.33, 0.36, 0.39, 0.40, 0.35], 5, cfg) is None
+    # no new best by the tolerance for a whole window: the plateau, whatever the last point does
+    stalled = [12.0, 1.18, 1.20, 1.19, 1.185, 1.25]
+    assert _stop_reason(0.0, stalled, [0.40, 0.40, 0.39, 0.40, 0.40, 0.38], 5, cfg) == "plateau"
+
+
 def test_a_curriculum_cell_does_not_plateau_before_it_trains_every_sample(make_tiny_model, batch):
     model = make_tiny_model()
     cfg = TrainConfig(steps=50, lr=1e-9, stop_p=0.9, plateau_window=5, min_steps=0)
