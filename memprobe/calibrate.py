@@ -14,6 +14,7 @@ to a run directory as it goes (its files are defined in memprobe.rundir), then t
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -474,7 +475,7 @@ class Progress:
             self._p.console.print(self.plain_line(), highlight=False)
 
     def plain_line(self) -> str:
-        """`T=256 seed=0 ranks=1,2,4: step 120/400; all cells 31 %, 2:05 elapsed, ETA 4:38`."""
+        """`T=256 seed=0 ranks=1,2,4: step 120/400; all cells 31%, 0:02:05 elapsed, ETA 0:04:38`."""
         pack, overall = self._p.tasks[self._pack], self._p.tasks[self._overall]
         share = overall.completed / overall.total if overall.total else 0.0
         return (f"{pack.description}: step {pack.completed:.0f}/{pack.total:.0f}; all cells {share:.0%}, "
@@ -490,8 +491,5 @@ class Progress:
 
 
 def _clock(seconds: float | None) -> str:
-    """h:mm:ss as rich's bars show time; '-' while there is no estimate yet."""
-    if seconds is None:
-        return "-"
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+    """h:mm:ss as rich's time columns write it (a timedelta); '-' while there is no estimate yet."""
+    return "-" if seconds is None else str(datetime.timedelta(seconds=int(seconds)))
