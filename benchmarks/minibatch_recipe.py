@@ -11,6 +11,10 @@ rank measured in the same run.
 
     .venv/bin/python benchmarks/minibatch_recipe.py                      # ~20 min on an idle 2-core CPU
     .venv/bin/python benchmarks/minibatch_recipe.py --tokens 40 --ranks 1 --passes 30   # smoke run, ~1 min
+    .venv/bin/python benchmarks/minibatch_recipe.py --data random --tokens 256 --batch-sizes 0,0@0.03 --ranks 1,2,4
+
+The last compares learning rates on random tokens (one row, so every recipe is a full batch): 0@LR trains at LR,
+set against the first plain 0 (the adapter's default lr) of the same rank.
 
 Each finished cell is written at once (CSV, JSON), so a run stopped part-way keeps what it measured.
 
@@ -33,7 +37,9 @@ NAME = "minibatch_recipe"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=400, help="PhoneBook answer tokens (10 per row)")
+    p.add_argument("--data", choices=("phonebook", "random"), default="phonebook",
+                   help="phonebook (10 answer tokens a row) or random (one row: batch 0 only, lrs with 0@LR)")
+    p.add_argument("--tokens", type=int, default=400, help="answer tokens")
     p.add_argument("--ranks", default="1,2,8")
     p.add_argument("--batch-sizes", default="0,8,4",
                    help="rows per update, 0 = every row (the baseline, listed first); B@LR trains B-row batches at LR")
@@ -75,7 +81,7 @@ def run(args, save=lambda result: None) -> dict:
     recipes = parse_recipes(args.batch_sizes)
     torch.manual_seed(0)
     m = load_model(args.model, device="cpu")
-    ds = build_dataset("phonebook", m.tokenizer, args.tokens, seed=args.seed)
+    ds = build_dataset(args.data, m.tokenizer, args.tokens, seed=args.seed)
     batch = make_batch(ds.sequences, pad_id=getattr(m.tokenizer, "pad_token_id", None) or 0)
     adapter = AdapterSpec()
     prefix, params_per_rank = prepare_prefix(m.model, batch, adapter)
@@ -108,12 +114,18 @@ def _result(ds, n: int, params_per_rank: int, args, rows: list[dict]) -> dict:
         ref = next((x for x in rows if x["rank"] == row["rank"] and x["batch_size"] == n), None)
         row["seconds_vs_full"] = row["seconds"] / ref["seconds"] if ref else float("nan")
         row["delta_loss_vs_full"] = row["delta_loss"] / ref["delta_loss"] if ref else float("nan")
-    return {"tokens": ds.n_answer_tokens, "n_rows": n, "params_per_rank": params_per_rank,
+    return {"data": args.data, "tokens": ds.n_answer_tokens, "n_rows": n, "params_per_rank": params_per_rank,
             "passes_cap": args.passes, "seed": args.seed, "cells": rows}
 
 
+def _title(result: dict) -> str:
+    data = {"phonebook": "PhoneBook", "random": "random tokens"}[result.get("data", "phonebook")]
+    n = result["n_rows"]
+    return f"{data} T={result['tokens']} ({n} row{'s' if n != 1 else ''})"
+
+
 def render(result: dict) -> str:
-    lines = [f"PhoneBook T={result['tokens']} ({result['n_rows']} rows), to the plateau",
+    lines = [f"{_title(result)}, to the plateau",
              f"{'rank':>4} {'batch':>5} {'lr':>6} {'passes':>6} {'updates':>7} {'sec':>5} {'x full':>6} "
              f"{'dL':>6} {'x full':>6} {'EM':>5}  stop"]
     for c in result["cells"]:
@@ -138,7 +150,7 @@ def plot(result: dict, path: Path) -> None:
             ax.semilogy(passes, c["curve"], label=f"batch {c['batch_size']}, lr {c['lr']:g} ({c['seconds']:.0f} s)")
         ax.set(title=f"rank {r}", xlabel="passes over the data", ylabel="loss per answer token")
         ax.legend(fontsize=8)
-    fig.suptitle(f"PhoneBook T={result['tokens']}: full batch vs mini-batches, to the plateau")
+    fig.suptitle(f"{_title(result)}: recipes to the plateau")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -150,7 +162,8 @@ def main(argv=None) -> int:
     from memprobe.errors import MemprobeError
 
     args = parse_args(argv)
-    stem = args.out / (args.name or (NAME if args.tokens == 400 else f"{NAME}_T{args.tokens}"))
+    default_stem = NAME if (args.data, args.tokens) == ("phonebook", 400) else f"{NAME}_{args.data}_T{args.tokens}"
+    stem = args.out / (args.name or default_stem)
 
     def save(result):  # the table and the curves so far
         args.out.mkdir(parents=True, exist_ok=True)

@@ -36,3 +36,14 @@ def test_a_bad_recipe_is_one_line_and_exit_1_before_any_cell(model_dir, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "'x'" in err[0]
     assert not list(tmp_path.iterdir())  # the good entry before it trained nothing and wrote nothing
+
+
+def test_random_tokens_compare_learning_rates_against_the_default(model_dir, tmp_path, capsys):
+    code = main(["--model", str(model_dir), "--data", "random", "--tokens", "24", "--ranks", "1",
+                 "--batch-sizes", "0,0@0.03", "--passes", "3", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    cells = pd.read_csv(tmp_path / "minibatch_recipe_random_T24.csv")
+    assert cells["batch_size"].tolist() == [1, 1] and cells["lr"].tolist() == [0.01, 0.03]
+    assert cells["seconds_vs_full"].iloc[0] == 1.0 and cells["delta_loss"].iloc[1] != cells["delta_loss"].iloc[0]
+    assert json.loads((tmp_path / "minibatch_recipe_random_T24.json").read_text())["data"] == "random"
+    assert "random tokens T=24" in capsys.readouterr().out
