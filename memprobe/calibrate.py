@@ -31,16 +31,20 @@ from memprobe.rundir import (CELL_COLUMNS, CURVE_COLUMNS, OBJECTIVES, TOKEN_COLU
                              Recipe, TrainConfig, default_lr, is_saturated)
 
 # Presets. quick: the embedded 135M model on a 2-core CPU, cells trained to their plateau. Measured on it (AdamW,
-# constant lr 1e-2, no clipping): converged, a rank-1 bypass holds 48 random tokens (EM 1 by step 221), so a
-# law's non-saturated cells start at T = 64 for r = 1, 128 for r = 2 and 256 for r = 4. T = 64, 128, 256 x
-# r = 1, 2, 4 is the smallest grid with the 6 such cells a law of 4 parameters needs (3 sizes, for the
-# leave-one-T-out choice of form); at 400 steps it trains in about 15 min. Fewer steps stop the cells
-# before their plateau; 100 steps measured how far 100 steps get, not what a rank holds.
-# Its lr is the adapter's (memprobe.rundir.default_lr: 1e-2 for the bypass, 1e-3 for LoRA on every layer).
+# constant lr, no clipping): converged, a rank-1 bypass holds 48 random tokens (EM 1 by step 221), so a law's
+# non-saturated cells start at T = 64 for r = 1, 128 for r = 2 and 256 for r = 4. T = 64, 128, 256 x r = 1, 2, 4
+# is the smallest grid with the 6 such cells a law of 4 parameters needs (3 sizes, for the leave-one-T-out
+# choice of form). Its lr, 3e-2 for the bypass, is measured (benchmarks/minibatch_recipe.py --data random
+# --tokens 256 --batch-sizes 0,0@0.03): at the same cost per step it reaches the loss that 1e-2 reaches at step
+# 400 by steps 169-235 (ranks 4..1), with no more spikes; so 250 steps at 3e-2 get as far as 400 at 1e-2, and
+# the grid trains in about 9 min instead of 15. Fewer steps stop the cells before their plateau; 100 steps
+# measured how far 100 steps get, not what a rank holds. Other adapters take their own lr
+# (memprobe.rundir.default_lr: 1e-3 for LoRA on every layer, chaotic at 1e-2).
 # paper: the public code's recipe for 8B models on a GPU (lr 1e-2 with linear decay, clip 1.0, dropout 0.1).
 PRESETS: dict[str, dict] = {
     "quick": dict(data="random", adapter="mlp-bypass", ranks=(1, 2, 4), tokens=(64, 128, 256), seeds=(0,),
-                  objectives=("sft",), steps=400, lr=None, schedule="constant", clip=None, dropout=0.0),
+                  objectives=("sft",), steps=250, lr=None, adapter_lr={"mlp-bypass": 3e-2}, schedule="constant",
+                  clip=None, dropout=0.0),
     "paper": dict(data="random", adapter="mlp-bypass", ranks=(1, 2, 4, 8, 16, 32, 64),
                   tokens=(256, 512, 1024, 2048, 4096), seeds=(0,), objectives=("sft",), steps=300, lr=1e-2,
                   schedule="linear", clip=1.0, dropout=0.1),
@@ -89,8 +93,9 @@ class CalibrationConfig:
         if preset not in PRESETS:
             raise MemprobeError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         p = TrainConfig.zero_means_none({**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+        adapter_lr = p.pop("adapter_lr", {})  # the preset's measured lr per adapter kind, else the adapter's
         if p.get("lr") is None:
-            p["lr"] = default_lr(p["adapter"])
+            p["lr"] = adapter_lr.get(p["adapter"]) or default_lr(p["adapter"])
         adapter = AdapterSpec(kind=p.pop("adapter"), dropout=p.pop("dropout"), **p.pop("adapter_kwargs", {}))
         train_keys = ("steps", "lr", "schedule", "clip", "stop_p", "warmup", "batch_size")
         train = TrainConfig(**{k: p.pop(k) for k in train_keys if k in p})

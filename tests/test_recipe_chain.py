@@ -22,7 +22,7 @@ ADAPTERS = {
 }
 # every budget setting away from its default, so a setting that is dropped on the way shows
 # (and enough training that the cells identify a law: the planner refuses one they cannot)
-BUDGET = ["--steps", "12", "--lr", "0.03", "--schedule", "linear", "--clip", "0.5", "--dropout", "0.05",
+BUDGET = ["--steps", "12", "--lr", "0.025", "--schedule", "linear", "--clip", "0.5", "--dropout", "0.05",
           "--stop-p", "0.95"]
 
 

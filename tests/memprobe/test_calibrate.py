@@ -298,10 +298,12 @@ def test_the_curves_are_plotted(calibrated):
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-def test_the_quick_preset_takes_the_adapters_lr():
+def test_the_quick_preset_takes_its_measured_lr_for_the_bypass_and_the_adapters_for_lora():
     from memprobe.calibrate import CalibrationConfig
 
-    assert CalibrationConfig.from_preset("quick").train.lr == 1e-2
+    assert CalibrationConfig.from_preset("quick").train.lr == 3e-2
+    assert CalibrationConfig.from_preset("quick").train.steps == 250
+    assert CalibrationConfig.from_preset("quick", lr=1e-2).train.lr == 1e-2
     assert CalibrationConfig.from_preset("quick").train.batch_size is None  # one row: nothing to split
     assert CalibrationConfig.from_preset("quick", batch_size=8).recipe().budget.batch_size == 8
     assert CalibrationConfig.from_preset("quick", batch_size=0).train.batch_size is None
