@@ -119,9 +119,9 @@ def test_bad_input_is_one_line_and_exit_1(model_dir, tmp_path, capsys, args, fra
 def test_a_run_directory_of_another_recipe_is_refused(json_run, model_dir, capsys):
     _, run_dir = json_run
     cells = (run_dir / "cells.csv").read_bytes()
-    code = main(["calibrate", "--model", str(model_dir), *GRID, "--lr", "0.03", "--out", str(run_dir)])
+    code = main(["calibrate", "--model", str(model_dir), *GRID, "--lr", "0.02", "--out", str(run_dir)])
     assert_one_line_error(code, capsys.readouterr().err, str(run_dir), "different calibration",
-                          "differs in: budget.lr: 0.01 -> 0.03", "--fresh")
+                          "differs in: budget.lr: 0.03 -> 0.02", "--fresh")
     assert (run_dir / "cells.csv").read_bytes() == cells
 
 
