@@ -38,7 +38,7 @@ from memprobe.errors import MemprobeError  # noqa: E402
 from memprobe.law import MemoryLaw, law_delta_loss  # noqa: E402
 from memprobe.rundir import is_saturated, read_cells  # noqa: E402
 
-REPEATABILITY = 0.04  # a cell's dL from seed to seed (see the docstring): laws fitting closer are indistinguishable
+REPEATABILITY = fit.SEED_SPREAD  # a cell's dL from seed to seed: laws fitting closer are indistinguishable
 N_OFFSETS = 41
 TARGET_MAPE = 0.10  # the plan-accuracy target, drawn on the plot
 
@@ -58,32 +58,6 @@ def load_run(run: Path):
     return read_cells(cal / "cells.csv"), MemoryLaw.load(cal / "law.json"), heldout
 
 
-def fit_with_offset(form: str, b: float, c: fit.CellArrays, start) -> tuple[np.ndarray, float]:
-    """(C, alpha, beta, b) of `form` with b held at `b`, fitted to the non-saturated cells as the law is (same
-    weights, same bounds), and its in-sample dL MAPE. Several starts: with b held, the cost is not convex."""
-    from scipy.optimize import least_squares
-
-    u = c.used
-    r, T, L, y = c.r[u], c.T[u], c.L[u], c.y[u]
-    w = 1.0 / fit._sigma(y)
-
-    def residual(x):
-        return fit._residual_form((*x, b), form, r, T, L, y, w)
-
-    def jacobian(x):
-        return fit._jacobian_form((*x, b), form, r, T, L, y, w)[:, :3]
-
-    best = None
-    for a0 in (0.5 * start[1], start[1], 2.0 * start[1]):
-        x0 = np.clip([start[0], a0, start[2] * a0 / start[1]], fit.BOUNDS_LO[:3], fit.BOUNDS_HI[:3])
-        sol = least_squares(residual, x0, jac=jacobian, bounds=(fit.BOUNDS_LO[:3], fit.BOUNDS_HI[:3]),
-                            method="trf", x_scale="jac", max_nfev=fit.MAX_NFEV)
-        if best is None or sol.cost < best.cost:
-            best = sol
-    theta = np.array([*best.x, b])
-    return theta, heldout_mape(form, theta, r, T, L, y)[0]
-
-
 def heldout_mape(form: str, theta, r, T, L, y) -> tuple[float, np.ndarray]:
     """dL MAPE of a law on cells, and each cell's signed relative error (predicted / measured - 1)."""
     err = law_delta_loss(form, *theta, r, T, L) / y - 1.0
@@ -98,9 +72,11 @@ def live_arrays(cells):
 
 
 def profile(form: str, c: fit.CellArrays, start, heldout: dict, offsets) -> list[dict]:
+    u = c.used
     rows = []
     for b in offsets:
-        theta, ins = fit_with_offset(form, float(b), c, start)
+        theta = fit.fit_with_offset(form, float(b), c.r[u], c.T[u], c.L[u], c.y[u], start)
+        ins = heldout_mape(form, theta, c.r[u], c.T[u], c.L[u], c.y[u])[0]
         row = {"form": form, "b": float(b), "C": float(theta[0]), "alpha": float(theta[1]),
                "beta": float(theta[2]), "in_sample_mape": ins, "consistent": bool(ins <= REPEATABILITY)}
         for T, cells in heldout.items():
@@ -113,13 +89,12 @@ def profile(form: str, c: fit.CellArrays, start, heldout: dict, offsets) -> list
     return rows
 
 
-def summarize(rows: list[dict], heldout: dict, fitted: dict) -> dict:
-    """Per form and held-out T: the range of held-out MAPE over the laws the cells cannot reject, and the fitted
-    law's own."""
+def summarize(rows: list[dict], heldout: dict) -> dict:
+    """Per form and held-out T: the range of held-out MAPE over the laws the cells cannot reject."""
     out = {}
     for form in dict.fromkeys(r["form"] for r in rows):
         ok = [r for r in rows if r["form"] == form and r["consistent"]]
-        out[form] = {"fitted": fitted[form], "n_consistent": len(ok),
+        out[form] = {"n_consistent": len(ok),
                      "b_consistent": [min(r["b"] for r in ok), max(r["b"] for r in ok)] if ok else None}
         for T in heldout:
             vals = [r[f"heldout_T{T}_mape"] for r in ok if f"heldout_T{T}_mape" in r]
@@ -169,12 +144,19 @@ def run(run_dir: Path, add=None) -> dict:
         raise MemprobeError(f"{int(c.used.sum())} non-saturated calibration cells: nothing to profile (need 4)")
     u = c.used
     theta_p = fit.fit_params(c.r[u], c.T[u], c.y[u])[0]
-    thetas = {"power": theta_p, law.form: np.asarray(law.form_params, float)}
-    fitted = {}
-    for form, th in thetas.items():
-        fitted[form] = {"b": float(th[3]), "in_sample_mape": heldout_mape(form, th, c.r[u], c.T[u], c.L[u], c.y[u])[0],
-                        **{f"T{T}": heldout_mape(form, th, *live_arrays(cells))[0]
-                           for T, cells in heldout.items() if len(live_arrays(cells)[0])}}
+    theta_f = np.asarray(law.form_params, float)
+    free = fit._refit_fast(c.r[u], c.T[u], c.y[u], theta_p, law.form, c.L[u])  # as fit_law starts the form
+    chosen = (law.fit_stats.get("predicting") or {}).get("offset")
+    # the laws the fit made: the paper's; the predicting form's free fit and, where the fit chose b by
+    # extrapolation, the law it predicts with
+    made = {"power": [("the fit", theta_p)],
+            law.form: [("free fit", free), ("b by extrapolation", theta_f)] if chosen else [("the fit", theta_f)]}
+    fitted = {form: [{"label": label, "b": float(th[3]),
+                      "in_sample_mape": heldout_mape(form, th, c.r[u], c.T[u], c.L[u], c.y[u])[0],
+                      **{f"T{T}": heldout_mape(form, th, *live_arrays(cells))[0]
+                         for T, cells in heldout.items() if len(live_arrays(cells)[0])}} for label, th in laws]
+              for form, laws in made.items()}
+    thetas = {form: laws[0][1] for form, laws in made.items()}
     span = float(np.max(np.abs(c.y[u])))
     rows = []
     for form, th in thetas.items():
@@ -183,7 +165,7 @@ def run(run_dir: Path, add=None) -> dict:
     return {"run": str(run_dir), "added": None if add is None else {"tokens": add[0], "ranks": add[1]},
             "name": results_name(add), "predicting_form": law.form, "repeatability": REPEATABILITY,
             "heldout_T": sorted(heldout), "n_cells": int(u.sum()), "fitted": fitted,
-            "summary": summarize(rows, heldout, fitted), "profile": rows}
+            "summary": summarize(rows, heldout), "profile": rows}
 
 
 def results_name(add) -> str:
@@ -217,7 +199,8 @@ def write(doc: dict, out: Path) -> None:
         ax.plot(b, [r["in_sample_mape"] for r in rows], "k-", label=f"in sample ({doc['n_cells']} cells)")
         for T in Ts:
             ax.plot(b, [r.get(f"heldout_T{T}_mape", np.nan) for r in rows], "-", label=f"held out, T = {T}")
-        ax.axvline(doc["fitted"][form]["b"], color="k", ls="--", lw=0.8, label="the fit's b")
+        for made, ls in zip(doc["fitted"][form], ("--", "-.")):
+            ax.axvline(made["b"], color="k", ls=ls, lw=0.8, label=f"{made['label']}: b = {made['b']:.2f}")
         ax.axhline(TARGET_MAPE, color="r", ls=":", lw=0.8, label=f"target {TARGET_MAPE:.0%}")
         ax.set_ylim(0, 0.5)
         ax.set_xlabel("offset b (held), C, alpha, beta refitted")
@@ -242,9 +225,10 @@ def render(doc: dict) -> str:
              "cannot be told apart by them",
              f"{'form':<11} {'dL MAPE of':<22}" + "".join(f"{'T=' + str(T):>10}" for T in Ts)]
     for form, s in doc["summary"].items():
-        f = doc["fitted"][form]
-        fitted = f"the fit, b={f['b']:.2f}"
-        lines.append(f"{form:<11} {fitted:<22}" + "".join(f"{f.get(f'T{T}', float('nan')):>10.1%}" for T in Ts))
+        for i, f in enumerate(doc["fitted"][form]):
+            made = f"{f['label']}, b={f['b']:.2f}"
+            lines.append(f"{form if i == 0 else '':<11} {made:<22}"
+                         + "".join(f"{f.get(f'T{T}', float('nan')):>10.1%}" for T in Ts))
         if s["b_consistent"]:
             lo, hi = s["b_consistent"]
             laws = f"{s['n_consistent']} laws, b {lo:.1f}..{hi:.1f}"

@@ -186,6 +186,11 @@ def render_quality(fit) -> Table:
         ho = pred.get("holdout") or {}
         t.add_row("predicts with", f"{law.form}: MAPE {_pct(pred.get('mape'))} in sample, "
                   f"{_pct(ho.get('mape'))} on the largest T held out; model error x{math.exp(law.model_error):.2f}")
+        off = pred.get("offset")
+        if off:  # the offset was chosen on the largest T's cells, so its error there is not out of sample
+            t.add_row("offset b", f"{off['b']:.3g}, the law's that best extrapolates to T={off['tokens']:g} from the "
+                      f"smaller T ({_pct(off['extrapolation_mape'])}; the free fit's b = {off['free_b']:.3g}: "
+                      f"{_pct(off['free_extrapolation_mape'])})")
     t.add_row("usable", "yes" if law.usable else "no: " + "; ".join(law.unusable_reasons))
     return t
 

@@ -517,3 +517,68 @@ def test_a_run_with_curves_fits_its_em_link_on_them(tmp_path):
     link = fits["sft"].law.em_link
     assert "training states" in link.note
     assert link.with_answer_length(256)(0.8) > 0.9 and link.with_answer_length(256)(2.0) < 0.1
+
+
+# ---------------------------------------------------------------- the offset, chosen by extrapolation
+
+
+def cells_of_law(theta, ranks, tokens, L=13.0) -> pd.DataFrame:
+    from memprobe.law import law_delta_loss
+
+    r, T = (np.array(v, dtype=float).ravel() for v in np.meshgrid(ranks, tokens))
+    return pd.DataFrame({"rank": r, "tokens": T, "loss_before": L,
+                         "loss_after": L - law_delta_loss("saturating", *theta, r, T, L)})
+
+
+def test_on_cells_without_noise_the_offset_chosen_is_the_true_one():
+    from memprobe.fit import OFFSET_GRID, offset_by_extrapolation
+
+    true = (2000.0, 1.4, 1.3, 2.0)
+    cells = cells_of_law(true, [1, 2, 4], [64, 128, 256, 512])
+    c = cells[cells["loss_after"] > math.log(2)]  # the non-saturated cells, as a fit uses
+    r, T, L = (c[k].to_numpy(float) for k in ("rank", "tokens", "loss_before"))
+    y = L - c["loss_after"].to_numpy(float)
+    start = np.array([1500.0, 1.2, 1.1, 3.0])  # a free fit that has not found the law
+    theta, record = offset_by_extrapolation("saturating", r, T, L, y, start)
+    span = float(np.max(y))
+    step = 1.5 * span / (OFFSET_GRID - 1)
+    assert abs(record["b"] - true[3]) <= step  # the grid point nearest the truth, or its neighbour
+    assert record["extrapolation_mape"] < 0.05 < record["free_extrapolation_mape"]
+    assert record["tokens"] == 512 and record["free_b"] == 3.0
+
+
+def test_the_offset_is_left_to_the_free_fit_where_the_smaller_sizes_cannot_fit_three_parameters():
+    from memprobe.fit import offset_by_extrapolation
+
+    cells = cells_of_law((2000.0, 1.4, 1.3, 2.0), [1, 2], [64, 128])  # one T below the largest: 2 cells
+    r, T, L = (cells[k].to_numpy(float) for k in ("rank", "tokens", "loss_before"))
+    y = L - cells["loss_after"].to_numpy(float)
+    start = np.array([2000.0, 1.4, 1.3, 2.0])
+    theta, record = offset_by_extrapolation("saturating", r, T, L, y, start)
+    assert record is None and np.array_equal(theta, start)
+
+
+def test_on_the_reference_calibration_the_offset_extrapolates_better_than_the_free_fit():
+    """The shipped reference cells (random tokens, T = 64..256): six non-saturated cells, whose in-sample error
+    is flat along b. The law predicts with the offset whose fit to T = 64, 128 best predicts T = 256, and stays
+    within a cell's seed spread in sample."""
+    from memprobe.fit import SEED_SPREAD
+
+    cells = read_cells(ROOT / "data_fixtures" / "reference" / "smollm2-135m" / "cells.csv")
+    law = fit_law(cells, n_bootstrap=0).law
+    off = law.fit_stats["predicting"]["offset"]
+    assert off["tokens"] == 256 and off["n_cells"] == 3
+    assert off["extrapolation_mape"] < off["free_extrapolation_mape"] and off["b"] != off["free_b"]
+    assert law.form_params[3] == off["b"]
+    assert law.fit_stats["predicting"]["mape"] <= SEED_SPREAD
+
+
+def test_the_extrapolation_check_is_on_the_largest_size_with_three_cells():
+    """A bracket round adds a cell or two at a large T: one cell would choose the offset alone."""
+    from memprobe.fit import _check_size
+
+    r = np.array([1, 1, 2, 1, 2, 4, 8], dtype=float)
+    T = np.array([64, 128, 128, 256, 256, 256, 512], dtype=float)
+    assert _check_size(r, T) == 256
+    assert _check_size(np.append(r, [16, 32]), np.append(T, [512, 512])) == 512
+    assert _check_size(r[:3], T[:3]) is None  # 2 cells at 128, 1 below it
