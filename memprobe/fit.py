@@ -275,8 +275,11 @@ def _identifiable(r, T) -> bool:
     return len(np.unique(r)) >= 2 and len(np.unique(T)) >= 2
 
 
-def bootstrap_samples(r, T, y, theta, n_bootstrap: int, seed: int, form: str = "power", L=None) -> np.ndarray:
-    """(n_bootstrap, 4) parameter draws from refits on cells resampled with replacement."""
+def bootstrap_samples(r, T, y, theta, n_bootstrap: int, seed: int, form: str = "power", L=None,
+                      noise: float = 0.0) -> np.ndarray:
+    """(n_bootstrap, 4) parameter draws from refits on cells resampled with replacement. With `noise`, each
+    resampled cell's dL is also scaled by exp(N(0, noise)): the seed-to-seed spread of a cell, which the cells of
+    one seed cannot show (resampling six cells moves a law less than training them again does)."""
     rng = np.random.default_rng(seed)
     n = len(y)
     out = []
@@ -288,7 +291,8 @@ def bootstrap_samples(r, T, y, theta, n_bootstrap: int, seed: int, form: str = "
         else:
             continue
         # a resample that repeats few cells can be near-degenerate: a short budget keeps one from costing seconds
-        out.append(_refit_fast(r[idx], T[idx], y[idx], theta, form, None if L is None else L[idx], BOOTSTRAP_NFEV))
+        y_b = y[idx] * np.exp(rng.normal(0.0, noise, n)) if noise else y[idx]
+        out.append(_refit_fast(r[idx], T[idx], y_b, theta, form, None if L is None else L[idx], BOOTSTRAP_NFEV))
     return np.asarray(out, dtype=float).reshape(-1, N_PARAMS)
 
 
@@ -615,6 +619,10 @@ def _single_value(cells: pd.DataFrame, col: str) -> str | None:
     return str(values[0]) if len(values) == 1 else None
 
 
+def _n_seeds(cells: pd.DataFrame) -> int:
+    return int(cells["seed"].nunique()) if "seed" in cells.columns else 1
+
+
 def _params_per_rank(cells: pd.DataFrame) -> float | None:
     if "trainable_params" not in cells.columns:
         return None
@@ -768,12 +776,15 @@ def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int
                         "by held-out error and the intervals carry no model error")
 
     # the paper form's draws give its parameters' intervals; the predicting form's, the prediction intervals
-    def draws(th, *form_and_L):
-        return bootstrap_samples(r_u, T_u, y, th, n_bootstrap, seed, *form_and_L) if n_bootstrap \
+    def draws(th, *form_and_L, noise=0.0):
+        return bootstrap_samples(r_u, T_u, y, th, n_bootstrap, seed, *form_and_L, noise=noise) if n_bootstrap \
             else np.zeros((0, N_PARAMS))
 
     ci = _parameter_ci(theta_p, stderr, draws(theta_p), ci_level, n_bootstrap, warnings)
-    samples = draws(theta, form, L_u)
+    # the prediction intervals carry the seed-to-seed spread: resampled where the cells hold several seeds,
+    # else the measured spread put onto the one seed's cells
+    noise = 0.0 if _n_seeds(cells[used]) > 1 else SEED_SPREAD
+    samples = draws(theta, form, L_u, noise=noise)
 
     reasons = unusable_reasons(theta_p, int(used.sum()), r_u, T_u, y)
     if reasons:
@@ -793,7 +804,7 @@ def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int
         samples=tuple(map(tuple, samples.tolist())),
         fit_stats={
             "r2": r2, "mape": mape, "n_used": int(used.sum()), "n_excluded": int(saturated.sum()),
-            "n_bootstrap": n_bootstrap, "seed": seed, "holdout": None if ho_p is None else ho_p.to_dict(),
+            "n_bootstrap": n_bootstrap, "seed": seed, "bootstrap_noise": noise, "holdout": None if ho_p is None else ho_p.to_dict(),
             "forms": {f: None if c is None else {"heldout_mape": c["mape"], "heldout_cells": c["n_cells"],
                                                  **({"heldout_em_error": c["em_error"], "heldout_em_cells":
                                                      c["em_cells"]} if "em_error" in c else {})}

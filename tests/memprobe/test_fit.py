@@ -582,3 +582,28 @@ def test_the_extrapolation_check_is_on_the_largest_size_with_three_cells():
     assert _check_size(r, T) == 256
     assert _check_size(np.append(r, [16, 32]), np.append(T, [512, 512])) == 512
     assert _check_size(r[:3], T[:3]) is None  # 2 cells at 128, 1 below it
+
+
+def test_one_seed_s_intervals_carry_the_measured_seed_spread():
+    """Six cells of one seed, resampled, move a law less than training them again does: the prediction draws
+    also put a cell's measured seed-to-seed spread onto each resample, and the 4x interval widens."""
+    from memprobe.fit import SEED_SPREAD, bootstrap_samples
+    from memprobe.law import law_delta_loss
+
+    cells = read_cells(ROOT / "data_fixtures" / "reference" / "smollm2-135m" / "cells.csv")
+    law = fit_law(cells, n_bootstrap=50).law
+    assert law.fit_stats["bootstrap_noise"] == SEED_SPREAD
+    live = cells[cells["loss_after"] > math.log(2)]
+    r, T, L = (live[k].to_numpy(float) for k in ("rank", "tokens", "loss_before"))
+    y = L - live["loss_after"].to_numpy(float)
+
+    def spread(noise):
+        S = bootstrap_samples(r, T, y, np.asarray(law.form_params), 100, 0, law.form, L, noise=noise)
+        pred = law_delta_loss(law.form, S[:, 0], S[:, 1], S[:, 2], S[:, 3], 8.0, 1024.0, 13.0)
+        return float(np.subtract(*np.quantile(pred, [0.95, 0.05])))
+
+    # rank 8 at 4x T: 7.7-9.7 resampled alone, where a second calibration seed's law predicted 9.05 and the cell
+    # measured 7.63 (benchmarks/results/plan_accuracy_random_shipped_seed1)
+    assert spread(SEED_SPREAD) > 2 * spread(0.0)
+    two_seeds = pd.concat([cells, cells.assign(seed=1)], ignore_index=True)
+    assert fit_law(two_seeds, n_bootstrap=10).law.fit_stats["bootstrap_noise"] == 0.0  # resampled instead
