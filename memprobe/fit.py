@@ -767,7 +767,9 @@ def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int
     link = _em_link_of(cells, La, warnings, curves)
     cv = {f: cross_validate(f, arrays, theta_p, link) for f in ("power", *PHYSICAL_FORMS)} if holdout else {}
     form = choose_form(cv)
-    theta, offset = offset_by_extrapolation(form, r_u, T_u, L_u, y, _refit_fast(r_u, T_u, y, theta_p, form, L_u))
+    theta, offset = _refit_fast(r_u, T_u, y, theta_p, form, L_u), None
+    if holdout:  # the offset is chosen by a held-out check, like the form
+        theta, offset = offset_by_extrapolation(form, r_u, T_u, L_u, y, theta)
     pred = law_delta_loss(form, *theta, r, T, Lb)
     pred_p = law_delta_loss("power", *theta_p, r_u, T_u)
     r2, (mape, _) = _r2(y, pred_p), _mape(y, pred_p)
