@@ -36,7 +36,7 @@ from memprobe import fit  # noqa: E402
 from memprobe.cli_support import USER_ERRORS, error_message  # noqa: E402
 from memprobe.errors import MemprobeError  # noqa: E402
 from memprobe.law import MemoryLaw, law_delta_loss  # noqa: E402
-from memprobe.rundir import is_saturated, read_cells  # noqa: E402
+from memprobe.rundir import read_cells  # noqa: E402
 
 REPEATABILITY = fit.SEED_SPREAD  # a cell's dL from seed to seed: laws fitting closer are indistinguishable
 N_OFFSETS = 41
@@ -58,31 +58,31 @@ def load_run(run: Path):
     return read_cells(cal / "cells.csv"), MemoryLaw.load(cal / "law.json"), heldout
 
 
-def heldout_mape(form: str, theta, r, T, L, y) -> tuple[float, np.ndarray]:
-    """dL MAPE of a law on cells, and each cell's signed relative error (predicted / measured - 1)."""
-    err = law_delta_loss(form, *theta, r, T, L) / y - 1.0
-    return float(np.mean(np.abs(err))), err
-
-
-def live_arrays(cells):
-    """(r, T, L, dL) of the non-saturated cells: the ones a dL error is defined on."""
-    live = cells[~is_saturated(cells["loss_after"].to_numpy(float))]
-    r, T, L = (live[k].to_numpy(float) for k in ("rank", "tokens", "loss_before"))
-    return r, T, L, L - live["loss_after"].to_numpy(float)
-
-
-def profile(form: str, c: fit.CellArrays, start, heldout: dict, offsets) -> list[dict]:
+def dl_errors(form: str, theta, c: fit.CellArrays) -> tuple[float, np.ndarray]:
+    """dL MAPE of a law on the non-saturated cells of `c` (the ones a dL error is defined on), and each one's
+    signed relative error (predicted / measured - 1)."""
     u = c.used
+    err = law_delta_loss(form, *theta, c.r[u], c.T[u], c.L[u]) / c.y[u] - 1.0
+    return float(np.mean(np.abs(err))) if len(err) else float("nan"), err
+
+
+def scores(form: str, theta, cal: fit.CellArrays, held: dict) -> dict:
+    """A law's in-sample MAPE and its MAPE at each held-out T that has non-saturated cells."""
+    return {"in_sample_mape": dl_errors(form, theta, cal)[0],
+            **{f"T{T}": dl_errors(form, theta, c)[0] for T, c in held.items() if c.used.any()}}
+
+
+def profile(form: str, cal: fit.CellArrays, start, held: dict, offsets) -> list[dict]:
+    u = cal.used
     rows = []
     for b in offsets:
-        theta = fit.fit_with_offset(form, float(b), c.r[u], c.T[u], c.L[u], c.y[u], start)
-        ins = heldout_mape(form, theta, c.r[u], c.T[u], c.L[u], c.y[u])[0]
+        theta = fit.fit_with_offset(form, float(b), cal.r[u], cal.T[u], cal.L[u], cal.y[u], start)
+        ins = dl_errors(form, theta, cal)[0]
         row = {"form": form, "b": float(b), "C": float(theta[0]), "alpha": float(theta[1]),
                "beta": float(theta[2]), "in_sample_mape": ins, "consistent": bool(ins <= REPEATABILITY)}
-        for T, cells in heldout.items():
-            arrays = live_arrays(cells)
-            if len(arrays[0]):
-                mape, err = heldout_mape(form, theta, *arrays)
+        for T, c in held.items():
+            if c.used.any():
+                mape, err = dl_errors(form, theta, c)
                 row[f"heldout_T{T}_mape"] = mape
                 row[f"heldout_T{T}_errors"] = [float(e) for e in err]
         rows.append(row)
@@ -142,26 +142,24 @@ def run(run_dir: Path, add=None) -> dict:
     c = fit.CellArrays.of(cal)
     if c.used.sum() <= 3:
         raise MemprobeError(f"{int(c.used.sum())} non-saturated calibration cells: nothing to profile (need 4)")
+    held = {T: fit.CellArrays.of(cells) for T, cells in heldout.items()}
     u = c.used
     theta_p = fit.fit_params(c.r[u], c.T[u], c.y[u])[0]
     theta_f = np.asarray(law.form_params, float)
     free = fit._refit_fast(c.r[u], c.T[u], c.y[u], theta_p, law.form, c.L[u])  # as fit_law starts the form
+    # the laws the fit made, the first of each form the centre of its profile: the paper's; the predicting
+    # form's free fit and, where the fit chose b by extrapolation, the law it predicts with
     chosen = (law.fit_stats.get("predicting") or {}).get("offset")
-    # the laws the fit made: the paper's; the predicting form's free fit and, where the fit chose b by
-    # extrapolation, the law it predicts with
     made = {"power": [("the fit", theta_p)],
             law.form: [("free fit", free), ("b by extrapolation", theta_f)] if chosen else [("the fit", theta_f)]}
-    fitted = {form: [{"label": label, "b": float(th[3]),
-                      "in_sample_mape": heldout_mape(form, th, c.r[u], c.T[u], c.L[u], c.y[u])[0],
-                      **{f"T{T}": heldout_mape(form, th, *live_arrays(cells))[0]
-                         for T, cells in heldout.items() if len(live_arrays(cells)[0])}} for label, th in laws]
+    fitted = {form: [{"label": label, "b": float(th[3]), **scores(form, th, c, held)} for label, th in laws]
               for form, laws in made.items()}
-    thetas = {form: laws[0][1] for form, laws in made.items()}
     span = float(np.max(np.abs(c.y[u])))
     rows = []
-    for form, th in thetas.items():
+    for form, laws in made.items():
+        th = laws[0][1]
         offsets = np.unique(np.round(np.linspace(th[3] - span, th[3] + 0.5 * span, N_OFFSETS), 3))
-        rows += profile(form, c, th, heldout, offsets)
+        rows += profile(form, c, th, held, offsets)
     return {"run": str(run_dir), "added": None if add is None else {"tokens": add[0], "ranks": add[1]},
             "name": results_name(add), "predicting_form": law.form, "repeatability": REPEATABILITY,
             "heldout_T": sorted(heldout), "n_cells": int(u.sum()), "fitted": fitted,

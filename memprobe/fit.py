@@ -449,19 +449,21 @@ def offset_by_extrapolation(form: str, r, T, L, y, theta) -> tuple[np.ndarray, d
         return theta, None
     below, at = T < check, T == check
     tolerance = max(SEED_SPREAD, _mape(y, law_delta_loss(form, *theta, r, T, L))[0])
+
+    def extrapolation_error(b):  # fit below the check size with b held, predict the check size
+        part = fit_with_offset(form, b, r[below], T[below], L[below], y[below], theta)
+        return _mape(y[at], law_delta_loss(form, *part, r[at], T[at], L[at]))[0]
+
     span = float(np.max(np.abs(y)))
     free_b = float(theta[3])
-    offsets = np.append(np.linspace(free_b - span, free_b + span / 2, OFFSET_GRID), free_b)
-    best, free = None, None
-    for b in offsets:
-        every = fit_with_offset(form, b, r, T, L, y, theta) if b != free_b else theta
-        if b != free_b and _mape(y, law_delta_loss(form, *every, r, T, L))[0] > tolerance:
+    free = extrapolation_error(free_b)
+    best = (free, free_b, theta)
+    for b in np.linspace(free_b - span, free_b + span / 2, OFFSET_GRID):
+        every = fit_with_offset(form, b, r, T, L, y, theta)
+        if _mape(y, law_delta_loss(form, *every, r, T, L))[0] > tolerance:
             continue
-        part = fit_with_offset(form, b, r[below], T[below], L[below], y[below], theta)
-        err = _mape(y[at], law_delta_loss(form, *part, r[at], T[at], L[at]))[0]
-        if b == free_b:
-            free = err
-        if best is None or err < best[0]:
+        err = extrapolation_error(b)
+        if err < best[0]:
             best = (err, float(b), every)
     err, b, chosen = best
     return chosen, {"b": b, "extrapolation_mape": err, "free_b": free_b, "free_extrapolation_mape": free,
