@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_calibrate import cell_train_flops  # noqa: E402
-from memprobe.calibrate import PRESETS, CalibrationConfig, run_calibration  # noqa: E402
+from memprobe.calibrate import PRESETS, CalibrationConfig, Progress, run_calibration  # noqa: E402
 from memprobe.errors import MemprobeError  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -186,7 +186,7 @@ def run(args) -> dict:
 
     out = Path(args.out)
     cal_config = build_config(args, args.ranks, args.tokens)
-    cal = run_calibration(cal_config, out / "cal", log=print)
+    cal = run_calibration(cal_config, out / "cal", log=print, progress=Progress())
     if "sft" not in cal.fits:  # the law the calibration itself fitted (law.json), as a user's plan reads it
         raise MemprobeError(f"the calibration fitted no law: {cal.fit_error}")
     fit = cal.fits["sft"]
@@ -196,7 +196,9 @@ def run(args) -> dict:
     for factor in args.factors:
         T = factor * T_max
         config = build_config(args, args.heldout_ranks, (T,))
-        heldout[T] = (config, run_calibration(config, out / f"heldout_T{T}", log=print).cells)
+        # held-out cells take longest (T up to 4x): the same progress line with ETA as `memprobe calibrate`
+        cells = run_calibration(config, out / f"heldout_T{T}", log=print, progress=Progress()).cells
+        heldout[T] = (config, cells)
 
     lm = load_model(cal_config.model)
     cal_s, cal_flops = cell_seconds(cal.cells), cells_flops(cal.cells, lm, cal_config)
