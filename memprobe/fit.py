@@ -830,6 +830,8 @@ def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int
         form=form, form_params=tuple(map(float, theta)), model_error=model_error(cv.get(form)),
         provenance=prov,
     )
+    if law.budget_bound:  # said where the cells are fitted, not only where a plan reads them
+        warnings.append(law.budget_bound)
     table = cells.copy()
     table["delta_loss"] = dL
     table["saturated"] = saturated

@@ -45,6 +45,7 @@ PARAMS = ("C", "alpha", "beta", "b")
 # "saturating" L (1 - exp(-u / L)) and "hyperbolic" L u / (L + u) bend away from u as it nears L; "capped"
 # min(u, L) is the paper's law up to L, then all of L. A fit always reports the paper's form and predicts with
 # the physical form of smaller error on held-out cells (memprobe.fit).
+STILL_DESCENDING = 0.002  # relative loss decrease per step above which a cell has not reached its plateau
 FORMS = ("power", "saturating", "hyperbolic", "capped")
 PHYSICAL_FORMS = ("saturating", "hyperbolic", "capped")
 
@@ -377,6 +378,22 @@ class MemoryLaw:
     @property
     def unusable_reasons(self) -> list[str]:
         return list(self.fit_stats.get("unusable_reasons", []))
+
+    @property
+    def budget_bound(self) -> str | None:
+        """Why the law measures its budget rather than capacity, when most of its cells ran out of steps still
+        descending (fit_stats["convergence"]); None otherwise. PhoneBook on the quick preset is the case: 250
+        steps end every cell at T = 400-800 while it still sheds 0.1-1.4 % of its loss per step."""
+        conv = self.fit_stats.get("convergence") or {}
+        reasons, slope = conv.get("stop_reasons") or {}, conv.get("median_final_slope")
+        n = sum(reasons.values())
+        if n and reasons.get("budget", 0) > n / 2 and slope is not None and slope > STILL_DESCENDING:
+            steps = self.budget.get("steps")
+            budget = f"their {steps}-step budget" if steps else "their budget"
+            return (f"{reasons['budget']} of {n} cells behind the {self.objective} law ended {budget} still "
+                    f"descending ({slope:.2%} per step): it measures how far that budget gets, not what a rank "
+                    f"holds; calibrate with a longer budget (--steps)")
+        return None
 
     def resolve_base_loss(self, base_loss=None) -> float:
         """base_loss if given (the user's data), else the law's own; an error when neither exists."""

@@ -129,20 +129,6 @@ def max_rank_of(law: MemoryLaw) -> int | None:
     return None
 
 
-def _convergence_warning(law: MemoryLaw) -> str | None:
-    conv = law.fit_stats.get("convergence") or {}
-    reasons, slope = conv.get("stop_reasons") or {}, conv.get("median_final_slope")
-    n = sum(reasons.values())
-    if n and reasons.get("budget", 0) > n / 2 and slope is not None and slope > STILL_DESCENDING:
-        return (f"{reasons['budget']} of {n} cells behind the {law.objective} law ended their budget still "
-                f"descending ({slope:.2%} per step): it measures how far that budget gets, not what a rank holds; "
-                f"calibrate with a longer budget")
-    return None
-
-
-STILL_DESCENDING = 0.002  # relative loss decrease per step above which a cell has not reached its plateau
-
-
 def _adapter_size(law: MemoryLaw, rank: int) -> tuple[int | None, float | None, float | None]:
     if law.params_per_rank is None:
         return None, None, None
@@ -306,8 +292,9 @@ def _usable(laws: dict) -> tuple[dict, dict]:
     usable = {name: law for name, law in laws.items() if law.usable}
     if not usable:
         name, reasons = next(iter(unusable.items()))
+        also = f"; and {laws[name].budget_bound}" if laws[name].budget_bound else ""  # the first thing to fix
         raise MemprobeError(f"the {name} law cannot be planned from: its cells cannot identify it "
-                            f"({'; '.join(reasons)})")
+                            f"({'; '.join(reasons)}){also}")
     return usable, unusable
 
 
@@ -384,9 +371,8 @@ def _law_warnings(law: MemoryLaw, tokens: int, rank: int, unusable: dict, answer
         warnings.append(f"the {name} law's EM link was fitted on whole sequences: it holds for answers as long as "
                         f"the calibration's, not necessarily for {answer_length:g} tokens")
     warnings += [f"the {other} law is not used: {'; '.join(reasons)}" for other, reasons in unusable.items()]
-    descending = _convergence_warning(law)
-    if descending:
-        warnings.append(descending)
+    if law.budget_bound:
+        warnings.append(law.budget_bound)
     if not law.has_samples:
         warnings.append(f"the {name} law has no bootstrap samples: no prediction intervals")
     if law.em_link.source == "default":

@@ -647,3 +647,11 @@ def test_the_extrapolation_check_counts_ranks_not_seeds():
     r = np.array([1, 1, 2, 1, 2, 4, 8, 8, 8], dtype=float)
     T = np.array([64, 128, 128, 256, 256, 256, 512, 512, 512], dtype=float)  # rank 8 at 512 in three seeds
     assert _check_size(r, T) == 256
+
+
+def test_cells_that_ran_out_of_steps_still_descending_are_named_where_they_are_fitted():
+    cells = saturating_cells().assign(stop_reason="budget", final_slope=0.004)
+    fit = fit_law(cells, n_bootstrap=0)
+    assert fit.law.budget_bound and any("still descending (0.40% per step)" in w for w in fit.warnings)
+    settled = saturating_cells().assign(stop_reason="plateau", final_slope=0.0001)
+    assert fit_law(settled, n_bootstrap=0).law.budget_bound is None

@@ -263,6 +263,18 @@ def test_cells_still_descending_are_named():
     law = make_law(fit_stats={"convergence": {"stop_reasons": {"budget": 11}, "median_final_slope": 0.0076}})
     plan = recommend(law, tokens=200, target_em=0.9)
     assert any("11 of 11 cells" in w and "still descending (0.76% per step)" in w for w in plan.warnings)
+    plateau = make_law(fit_stats={"convergence": {"stop_reasons": {"budget": 5, "plateau": 6},
+                                                  "median_final_slope": 0.0076}})
+    assert not any("still descending" in w for w in recommend(plateau, tokens=200, target_em=0.9).warnings)
+
+
+def test_a_refusal_names_a_budget_the_cells_outran_first():
+    """Cells cut off by their budget are why a law is unidentified, before too few cells are: the refusal says
+    to train longer, not only to calibrate other sizes."""
+    law = make_law(fit_stats={"usable": False, "unusable_reasons": ["alpha = 0.0004 sits at its bound"],
+                              "convergence": {"stop_reasons": {"budget": 4}, "median_final_slope": 0.003}})
+    with pytest.raises(MemprobeError, match=r"alpha = 0.0004 .*; and 4 of 4 cells .* longer budget \(--steps\)"):
+        recommend(law, tokens=200, target_em=0.9)
 
 
 def test_the_plan_sets_rank_against_budget():
