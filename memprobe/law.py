@@ -45,9 +45,10 @@ PARAMS = ("C", "alpha", "beta", "b")
 # "saturating" L (1 - exp(-u / L)) and "hyperbolic" L u / (L + u) bend away from u as it nears L; "capped"
 # min(u, L) is the paper's law up to L, then all of L. A fit always reports the paper's form and predicts with
 # the physical form of smaller error on held-out cells (memprobe.fit).
-STILL_DESCENDING = 0.002  # relative loss decrease per step above which a cell has not reached its plateau
 FORMS = ("power", "saturating", "hyperbolic", "capped")
 PHYSICAL_FORMS = ("saturating", "hyperbolic", "capped")
+
+STILL_DESCENDING = 0.002  # relative loss decrease per step above which a cell has not reached its plateau
 
 
 def law_delta_loss(form: str, C, alpha, beta, b, r, T, L=None):
