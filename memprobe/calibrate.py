@@ -344,6 +344,7 @@ def run_calibration(config: CalibrationConfig, run_dir: Path | None = None, *, f
     timing["total_s"] = round(time.perf_counter() - t_start, 2)
     timing["finished"] = rundir.now()
     manifest["timings"].setdefault("runs", []).append(timing)
+    rundir.write_json(run_dir / "manifest.json", manifest)  # the cells' timing survives a fit that fails
     result = analyse_run(run_dir, manifest)
     manifest["status"] = "complete" if result.fit_error is None else "cells complete; law not fitted"
     manifest["fit_error"] = result.fit_error

@@ -335,3 +335,18 @@ def test_without_a_terminal_progress_prints_plain_lines_with_an_eta(monkeypatch)
         else:
             assert len(lines) == 3 and lines[-1].startswith("T=64 seed=0 ranks=1,2: step 3/10; all cells 30%")
             assert "ETA" in lines[-1] and len(lines[-1]) <= 80
+
+
+def test_a_fit_that_fails_unexpectedly_keeps_the_run_s_timing(config, tmp_path, monkeypatch):
+    """The cells are on disk before the fit; so is the record of what training them cost."""
+    import memprobe.calibrate as calibrate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a fit that breaks")
+
+    monkeypatch.setattr(calibrate, "analyse_run", broken)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="a fit that breaks"):
+        run_calibration(replace(config, ranks=(1,), tokens=(8,)), run_dir)
+    run = last_run(run_dir)
+    assert run["cells_run"] == 1 and run["train_s"] > 0
