@@ -38,7 +38,10 @@ from memprobe.rundir import (CELL_COLUMNS, CURVE_COLUMNS, OBJECTIVES, TOKEN_COLU
 # --tokens 256 --batch-sizes 0,0@0.03): at the same cost per step it reaches the loss that 1e-2 reaches at step
 # 400 by steps 169-235 (ranks 4..1), with no more spikes; so 250 steps at 3e-2 get as far as 400 at 1e-2, and
 # the grid trains in about 9 min instead of 15. Fewer steps stop the cells before their plateau; 100 steps
-# measured how far 100 steps get, not what a rank holds. Other adapters take their own lr
+# measured how far 100 steps get, not what a rank holds. 250 is still a budget, not a plateau, for the cells
+# short of the data (their median slope at the end is 0.28 %/step) and for multi-row data (PhoneBook cells at
+# T = 800 plateau at steps 659-811, benchmarks/results/phonebook_plateau_T800): the law then warns
+# (MemoryLaw.budget_bound), and plans hold at that budget, which memorize trains with. Other adapters take their own lr
 # (memprobe.rundir.default_lr: 1e-3 for LoRA on every layer, chaotic at 1e-2).
 # paper: the public code's recipe for 8B models on a GPU (lr 1e-2 with linear decay, clip 1.0, dropout 0.1).
 PRESETS: dict[str, dict] = {
