@@ -97,12 +97,13 @@ def score(law, heldout: dict) -> list[dict]:
 def run(cal_dirs: list[Path], heldout_dirs: list[Path]) -> dict:
     calibrations = [load_calibration(d) for d in cal_dirs]
     check_same_recipe(calibrations)
-    heldout = {}
+    heldout, where = {}, {}
     for d in heldout_dirs:
         if not (d / "cells.csv").is_file():
             raise MemprobeError(f"{d} holds no cells.csv to score the laws on")
         cells = rundir.read_cells(d / "cells.csv")
-        heldout[int(cells["tokens"].iloc[0])] = cells
+        T = int(cells["tokens"].iloc[0])
+        heldout[T], where[str(T)] = cells, str(d)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(1, len(calibrations) + 1):
@@ -117,9 +118,8 @@ def run(cal_dirs: list[Path], heldout_dirs: list[Path]) -> dict:
                 rows += [{**head, **r} for r in score(law, heldout)]
     from memprobe.rundir import git_hash, versions
 
-    return {"calibrations": [str(d) for d in cal_dirs], "heldout": {str(T): str(d) for T, d in
-                                                                     zip(sorted(heldout), heldout_dirs)},
-            "target_em": TARGET_EM, "rows": rows, "versions": versions(), "git": git_hash()}
+    return {"calibrations": [str(d) for d in cal_dirs], "heldout": where, "target_em": TARGET_EM, "rows": rows,
+            "versions": versions(), "git": git_hash()}
 
 
 def write(doc: dict, out: Path) -> None:
