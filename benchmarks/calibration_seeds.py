@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.plan_accuracy import heldout_errors, plan_row  # noqa: E402
 from memprobe import fit, rundir  # noqa: E402
-from memprobe.cli_support import USER_ERRORS, error_message  # noqa: E402
+from memprobe.cli_support import report_errors  # noqa: E402
 from memprobe.errors import MemprobeError  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -171,14 +171,12 @@ def main(argv=None) -> int:
     p.add_argument("--heldout", type=Path, nargs="+", required=True, help="run directories of held-out cells")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the results [benchmarks/results]")
     args = p.parse_args(argv)
-    try:
+    def work():
         doc = run(args.calibrations, args.heldout)
         write(doc, args.out)
-    except USER_ERRORS as e:
-        print(f"error: {error_message(e)}", file=sys.stderr)
-        return 1
-    print(render(doc))
-    return 0
+        return doc
+
+    return report_errors(work, lambda doc: print(render(doc)))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from memprobe import fit  # noqa: E402
-from memprobe.cli_support import USER_ERRORS, error_message  # noqa: E402
+from memprobe.cli_support import report_errors  # noqa: E402
 from memprobe.errors import MemprobeError  # noqa: E402
 from memprobe.law import MemoryLaw, law_delta_loss  # noqa: E402
 from memprobe.rundir import read_cells  # noqa: E402
@@ -241,14 +241,12 @@ def main(argv=None) -> int:
                    help="first add the held-out cells at T (those ranks only, e.g. 512:8,16,32) to the calibration, "
                         "as a bracket round at T would, and refit; results law_profile_plus_T<T>*")
     args = p.parse_args(argv)
-    try:  # a folder that is no run, or a bad --add: one line, as the CLI says it
+    def work():  # a folder that is no run, or a bad --add: one line, as the CLI says it
         doc = run(args.run, parse_add(args.add))
         write(doc, args.run)
-    except USER_ERRORS as e:
-        print(f"error: {error_message(e)}", file=sys.stderr)
-        return 1
-    print(render(doc))
-    return 0
+        return doc
+
+    return report_errors(work, lambda doc: print(render(doc)))
 
 
 if __name__ == "__main__":

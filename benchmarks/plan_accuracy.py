@@ -37,6 +37,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.bench_calibrate import cell_train_flops  # noqa: E402
 from memprobe.calibrate import PRESETS, CalibrationConfig, Progress, run_calibration  # noqa: E402
+from memprobe.cli_support import report_errors  # noqa: E402
 from memprobe.errors import MemprobeError  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -315,13 +316,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    try:
-        doc = run(parse_args(argv))
-    except MemprobeError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    print(render(doc))
-    return 0
+    args = parse_args(argv)
+    return report_errors(lambda: run(args), lambda doc: print(render(doc)))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from typing import Callable, Sequence
 
 import typer
@@ -43,6 +44,18 @@ USAGE_ERRORS = _usage_error_types()
 def one_line(text: str) -> str:
     """Collapse a message onto one line (a message with newlines would read as several errors)."""
     return " ".join(str(text).split())
+
+
+def report_errors(work: Callable[[], object], show: Callable[[object], None]) -> int:
+    """Exit code of a script's main: `show(work())` and 0, or a user error as one line on stderr and 1 (the
+    benchmarks' mains, which are argparse scripts, not typer commands)."""
+    try:
+        result = work()
+    except USER_ERRORS as e:
+        print(f"error: {error_message(e)}", file=sys.stderr)
+        return 1
+    show(result)
+    return 0
 
 
 def error_message(exc: BaseException) -> str:

@@ -49,3 +49,9 @@ def test_a_whole_run_on_a_tiny_model(model_dir, tmp_path, capsys):
                  "--lr", "0.03", "--factors", "2", "--heldout-ranks", "1,2,4,8", "--out", str(out)]) == 0
     again = json.loads((out / "plan_accuracy_random_2x.json").read_text())
     assert [r.get("plan_rank") for r in again["rows"]] == [r.get("plan_rank") for r in doc["rows"]]
+
+
+def test_a_model_that_is_not_there_is_one_line_and_exit_1(tmp_path, capsys):
+    code = main(["--model", str(tmp_path / "typo.gguf"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("error: ") and "not found" in err and len(err.splitlines()) == 1
