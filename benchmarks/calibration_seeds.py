@@ -116,10 +116,8 @@ def run(cal_dirs: list[Path], heldout_dirs: list[Path]) -> dict:
                         "offset_rule_moved_b": bool(offset) and abs(offset["b"] - offset["free_b"]) > 1e-6,
                         "model_error": law.model_error, "usable": law.usable}
                 rows += [{**head, **r} for r in score(law, heldout)]
-    from memprobe.rundir import git_hash, versions
-
     return {"calibrations": [str(d) for d in cal_dirs], "heldout": where, "target_em": TARGET_EM, "rows": rows,
-            "versions": versions(), "git": git_hash()}
+            "versions": rundir.versions(), "git": rundir.git_hash()}
 
 
 def write(doc: dict, out: Path) -> None:
@@ -171,6 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--heldout", type=Path, nargs="+", required=True, help="run directories of held-out cells")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the results [benchmarks/results]")
     args = p.parse_args(argv)
+
     def work():
         doc = run(args.calibrations, args.heldout)
         write(doc, args.out)

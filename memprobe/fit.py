@@ -282,6 +282,11 @@ def _n_points(r, T) -> int:
     return len(set(zip(np.asarray(r, dtype=float).tolist(), np.asarray(T, dtype=float).tolist())))
 
 
+def _can_fit(r, T, n_params: int) -> bool:
+    """Cells that can fit n_params: that many distinct (rank, T) points, at 2 ranks and 2 T at least."""
+    return _n_points(r, T) >= n_params and _identifiable(r, T)
+
+
 def bootstrap_samples(r, T, y, theta, n_bootstrap: int, seed: int, form: str = "power", L=None,
                       noise: float = 0.0) -> np.ndarray:
     """(n_bootstrap, 4) parameter draws from refits on cells resampled with replacement. With `noise`, each
@@ -342,7 +347,7 @@ def cross_validate(form: str, cells: CellArrays, start, link: EMLink | None = No
     ratios, apes, em_errors = [], [], []
     for T_out in np.unique(c.T):
         keep = c.used & (c.T != T_out)
-        if _n_points(c.r[keep], c.T[keep]) < N_PARAMS or not _identifiable(c.r[keep], c.T[keep]):
+        if not _can_fit(c.r[keep], c.T[keep], N_PARAMS):
             continue
         theta = fit_form(form, c.r[keep], c.T[keep], c.L[keep], c.y[keep], start)
         out = c.T == T_out
@@ -483,7 +488,7 @@ def _check_size(r, T) -> float | None:
     for t in sorted(set(T.tolist()), reverse=True):
         below = T < t
         at_ranks = len(np.unique(r[T == t]))  # seeds of one rank are one cell to this check
-        if at_ranks >= CHECK_CELLS and _n_points(r[below], T[below]) >= 3 and _identifiable(r[below], T[below]):
+        if at_ranks >= CHECK_CELLS and _can_fit(r[below], T[below], 3):
             return t
     return None
 
@@ -523,7 +528,7 @@ def _mape(y, pred) -> tuple[float, float]:
 def _holdout(r, T, y, form: str = "power", L=None) -> tuple[Holdout | None, str | None]:
     T_max = float(T.max())
     keep = T < T_max
-    if _n_points(r[keep], T[keep]) < N_PARAMS or not _identifiable(r[keep], T[keep]):
+    if not _can_fit(r[keep], T[keep], N_PARAMS):
         return None, (f"held-out check skipped: without the T={T_max:g} cells only {_n_points(r[keep], T[keep])} "
                       f"usable (rank, T) cells with {len(np.unique(T[keep]))} distinct T remain")
     L = np.ones_like(y) if L is None else L
@@ -830,8 +835,9 @@ def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int
         form=form, form_params=tuple(map(float, theta)), model_error=model_error(cv.get(form)),
         provenance=prov,
     )
-    if law.budget_bound:  # said where the cells are fitted, not only where a plan reads them
-        warnings.append(law.budget_bound)
+    bound = law.budget_bound
+    if bound:  # said where the cells are fitted, not only where a plan reads them
+        warnings.append(bound)
     table = cells.copy()
     table["delta_loss"] = dL
     table["saturated"] = saturated

@@ -292,7 +292,8 @@ def _usable(laws: dict) -> tuple[dict, dict]:
     usable = {name: law for name, law in laws.items() if law.usable}
     if not usable:
         name, reasons = next(iter(unusable.items()))
-        also = f"; and {laws[name].budget_bound}" if laws[name].budget_bound else ""  # the first thing to fix
+        bound = laws[name].budget_bound
+        also = f"; and {bound}" if bound else ""  # the first thing to fix
         raise MemprobeError(f"the {name} law cannot be planned from: its cells cannot identify it "
                             f"({'; '.join(reasons)}){also}")
     return usable, unusable
@@ -371,8 +372,9 @@ def _law_warnings(law: MemoryLaw, tokens: int, rank: int, unusable: dict, answer
         warnings.append(f"the {name} law's EM link was fitted on whole sequences: it holds for answers as long as "
                         f"the calibration's, not necessarily for {answer_length:g} tokens")
     warnings += [f"the {other} law is not used: {'; '.join(reasons)}" for other, reasons in unusable.items()]
-    if law.budget_bound:
-        warnings.append(law.budget_bound)
+    bound = law.budget_bound
+    if bound:
+        warnings.append(bound)
     if not law.has_samples:
         warnings.append(f"the {name} law has no bootstrap samples: no prediction intervals")
     if law.em_link.source == "default":
