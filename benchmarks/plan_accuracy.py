@@ -125,7 +125,9 @@ def plan_row(law, cells, T: int, target: float, n_samples: int) -> dict:
         plan = recommend(law, tokens=T, target_em=target, level=LEVEL, allow_uncertain=True,
                          answer_length=answer_length(cells))
         row.update(plan_rank=plan.rank, predicted_em=plan.predicted_em,
-                   predicted_em_interval=list(plan.predicted_em_interval or []), rank_interval=plan.rank_interval)
+                   predicted_em_interval=list(plan.predicted_em_interval or []), rank_interval=plan.rank_interval,
+                   # what `planner recommend` without --allow-uncertain would refuse, naming the ranks instead
+                   plan_cannot_tell=any(w.startswith("cannot tell") for w in plan.warnings))
     except MemprobeError as e:  # out of reach, or a law that cannot be planned from: a result too
         row.update(plan_rank=None, plan_refusal=str(e))
     loss_before = float(cells["loss_before"].mean())

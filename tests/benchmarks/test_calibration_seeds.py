@@ -61,6 +61,14 @@ def test_each_seed_and_the_pool_are_judged_on_the_same_held_out_cells(tmp_path, 
     assert len(doc["rows"]) == 3 * 2
     for r in doc["rows"]:  # cells 1 % from the true law: every law extrapolates them closely
         assert r["dl_mape"] < 0.05 and r["coverage"] >= 0.5
+    summary = {(s["n_seeds"], s["tokens"]): s for s in doc["by_pool_size"]}
+    assert set(summary) == {(k, T) for k in (1, 2) for T in (512, 1024)}
+    for (k, T), s in summary.items():  # two single-seed laws and one pool at each T, all within the target
+        assert s["n_laws"] == 3 - k and s["meet_dl_target"] == s["n_laws"]
+        assert s["plan_within_one_step"] <= s["plans_judged"] <= s["n_laws"]
+        assert 0 < s["cells_scored"] and s["cells_inside"] <= s["cells_scored"]
+        assert s["worst_dl_mape"] == max(r["dl_mape"] for r in doc["rows"]
+                                         if r["tokens"] == T and len(r["seeds"].split(",")) == k)
     assert (tmp_path / "out" / "calibration_seeds.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "0,1" in out and max(len(line) for line in out.splitlines()) <= 80
