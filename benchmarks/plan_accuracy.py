@@ -116,7 +116,7 @@ def heldout_errors(law, cells) -> dict:
 
 
 def plan_row(law, cells, T: int, target: float, n_samples: int) -> dict:
-    from planner.recommend import recommend
+    from planner.planning import recommend
 
     row = {"tokens": T, "target_em": target, "n_samples": n_samples,
            "measured_rank": smallest_reaching(cells, target), "ranks_measured": sorted(map(int, cells["rank"]))}

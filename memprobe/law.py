@@ -396,6 +396,26 @@ class MemoryLaw:
                     f"holds; calibrate with a longer budget (--steps)")
         return None
 
+    @property
+    def heldout(self) -> dict | None:
+        """The out-of-sample check the fit recorded, for a plan to show next to its numbers: the leave-one-T-out
+        errors of the form the law predicts with (fit_stats["forms"]), else the paper form's largest-T check
+        (fit_stats["holdout"]). {"check": "leave-one-T-out" | "largest-T", "tokens" (largest-T only),
+        "delta_loss_mape" (a fraction), "delta_loss_cells", "em_error" (mean |predicted - measured EM|),
+        "em_cells"}, None where not measured; None where the fit recorded no check (too few sizes T)."""
+        number = lambda x: float(x) if x is not None and math.isfinite(x) else None  # noqa: E731 (NaN: none)
+        cv = (self.fit_stats.get("forms") or {}).get(self.form)
+        if cv:
+            return {"check": "leave-one-T-out", "form": self.form, "delta_loss_mape": number(cv.get("heldout_mape")),
+                    "delta_loss_cells": cv.get("heldout_cells"), "em_error": number(cv.get("heldout_em_error")),
+                    "em_cells": cv.get("heldout_em_cells")}
+        ho = self.fit_stats.get("holdout")
+        if ho:
+            return {"check": "largest-T", "form": "power", "tokens": ho["tokens"],
+                    "delta_loss_mape": number(ho["mape"]), "delta_loss_cells": ho["n_cells"], "em_error": None,
+                    "em_cells": None}
+        return None
+
     def resolve_base_loss(self, base_loss=None) -> float:
         """base_loss if given (the user's data), else the law's own; an error when neither exists."""
         if base_loss is not None:

@@ -386,7 +386,7 @@ def _list(x):
 
 def _law_plan(laws: dict, stats: CorpusStats, target_em: float, max_rank: int, fit_error: str | None = None):
     """planner.recommend on the corpus's size, base loss and mean answer length; (plan dict, refusal)."""
-    from planner.recommend import recommend
+    from planner.planning import recommend
 
     if not laws:
         return None, f"no law was fitted ({fit_error})" if fit_error else "no law was fitted"

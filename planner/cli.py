@@ -61,8 +61,8 @@ def recommend(
 ):
     """The smallest rank (and the objective) whose predicted exact match reaches the target."""
     from memprobe.law import check_target_em
-    from planner.recommend import allowed_ranks, check_level, check_tokens
-    from planner.recommend import recommend as recommend_
+    from planner.planning import allowed_ranks, check_level, check_tokens
+    from planner.planning import recommend as recommend_
 
     # the user's own values first: a typo needs no law to be reported
     check_tokens(tokens)
@@ -93,8 +93,8 @@ def curve(
     json_: bool = typer.Option(False, "--json", help="print the curve as JSON"),
 ):
     """Predicted dL and exact match against rank at T answer tokens."""
-    from planner.recommend import allowed_ranks, check_level, check_tokens
-    from planner.recommend import curve as curve_
+    from planner.planning import allowed_ranks, check_level, check_tokens
+    from planner.planning import curve as curve_
 
     # the user's own values first: a typo needs no law to be reported
     check_tokens(tokens)
@@ -115,22 +115,17 @@ def export(
     format_: str = typer.Option(..., "--format", help="peft (LoraConfig JSON) | trainer (TrainingArguments JSON) | axolotl (YAML)"),
     rows: Optional[int] = typer.Option(None, "--rows", help="trainer / axolotl: rows of your corpus (one batch of all of them per step)"),
 ):
-    """The plan where you train: a PEFT LoraConfig, Hugging Face TrainingArguments fields, or an axolotl fragment."""
-    import json
-
+    """The plan where you train: a PEFT LoraConfig, Hugging Face TrainingArguments fields, or an axolotl fragment
+    (standard LoRA plans; `memprobe memorize --plan` trains an mlp-bypass plan)."""
     from memprobe.rundir import read_plan
-    from planner.exports import axolotl_yaml, lora_config, training_arguments
+    from planner.exports import export as export_
+    from planner.exports import objective_note
 
     doc = read_plan(plan)
-    if format_ not in ("peft", "trainer", "axolotl"):
-        raise MemprobeError(f"--format must be peft, trainer or axolotl, got {format_!r}")
-    if format_ != "peft" and rows is None:
-        raise MemprobeError(f"--format {format_} needs --rows (the rows of your corpus)")
-    if format_ == "axolotl":
-        typer.echo(axolotl_yaml(doc, rows), nl=False)
-        return
-    out = lora_config(doc) if format_ == "peft" else training_arguments(doc, rows)
-    typer.echo(json.dumps(out, sort_keys=True, indent=2))
+    typer.echo(export_(doc, format_, rows, plan_file=str(plan)), nl=False)
+    note = objective_note(doc, format_)
+    if note:
+        typer.echo(f"note: {note}", err=True)
 
 
 def main(args=None) -> int:

@@ -26,7 +26,7 @@ def test_planner_and_law_leave_torch_and_pandas_out():
 
 
 @pytest.mark.parametrize("code", [
-    "import planner.recommend, planner.laws, planner.report, planner.cli; import planner; planner.recommend.recommend",
+    "import planner.planning, planner.laws, planner.report, planner.cli, planner.exports; import planner; planner.recommend",
     "import memprobe.fit, memprobe.report, memprobe.cli, memprobe.cli_support",
     "import memprobe; memprobe.MemoryLaw, memprobe.fit_law, memprobe.load_laws",
 ])

@@ -170,7 +170,7 @@ def make_recipe(model="embedded", **budget) -> Recipe:
 
 def make_plan(rank_grid=(1, 2, 4, 8), recipe: Recipe | None = None, model="embedded") -> dict:
     """A real plan from planner.recommend on a law with bootstrap draws (so the plan has intervals)."""
-    from planner.recommend import recommend
+    from planner.planning import recommend
 
     rng = torch.Generator().manual_seed(0)
     C, alpha, beta, b = 40.0, 0.5, 0.4, 0.0

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from typer.testing import CliRunner
 import planner.laws as laws_mod
 from memprobe.law import EMLink, MemoryLaw, save_laws
 from planner.cli import app, main
-from planner.recommend import recommend
+from planner.planning import recommend
 from conftest import assert_one_line_error
 
 runner = CliRunner()
@@ -79,6 +80,22 @@ def test_curve(law_file):
     assert "EM" in result.stdout and "memft-ot" in result.stdout
     doc = json.loads(invoke("curve", "--tokens", 300, "--law", law_file, "--max-rank", 16, "--json").stdout)
     assert len(doc["rows"]) == 2 * 5 and doc["tokens"] == 300
+
+
+def test_curve_of_a_bypass_stops_at_d(tmp_path):
+    law = save_laws({"sft": dataclasses.replace(make_law("sft", 20.0), params_per_rank=2 * 576)}, tmp_path / "d.json")
+    doc = json.loads(invoke("curve", "--tokens", 300, "--law", law, "--json").stdout)
+    assert [r["rank"] for r in doc["rows"]][-1] == 512  # not 1024: the bypass of d = 576 has no such rank
+    assert " 1024 " not in invoke("curve", "--tokens", 300, "--law", law).stdout
+
+
+def test_the_printed_plan_names_its_adapter_and_leads_with_the_rank(law_file):
+    result = invoke("recommend", "--tokens", 300, "--target-em", 0.9, "--law", law_file)
+    plan = recommend(str(law_file), tokens=300, target_em=0.9)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("mlp-bypass plan for 300 answer tokens") and "LoRA" not in result.stdout
+    assert lines[2].split()[:2] == ["rank", str(plan.rank)] and lines[3].split()[:2] == ["train", "for"]
+    assert "held out      no out-of-sample check recorded" in result.stdout
 
 
 @pytest.mark.parametrize("args,fragments", [

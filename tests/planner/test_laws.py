@@ -5,7 +5,7 @@ import pytest
 import memprobe
 import planner.laws as laws_mod
 from memprobe.errors import MemprobeError
-from memprobe.law import MemoryLaw
+from memprobe.law import MemoryLaw, load_laws
 from planner.laws import REFERENCE_LAW, find_law, newest_run_law, resolve_laws
 
 
@@ -22,6 +22,15 @@ def test_reference_law_ships_inside_the_package():
     assert REFERENCE_LAW.is_file()
     assert REFERENCE_LAW.parts[-4:] == ("resources", "reference", "smollm2-135m", "law.json")
     assert REFERENCE_LAW.resolve().parents[3] == laws_mod.Path(memprobe.__file__).resolve().parent
+
+
+def test_every_shipped_reference_law_records_its_out_of_sample_check():
+    shipped = sorted(REFERENCE_LAW.parents[1].glob("*/law.json"))
+    # the 100-step PhoneBook law (rank 512 for 400 tokens that rank 2 holds once trained to its plateau) is gone
+    assert [path.parent.name for path in shipped] == ["smollm2-135m"]
+    for path in shipped:
+        for law in load_laws(path).values():
+            assert law.heldout is not None and law.heldout["delta_loss_cells"] > 0, path
 
 
 def test_explicit_path_wins(tmp_path, monkeypatch):

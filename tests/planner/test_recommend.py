@@ -4,7 +4,7 @@ import pytest
 
 from memprobe.errors import MemprobeError
 from memprobe.law import EMLink, MemoryLaw
-from planner.recommend import Plan, allowed_ranks, curve, recommend
+from planner.planning import Plan, allowed_ranks, curve, recommend
 
 
 def make_law(objective="sft", C=20.0, alpha=0.4, beta=0.45, b=0.1, base_loss=8.0, samples=True, **kw):
@@ -240,6 +240,16 @@ def test_an_mlp_bypass_rank_never_exceeds_d():
                      allow_uncertain=True).rank > 64
 
 
+def test_the_curve_stops_at_the_bypass_s_largest_rank():
+    bypass = make_law(params_per_rank=2 * 576)  # d = 576, as the embedded model's
+    assert [r["rank"] for r in curve(bypass, tokens=300).rows] == [2**i for i in range(10)]  # 1 .. 512
+    assert [r["rank"] for r in curve(bypass, tokens=300, ranks=[8, 576, 1024]).rows] == [8, 576]
+    with pytest.raises(MemprobeError, match=r"no allowed rank fits the sft law's adapter \(mlp-bypass: rank <= 576\)"):
+        curve(bypass, tokens=300, ranks=[1024])
+    lora = make_law(adapter="lora", params_per_rank=2 * 576)
+    assert curve(lora, tokens=300).rows[-1]["rank"] == 1024  # a LoRA's rank is bounded by its matrices, not d
+
+
 def test_a_plan_that_cannot_tell_says_so_instead_of_recommending():
     wide = make_law(model_error=1.5)  # held-out errors of a factor ~4.5
     with pytest.raises(MemprobeError, match="cannot tell: the target needs rank .* but anywhere from rank"):
@@ -312,3 +322,37 @@ def test_a_budget_whose_answer_is_extrapolated_does_not_set_the_steps():
     # a plan far outside its own cells still names the budget its rank was read at
     far = recommend(make_law(rank_range=(1, 2)), tokens=200, target_em=0.9, allow_uncertain=True)
     assert far.budget_tradeoff[-1]["extrapolated"] and far.steps_needed == 150
+
+
+# ---------------------------------------------------------------- the notebook API
+
+
+def test_from_planner_import_recommend_is_the_function_after_any_planner_import():
+    import importlib
+    import pkgutil
+
+    import planner
+
+    for module in pkgutil.iter_modules(planner.__path__):  # what the CLI and the tests import before a notebook asks
+        importlib.import_module(f"planner.{module.name}")
+    from planner import Plan, recommend as recommend_
+    from planner.laws import REFERENCE_LAW
+
+    assert callable(recommend_) and recommend_ is recommend and planner.recommend is recommend
+    assert isinstance(Plan, type) and callable(planner.curve)
+    plan = recommend_(REFERENCE_LAW, tokens=256, target_em=0.99, allow_uncertain=True)  # the shipped law
+    assert isinstance(plan, Plan) and plan.rank >= 1 and plan.to_dict()["rank"] == plan.rank
+
+
+def test_the_law_s_out_of_sample_check_is_the_predicting_form_s():
+    cv = {"heldout_mape": 0.05, "heldout_cells": 4}
+    law = make_law(form="saturating", fit_stats={"forms": {"power": {"heldout_mape": 0.5, "heldout_cells": 4},
+                                                           "saturating": cv}})
+    assert law.heldout == {"check": "leave-one-T-out", "form": "saturating", "delta_loss_mape": 0.05,
+                           "delta_loss_cells": 4, "em_error": None, "em_cells": None}
+    largest = make_law(fit_stats={"holdout": {"tokens": 512.0, "n_cells": 3, "mape": 0.12, "max_ape": 0.2}})
+    assert largest.heldout["check"] == "largest-T" and largest.heldout["tokens"] == 512.0
+    assert make_law(fit_stats={"forms": {}}).heldout is None and make_law().heldout is None
+    nan = make_law(fit_stats={"forms": {"power": {"heldout_mape": float("nan"), "heldout_cells": 0,
+                                                  "heldout_em_error": 0.01, "heldout_em_cells": 5}}})
+    assert nan.heldout["delta_loss_mape"] is None and nan.heldout["em_error"] == 0.01

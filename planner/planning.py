@@ -1,10 +1,11 @@
-"""Turn a fitted law into a plan: the smallest LoRA rank (and the objective) that reaches a target EM.
+"""Turn a fitted law into a plan: the smallest adapter rank (and the objective) that reaches a target EM.
 
 For each objective with a law, the predicted exact match at rank r on T answer tokens is
 EM(base_loss - dL(r, T)) (memprobe.law). dL grows with r and falls with T, so EM does too:
 the smallest allowed rank that reaches the target is well defined, and it never decreases
 when T or the target grows. The plan picks the objective that gets there at the smallest
-rank; ties go to the simpler objective (sft < memft-ot < memft-sw).
+rank; ties go to the simpler objective (sft < memft-ot < memft-sw). `from planner import recommend` is this
+module's recommend (the module is not named after it, so that nothing can shadow the function).
 
 numpy only (through memprobe.law): never imports torch.
 """
@@ -140,6 +141,16 @@ def _pair(x) -> tuple[float, float] | None:
     return None if x is None else (float(x[0]), float(x[1]))
 
 
+def em_text(em: float) -> str:
+    """An exact match for people: 3 decimals, and the ends said as bounds. The law's logistic link gives values
+    like 9.1e-42 or 0.99999 that no measurement of a few hundred rows could tell from 0 or 1."""
+    if em < 0.001:
+        return "< 0.001"
+    if em > 0.999:
+        return "> 0.999"
+    return f"{em:.3f}"
+
+
 # -------------------------------------------------------------------- the plan
 
 
@@ -151,7 +162,8 @@ class Plan:
     (None when the law has none). adapter_mb_* are in MB (10^6 bytes). budget is the
     training budget the law was calibrated with: train with at least that much. recipe is the law's whole
     calibration recipe with the chosen objective (None for a law that records none): `memorize_command()`
-    spells it out as the `memprobe memorize` command that trains it.
+    spells it out as the `memprobe memorize` command that trains it. heldout is the out-of-sample check the law
+    recorded (MemoryLaw.heldout), the evidence a user weighs the prediction by.
     """
 
     rank: int
@@ -185,6 +197,7 @@ class Plan:
     steps_needed: int | None = None  # the shortest recorded budget at which `rank` reaches the target
     rank_octaves_outside: float = 0.0  # power-of-2 steps between the rank and the measured ranks (0 inside)
     tokens_octaves_outside: float = 0.0
+    heldout: dict | None = None  # the law's out-of-sample check (MemoryLaw.heldout); None: it recorded none
 
     def __post_init__(self):
         _positive_int("rank", self.rank)
@@ -244,6 +257,7 @@ class Plan:
             "steps_needed": self.steps_needed,
             "rank_octaves_outside": self.rank_octaves_outside,
             "tokens_octaves_outside": self.tokens_octaves_outside,
+            "heldout": None if self.heldout is None else dict(self.heldout),
         }
 
 
@@ -272,9 +286,9 @@ def _rank_interval(law: MemoryLaw, R: np.ndarray, tokens: int, target_em: float,
 
 def _explain(chosen: str, rank: int, target_em: float, per_objective: dict, em: float, em_below: float | None,
              below_rank: int | None) -> str:
-    base = f"rank {rank} is the smallest allowed rank whose predicted EM ({em:.4g}) reaches the target {target_em:g}"
+    base = f"rank {rank} is the smallest allowed rank whose predicted EM ({em_text(em)}) reaches the target {target_em:g}"
     if below_rank is not None and em_below is not None:
-        base += f" (rank {below_rank} predicts {em_below:.4g})"
+        base += f" (rank {below_rank} predicts {em_text(em_below)})"
     if len(per_objective) == 1:
         return base + f", with {chosen}."
     others = ", ".join(f"{k}: rank {v['rank']}" if v["rank"] is not None else f"{k}: out of reach"
@@ -324,7 +338,7 @@ def _choose(laws: dict, R: np.ndarray, tokens: int, target_em: float, base_loss)
         top = per_objective[best]["largest_rank"]
         raise MemprobeError(
             f"target_em {target_em:g} is out of reach at tokens={tokens} within rank {top}: the best predicted "
-            f"EM is {per_objective[best]['predicted_em']:.4g} ({best} at rank {top}); lower the target, "
+            f"EM is {em_text(per_objective[best]['predicted_em'])} ({best} at rank {top}); lower the target, "
             f"raise --max-rank, or split the data"
         )
     # laws are in simplest-first order, so min() keeps the simpler objective on a tie
@@ -337,11 +351,18 @@ def uncertainty(rank: int, rank_int, em_int, R_law: np.ndarray, tokens: int, lev
     upper_end = rank_int[1] if rank_int[1] is not None else 2 * int(R_law[-1])
     if upper_end <= MAX_RANK_SPREAD * max(rank_int[0], 1):
         return None
-    upper = f"{rank_int[1]}" if rank_int[1] is not None else f"beyond {int(R_law[-1])}"
     return (f"cannot tell: the target needs rank {rank} by the law's best guess, but anywhere from rank "
-            f"{rank_int[0]} to {upper} within its {level:.0%} interval (EM at rank {rank}: "
-            f"[{em_int[0]:.3g}, {em_int[1]:.3g}]); calibrate cells near rank {rank} and T={tokens}, or with "
-            f"more seeds, before choosing")
+            f"{rank_span_text(rank_int, int(R_law[-1]))} within its {level:.0%} interval (EM at rank {rank}: "
+            f"{em_text(em_int[0])} to {em_text(em_int[1])}); calibrate cells near rank {rank} and T={tokens}, or "
+            f"with more seeds, before choosing")
+
+
+def rank_span_text(rank_int, largest: int) -> str:
+    """A rank interval for people: "16 to 64"; "16 to beyond 512" where the lower end of the EM interval reaches
+    the target at no rank up to `largest`, the adapter's largest allowed rank."""
+    lo, hi = rank_int
+    upper = f"beyond {largest}" if hi is None else str(hi)
+    return upper if lo == hi else f"{lo} to {upper}"
 
 
 def budget_tradeoff(law: MemoryLaw, R: np.ndarray, tokens: int, target_em: float, base_loss) -> list[dict]:
@@ -450,7 +471,7 @@ def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int
         law_source=law_source or source, budget=law.budget, adapter=law.adapter, model=law.model,
         recipe=law.recipe, rank_interval=rank_int, rank_octaves_outside=octaves_outside(rank, law.rank_range),
         tokens_octaves_outside=octaves_outside(tokens, law.tokens_range),
-        budget_tradeoff=tuple(tradeoff), steps_needed=min(enough) if enough else None,
+        budget_tradeoff=tuple(tradeoff), steps_needed=min(enough) if enough else None, heldout=law.heldout,
     )
 
 
@@ -485,13 +506,15 @@ class Curve:
 def curve(law_or_laws, tokens: int, *, ranks: Sequence[int] | None = None, max_rank: int | None = None,
           base_loss: float | None = None, level: float = 0.9, objective: str | None = None,
           law_source: str | None = None) -> Curve:
-    """Predicted dL and EM (with intervals where the law has bootstrap draws) at each allowed rank."""
+    """Predicted dL and EM (with intervals where the law has bootstrap draws) at each allowed rank the law's
+    adapter can have (an mlp-bypass stops at d, as a plan does)."""
     tokens = check_tokens(tokens)
     level = check_level(level)
     laws, source = as_laws(law_or_laws, objective)
-    R = np.asarray(allowed_ranks(ranks, max_rank), dtype=float)  # (R,)
+    R_all = np.asarray(allowed_ranks(ranks, max_rank), dtype=float)  # (R,)
     rows, warnings = [], []
     for name, law in laws.items():
+        R = _ranks_for(law, R_all, name)  # a bypass has no rank above d
         dL = np.asarray(law.predict(R, tokens, base_loss))  # (R,)
         La = np.asarray(law.predict_loss_after(R, tokens, base_loss))
         em = np.asarray(law.em_link(La))
