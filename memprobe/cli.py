@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from memprobe.errors import MemprobeError
-from memprobe.rundir import AdapterSpec
+from memprobe.rundir import AdapterSpec, DataSpec
 
 from memprobe.cli_support import emit, make_app, parse_list, run_app
 
@@ -36,6 +36,8 @@ StopP = Annotated[Optional[float], typer.Option("--stop-p", help="stop once ever
 Chat = Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="wrap keys in the chat template [chat / plan]")]
 Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda[:N] [auto]")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | bfloat16 [auto: bf16 on CUDA]")]
+KeyField = Annotated[Optional[str], typer.Option("--key-field", help="the data file's field or column of keys [detected: key, prompt, query, question, instruction, input]")]
+AnswerField = Annotated[Optional[str], typer.Option("--answer-field", help="the data file's field or column of answers [detected: answer, completion, target, matching, output]")]
 Json = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout (progress goes to stderr)")]
 
 
@@ -62,7 +64,8 @@ def fit(
 def calibrate(
     model: Model = None,
     preset: str = typer.Option("quick", "--preset", help="quick (embedded model, CPU, minutes) or paper (8B models, GPU)"),
-    data: Optional[str] = typer.Option(None, "--data", help="random | phonebook | text | jsonl:PATH [preset]"),
+    data: Optional[str] = typer.Option(None, "--data", help="random | phonebook | text | a .jsonl, .csv or .parquet file [preset]"),
+    key_field: KeyField = None, answer_field: AnswerField = None,
     replace_ratio: Optional[float] = typer.Option(None, "--replace-ratio", help="text only: share of tokens replaced by random ones (0, .2, .4, .6, .8, 1)"),
     adapter: Adapter = None, layer: Layer = None, lora_layers: LoraLayers = None,
     target_modules: TargetModules = None, lora_alpha: LoraAlpha = None,
@@ -87,6 +90,7 @@ def calibrate(
     from memprobe.calibrate import CalibrationConfig, Progress, run_brackets, run_calibration
     from memprobe.report import render_calibration
 
+    data = DataSpec.with_fields(data, key_field, answer_field)  # named fields travel in the spec string
     config = CalibrationConfig.from_preset(
         preset, model=model, data=data, replace_ratio=replace_ratio, adapter=adapter, dropout=dropout,
         adapter_kwargs=adapter_options(layer, lora_layers, target_modules, lora_alpha),
@@ -119,7 +123,8 @@ def phases(
 
 @app.command()
 def memorize(
-    data: str = typer.Option(..., "--data", help='jsonl:PATH (lines {"key": ..., "answer": ...}); phonebook | random | text need --tokens'),
+    data: str = typer.Option(..., "--data", help="your .jsonl, .csv or .parquet file (key/answer, prompt/completion, messages, ...); phonebook | random | text need --tokens"),
+    key_field: KeyField = None, answer_field: AnswerField = None,
     plan: Optional[Path] = typer.Option(None, "--plan", help="plan JSON from `planner recommend --json`: rank and the law's whole recipe (flags override)"),
     rank: Optional[int] = typer.Option(None, "--rank", help="adapter rank [the plan's]"),
     objective: Optional[str] = typer.Option(None, "--objective", help="sft | memft-ot | memft-sw [the plan's, else sft]"),
@@ -142,6 +147,7 @@ def memorize(
     from memprobe.report import render_memorize
 
     # the user's own values first: a typo needs no model to be reported
+    data = DataSpec.with_fields(data, key_field, answer_field)  # named fields travel in the spec string
     plan_doc = read_plan(plan) if plan is not None else None
     settings = settings_from_plan(
         plan_doc, rank=rank, objective=objective, model=model, chat=chat, adapter=adapter,
@@ -155,7 +161,8 @@ def memorize(
 
 @app.command()
 def plan(
-    data: str = typer.Option(..., "--data", help='your corpus: jsonl:PATH (lines {"key": ..., "answer": ...})'),
+    data: str = typer.Option(..., "--data", help="your corpus: a .jsonl, .csv or .parquet file (key/answer, prompt/completion, messages, ...)"),
+    key_field: KeyField = None, answer_field: AnswerField = None,
     target_em: float = typer.Option(0.99, "--target-em", help="exact match the adapter must reach, in (0, 1]"),
     model: Model = None, adapter: Adapter = None, layer: Layer = None, lora_layers: LoraLayers = None,
     target_modules: TargetModules = None, lora_alpha: LoraAlpha = None,
@@ -177,6 +184,7 @@ def plan(
     from memprobe.plan import PLAN_RANKS, PlanProgress, PlanSettings, default_plan_dir, run_plan
     from memprobe.report import render_corpus, render_corpus_plan
 
+    data = DataSpec.with_fields(data, key_field, answer_field)  # named fields travel in the spec string
     settings = PlanSettings(
         data=data, target_em=target_em, model=model or "embedded",
         adapter=AdapterSpec(kind=adapter or "mlp-bypass", **adapter_options(layer, lora_layers, target_modules, lora_alpha)),

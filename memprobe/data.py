@@ -6,12 +6,16 @@ Four sources, the paper's settings plus the user's own corpus:
   random      one instruction -> T token ids drawn uniformly from the non-special vocabulary
   text        one instruction -> the first T tokens of the shipped public-domain English text,
               a ratio rho of them replaced by random tokens at fixed offsets in every 5-token block
-  jsonl:PATH  the user's own lines {"key": ..., "answer": ...}
+  jsonl:PATH, csv:PATH, parquet:PATH
+              the user's own file (a bare path names its kind by its extension); its key and answer fields
+              detected from the first line or the columns (FIELD_PAIRS: key/answer, TRL's prompt/completion,
+              the paper's query/target and question/matching, ...), named by the user, or TRL's `messages`
+              conversations, whose last assistant turn is the answer and the turns before it the prompt
 
 T counts answer tokens with the model's own tokenizer; the key only conditions and never counts.
 For one seed, the set built for T is a prefix of the set built for any larger T, so a grid over T
-measures one growing corpus rather than unrelated ones. A JSONL file cut to T tokens is cut along a
-seeded shuffle of its lines, not the file order (files are often sorted): nested, seeded random subsets.
+measures one growing corpus rather than unrelated ones. A data file cut to T tokens is cut along a
+seeded shuffle of its rows, not the file order (files are often sorted): nested, seeded random subsets.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 
 from memprobe import resources
 from memprobe.errors import MemprobeError
+from memprobe.rundir import DataSpec, existing_file
 
 
 # rho -> offsets replaced inside every block of 5 answer tokens, so any prefix keeps the nominal ratio
@@ -43,6 +48,7 @@ RANDOM_KEY = "Recite the sequence."
 TEXT_KEY = "Recite the passage."
 # ends a raw (template-less) prompt, so the answer starts on a fresh line after "Name:"
 RAW_SEPARATOR = "\n"
+USER, ASSISTANT = "user", "assistant"  # the chat roles of a key and of its answer
 
 # seeded draws come in fixed chunks from one generator: the first T values never depend on T
 _DRAW_CHUNK = 1024
@@ -244,18 +250,46 @@ def prompt_ids(tokenizer, key: str, chat: bool = True) -> tuple[int, ...]:
     """The key formatted for the model: chat template (user turn + generation prompt) when the
     tokenizer has one and chat is on, else the raw key, a newline, and the tokenizer's own
     start-of-sequence convention."""
+    return conversation_prompt_ids(tokenizer, ((USER, key),), chat)
+
+
+def conversation_prompt_ids(tokenizer, turns, chat: bool = True) -> tuple[int, ...]:
+    """The (role, content) turns before an answer formatted for the model: the chat template with a generation
+    prompt when the tokenizer has one and chat is on, else their plain rendering (plain_prompt) as a raw key.
+    A key is one user turn, so a key and a conversation of that one turn get the same ids."""
     if uses_chat_template(tokenizer, chat):
-        try:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": key}], add_generation_prompt=True, tokenize=False
-            )
-        except Exception as e:  # a template may reject a lone user turn; the raw format still works
-            reason = " ".join(str(e).split())
-            raise MemprobeError(
-                f"the tokenizer's chat template failed on key {key!r} ({reason}); use chat=False for the raw key"
-            ) from None
-        # the rendered template already spells its special tokens (BOS included): add none
-        return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return _chat_prompt_ids(tokenizer, turns)
+    return _raw_prompt_ids(tokenizer, plain_prompt(turns))
+
+
+def plain_prompt(turns) -> str:
+    """A conversation as one text for a model without a chat template: a lone user turn is its content (the
+    same prompt as a key), more turns are "role: content" lines."""
+    key = _lone_key(turns)
+    return key if key is not None else "\n".join(f"{role}: {content}" for role, content in turns)
+
+
+def _lone_key(turns) -> str | None:
+    """The key of a conversation that is one user turn, else None."""
+    return turns[0][1] if len(turns) == 1 and turns[0][0] == USER else None
+
+
+def _chat_prompt_ids(tokenizer, turns) -> tuple[int, ...]:
+    messages = [{"role": role, "content": content} for role, content in turns]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # a template may reject a lone user turn; the raw format still works
+        reason = _one_line(e)
+        key = _lone_key(turns)
+        what = f"key {key!r}" if key is not None else f"conversation {_short(plain_prompt(turns), 60)}"
+        raise MemprobeError(
+            f"the tokenizer's chat template failed on {what} ({reason}); use chat=False for the raw key"
+        ) from None
+    # the rendered template already spells its special tokens (BOS included): add none
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _raw_prompt_ids(tokenizer, key: str) -> tuple[int, ...]:
     raw = key + RAW_SEPARATOR
     ids = list(tokenizer(raw, add_special_tokens=True)["input_ids"])
     plain = tokenizer(raw, add_special_tokens=False)["input_ids"]
@@ -317,10 +351,9 @@ def build_dataset(
     replace_ratio: float | None = None,
     chat: bool = True,
 ) -> Dataset:
-    """Build the Dataset named by spec (a DataSpec, or "phonebook", "random", "text" or "jsonl:PATH" with
-    `chat` and `replace_ratio`) for a budget of `tokens` answer tokens counted with `tokenizer`."""
-    from memprobe.rundir import DataSpec
-
+    """Build the Dataset named by spec (a DataSpec, or "phonebook", "random", "text", "jsonl:PATH", "csv:PATH",
+    "parquet:PATH" or a path with one of those extensions, with `chat` and `replace_ratio`) for a budget of
+    `tokens` answer tokens counted with `tokenizer`."""
     if not isinstance(spec, DataSpec):
         spec = DataSpec.parse(spec, chat=chat, replace_ratio=replace_ratio)
     seed = _check_seed(seed)
@@ -332,7 +365,7 @@ def build_dataset(
         return _build_random(tokenizer, T, seed, spec.chat)
     if kind == "text":
         return _build_text(tokenizer, T, seed, check_ratio(spec.replace_ratio), spec.chat)
-    return _build_jsonl(tokenizer, T, Path(spec.path).expanduser(), seed, spec.chat)
+    return _build_file(tokenizer, T, spec, seed, spec.chat)
 
 
 def _spec(kind: str, tokenizer, T, seed: int, chat: bool, **extra) -> dict:
@@ -415,19 +448,167 @@ def _build_text(tokenizer, T: int | None, seed: int, rho: float, chat: bool) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# the user's own JSONL
+# the user's own files: JSONL, CSV, Parquet
 
 
-def _read_jsonl(path) -> list[tuple[int, str, str]]:
-    """(line number, key, answer) for each non-blank line, validated."""
-    from memprobe.rundir import existing_file
+# the (key, answer) field pairs detected, in the order tried: ours, TRL's prompt-completion, the paper's PhoneBook
+# (query/target) and long-context (question/matching) files, then the usual instruction datasets. Alpaca's
+# instruction comes before input: its "input" is often empty, and is added to the instruction (_alpaca_key)
+TRL_PAIR, ALPACA_PAIR = ("prompt", "completion"), ("instruction", "output")
+FIELD_PAIRS = (("key", "answer"), TRL_PAIR, ("query", "target"), ("question", "answer"), ("question", "matching"),
+               ALPACA_PAIR, ("input", "output"))
+MESSAGES = "messages"  # TRL's conversational format: [{"role", "content"}, ...], the last assistant turn answers
+ACCEPTED_FIELDS = ", ".join(f"{k}/{a}" for k, a in FIELD_PAIRS) + f", or a {MESSAGES} list"
 
-    path = existing_file(path, "data file")
+
+@dataclass(frozen=True)
+class Row:
+    """One (prompt, answer) pair of a data file. The prompt is the conversation before the answer as (role,
+    content) turns: a key is one user turn, a TRL conversation keeps its system and earlier turns."""
+
+    where: str  # "FILE:LINE" (JSONL) or "FILE row N" (CSV, Parquet), for error messages
+    turns: tuple[tuple[str, str], ...]
+    answer: str
+
+    @property
+    def key(self) -> str:
+        return plain_prompt(self.turns)
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """The rows of a data file and the fields they were read from: (key, answer), or ("messages",)."""
+
+    path: Path
+    fields: tuple[str, ...]
+    rows: tuple[Row, ...]
+
+
+def read_data(spec) -> DataFile:
+    """The rows of the file a DataSpec (or "jsonl:PATH", "facts.csv", ...) names, every one validated; one
+    MemprobeError naming the file and line or row otherwise."""
+    spec = spec if isinstance(spec, DataSpec) else DataSpec.parse(spec)
+    if not spec.is_file:
+        raise MemprobeError(f"{spec.spec!r} is not a data file")
+    path = existing_file(Path(spec.path).expanduser(), "data file")
+    records, columns = _READERS[spec.kind](path)
+    if not records:
+        raise MemprobeError(f"data file is empty: {path}")
+    # a table is read through its columns; a JSONL file through its first line, which decides for every line
+    where, first = (str(path), columns) if columns is not None else records[0]
+    fields = detect_fields(list(first), spec.key_field, spec.answer_field, where)
+    return DataFile(path, fields, tuple(_row(where, record, fields) for where, record in records))
+
+
+def load_jsonl(path) -> list[tuple[str, str]]:
+    """The (key, answer) pairs of a JSONL file; one-line MemprobeError naming file:line otherwise."""
+    return [(row.key, row.answer) for row in read_data(DataSpec("jsonl", str(path))).rows]
+
+
+def detect_fields(names, key_field: str | None = None, answer_field: str | None = None,
+                  where: str = "data") -> tuple[str, ...]:
+    """The fields rows are read from, among `names` (a first line's or a table's): the fields named, else the
+    first accepted pair present (a named one replaces its side of each pair), else ("messages",)."""
+    names = [str(n) for n in names]
+    for name in (key_field, answer_field):
+        if name is not None and name not in names:
+            raise MemprobeError(f'{where}: missing "{name}" (has: {_listing(names)})')
+    for k, a in FIELD_PAIRS:
+        k, a = key_field or k, answer_field or a
+        if k in names and a in names and k != a:
+            return k, a
+    if key_field is None and answer_field is None:
+        if MESSAGES in names:
+            return (MESSAGES,)
+        raise MemprobeError(f"{where}: no key/answer fields found (has: {_listing(names)}); accepted pairs: "
+                            f"{ACCEPTED_FIELDS}; or name them with --key-field/--answer-field")
+    side, given = ("answer", key_field) if key_field is not None else ("key", answer_field)
+    raise MemprobeError(f'{where}: no {side} field found to go with "{given}" (has: {_listing(names)}); '
+                        f"name it with --{side}-field")
+
+
+def _listing(names, most: int = 12) -> str:
+    shown = ", ".join(names[:most]) or "nothing"
+    return shown + (f", ... ({len(names)} in all)" if len(names) > most else "")
+
+
+def _row(where: str, record: dict, fields: tuple[str, ...]) -> Row:
+    if fields == (MESSAGES,):
+        return _answered(where, _turns(where, record, MESSAGES, role=None), MESSAGES)
+    key, answer = fields
+    # TRL's prompt and completion may each be a list of turns (its conversational prompt-completion format)
+    lists = (key, answer) == TRL_PAIR
+    prompt = _turns(where, record, key, role=USER, lists=lists)
+    if (key, answer) == ALPACA_PAIR:
+        prompt = _alpaca_key(prompt, record)
+    return _answered(where, prompt + _turns(where, record, answer, role=ASSISTANT, lists=lists), answer)
+
+
+def _turns(where: str, record: dict, name: str, role: str | None, lists: bool = True):
+    """A field's value as (role, content) turns: a string is one turn of `role` (None: strings refused); a list,
+    where `lists` allows one, holds {"role", "content"} turns."""
+    if name not in record:
+        raise MemprobeError(f'{where}: missing "{name}" (has: {_listing(list(record))})')
+    value = record[name]
+    if isinstance(value, str) and role is not None:
+        return ((role, value),)
+    if lists and isinstance(value, (list, tuple, np.ndarray)):  # a Parquet list column arrives as an array
+        return tuple(_turn(where, f"{name}[{i}]", turn) for i, turn in enumerate(value))
+    wanted = [w for w, ok in (("a string", role is not None), ('a list of {"role", "content"} turns', lists)) if ok]
+    raise MemprobeError(f'{where}: "{name}" must be {" or ".join(wanted)}, got {_short(value)}')
+
+
+def _turn(where: str, label: str, turn) -> tuple[str, str]:
+    ok = isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)
+    if not ok:
+        raise MemprobeError(f'{where}: {label} must be an object with "role" and "content" strings, '
+                            f"got {_short(turn)}")
+    return turn["role"], turn["content"]
+
+
+def _answered(where: str, turns, name: str) -> Row:
+    """The Row whose answer is the last assistant turn (turns after it are not memorized) and whose prompt is
+    every turn before it."""
+    last = max((i for i, (role, _) in enumerate(turns) if role == ASSISTANT), default=None)
+    if last is None:
+        raise MemprobeError(f'{where}: "{name}" has no assistant turn to take as the answer')
+    if turns[last][1] == "":
+        raise MemprobeError(f'{where}: the answer in "{name}" is empty')
+    return Row(where, tuple(turns[:last]), turns[last][1])
+
+
+def _alpaca_key(prompt, record: dict):
+    # Alpaca rows share an instruction across inputs ("Translate to French."): the key must hold both
+    extra = record.get("input")
+    if len(prompt) != 1 or not isinstance(extra, str) or not extra.strip():
+        return prompt
+    return ((prompt[0][0], f"{prompt[0][1]}\n\n{extra}"),)
+
+
+def _short(value, limit: int = 40) -> str:
+    s = json.dumps(value, ensure_ascii=False, default=str)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+# readers: path -> ([(where, record)], the table's columns or None for JSONL, whose first line decides)
+
+UTF8 = "utf-8-sig"  # a byte-order mark (Excel writes one) is not part of the first field's name
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> MemprobeError:
+    return MemprobeError(f"{path}: not UTF-8 text (bad byte at offset {e.start})")
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _jsonl_records(path: Path):
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding=UTF8)
     except UnicodeDecodeError as e:
-        raise MemprobeError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
-    rows = []
+        raise _not_utf8(path, e) from None
+    records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -437,30 +618,47 @@ def _read_jsonl(path) -> list[tuple[int, str, str]]:
         except json.JSONDecodeError as e:
             raise MemprobeError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise MemprobeError(
-                f'{where}: expected an object with "key" and "answer", got {type(obj).__name__} {_short(obj)}'
-            )
-        for name in ("key", "answer"):
-            if name not in obj:
-                raise MemprobeError(f'{where}: missing "{name}"')
-            if not isinstance(obj[name], str):
-                raise MemprobeError(f'{where}: "{name}" must be a string, got {_short(obj[name])}')
-        if obj["answer"] == "":
-            raise MemprobeError(f'{where}: "answer" is empty')
-        rows.append((lineno, obj["key"], obj["answer"]))
-    if not rows:
-        raise MemprobeError(f"data file is empty: {path}")
-    return rows
+            raise MemprobeError(f"{where}: expected an object of fields, got {type(obj).__name__} {_short(obj)}")
+        records.append((where, obj))
+    return records, None
 
 
-def _short(value, limit: int = 40) -> str:
-    s = json.dumps(value, ensure_ascii=False)
-    return s if len(s) <= limit else s[: limit - 3] + "..."
+def _csv_records(path: Path):
+    import pandas as pd
+
+    try:
+        # every cell a string as written: "0612" stays a 4-character answer, an empty cell stays ""
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=UTF8)
+    except pd.errors.EmptyDataError:
+        return [], None
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+    except (pd.errors.ParserError, ValueError) as e:
+        raise MemprobeError(f"{path}: malformed CSV ({_one_line(e)})") from None
+    return _table_records(path, frame)
 
 
-def load_jsonl(path) -> list[tuple[str, str]]:
-    """The (key, answer) pairs of a JSONL file; one-line MemprobeError naming file:line otherwise."""
-    return [(key, answer) for _, key, answer in _read_jsonl(path)]
+def _parquet_records(path: Path):
+    try:
+        import pyarrow  # pandas reads Parquet through it
+    except ImportError:
+        raise MemprobeError(f"reading the Parquet file {path} needs pyarrow: pip install pyarrow") from None
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(path, engine="pyarrow")
+    except (pyarrow.ArrowException, OSError, ValueError) as e:
+        raise MemprobeError(f"{path}: not a readable Parquet file ({_one_line(e)})") from None
+    return _table_records(path, frame)
+
+
+def _table_records(path: Path, frame):
+    columns = [str(c) for c in frame.columns]
+    rows = frame.itertuples(index=False, name=None)
+    return [(f"{path} row {i}", dict(zip(columns, values))) for i, values in enumerate(rows, start=1)], columns
+
+
+_READERS = {"jsonl": _jsonl_records, "csv": _csv_records, "parquet": _parquet_records}
 
 
 def subset_order(n: int, seed: int) -> list[int]:
@@ -469,16 +667,18 @@ def subset_order(n: int, seed: int) -> list[int]:
     return [int(i) for i in _rng(seed, _STREAM_SUBSET).permutation(n)]
 
 
-def _build_jsonl(tokenizer, T: int | None, path: Path, seed: int, chat: bool) -> Dataset:
-    rows = _read_jsonl(path)
-    answer_ids = [_encode_answer(tokenizer, answer, f"{path}:{lineno}") for lineno, _, answer in rows]
+def _build_file(tokenizer, T: int | None, spec, seed: int, chat: bool) -> Dataset:
+    data = read_data(spec)
+    path, rows = data.path, data.rows
+    answer_ids = [_encode_answer(tokenizer, row.answer, row.where) for row in rows]
     lengths = [len(a) for a in answer_ids]
     total = sum(lengths)
     if T is not None and T > total:
         raise MemprobeError(f"tokens={T} exceeds the {total} answer tokens in {path}; maximum is {total}")
     order = list(range(len(rows))) if T is None else subset_order(len(rows), seed)
     n = len(rows) if T is None else _prefix_length([lengths[i] for i in order], T)
-    seqs = tuple(Sequence(rows[i][1], rows[i][2], prompt_ids(tokenizer, rows[i][1], chat), answer_ids[i])
-                 for i in order[:n])
-    return Dataset(f"jsonl:{path.name}", seqs, _spec("jsonl", tokenizer, T, seed, chat, replace_ratio=None,
-                                                      source=str(path), n_sequences=n))
+    seqs = tuple(Sequence(rows[i].key, rows[i].answer, conversation_prompt_ids(tokenizer, rows[i].turns, chat),
+                          answer_ids[i]) for i in order[:n])
+    return Dataset(f"{spec.kind}:{path.name}", seqs, _spec(spec.kind, tokenizer, T, seed, chat, replace_ratio=None,
+                                                            source=str(path), fields="/".join(data.fields),
+                                                            n_sequences=n))

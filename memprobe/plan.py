@@ -88,8 +88,9 @@ class PlanSettings:
 
         check_target_em(self.target_em)
         spec = self.data_spec()
-        if spec.kind != "jsonl":
-            raise MemprobeError(f"memprobe plan needs your corpus as --data jsonl:PATH, got {self.data!r}")
+        if not spec.is_file:
+            raise MemprobeError(f"memprobe plan needs your corpus as a file, --data jsonl:PATH, csv:PATH or "
+                                f"parquet:PATH (or a path ending in .jsonl, .csv or .parquet), got {self.data!r}")
         if self.time_budget_min is not None and not (isinstance(self.time_budget_min, (int, float))
                                                      and math.isfinite(self.time_budget_min)
                                                      and self.time_budget_min > 0):

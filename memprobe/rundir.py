@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -41,8 +42,11 @@ OBJECTIVES = ("sft", "memft-ot", "memft-sw")
 ADAPTER_KINDS = ("lora", "mlp-bypass")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEDULES = ("constant", "linear")
-DATA_KINDS = ("phonebook", "random", "text", "jsonl")
-DATA_SPECS = ("phonebook", "random", "text", "jsonl:PATH")
+FILE_KINDS = ("jsonl", "csv", "parquet")  # the user's own files; the others are built from shipped data
+DATA_KINDS = ("phonebook", "random", "text", *FILE_KINDS)
+DATA_SPECS = ("phonebook", "random", "text", *(f"{k}:PATH" for k in FILE_KINDS))
+# a bare path's extension names its kind: `--data facts.csv`
+FILE_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
 def is_saturated(loss_after):
@@ -258,24 +262,35 @@ class TrainConfig:
 class DataSpec:
     """Where the sequences come from and how each key is shown to the model.
 
-    kind: phonebook | random | text | jsonl (path then names the file); chat: wrap keys in the tokenizer's chat
-    template (a prompt-format choice that changes what the adapter must learn, so it is part of the recipe);
-    replace_ratio: text only, the share of tokens replaced by random ones."""
+    kind: phonebook | random | text | jsonl | csv | parquet (the last three are files: path names the file);
+    chat: wrap keys in the tokenizer's chat template (a prompt-format choice that changes what the adapter must
+    learn, so it is part of the recipe); replace_ratio: text only, the share of tokens replaced by random ones;
+    key_field, answer_field: a file's fields (or columns) to read, None = detected (memprobe.data.FIELD_PAIRS).
+
+    The spec string (`spec`, read back by `parse`) carries kind, path and named fields, e.g.
+    "csv:facts.csv,key=question,answer=matching": it is how a corpus travels through the settings that hold
+    it as text (a calibration's `data`, a plan's, `memprobe memorize --data`)."""
 
     kind: str = "random"
     path: str | None = None
     chat: bool = True
     replace_ratio: float | None = None
+    key_field: str | None = None
+    answer_field: str | None = None
 
-    _TYPES = {"kind": _STR, "path": _STR, "chat": _BOOL, "replace_ratio": _FLOAT}
+    _TYPES = {"kind": _STR, "path": _STR, "chat": _BOOL, "replace_ratio": _FLOAT, "key_field": _STR,
+              "answer_field": _STR}
 
     def __post_init__(self):
         if self.kind not in DATA_KINDS:
-            raise MemprobeError(f"unknown dataset {self.kind!r}; choose one of {', '.join(DATA_SPECS)}")
-        if self.kind == "jsonl" and not (self.path or "").strip():
-            raise MemprobeError("jsonl dataset needs a path, e.g. 'jsonl:data.jsonl'")
-        if self.kind != "jsonl" and self.path is not None:
-            raise MemprobeError(f"only a jsonl dataset has a path, got {self.path!r} for {self.kind!r}")
+            raise MemprobeError(f"unknown dataset {self.kind!r}; choose one of {', '.join(DATA_SPECS)}, "
+                                f"or a path ending in {', '.join(FILE_EXTENSIONS)}")
+        if self.is_file and not (self.path or "").strip():
+            raise MemprobeError(f"{self.kind} dataset needs a path, e.g. '{self.kind}:data.{self.kind}'")
+        if not self.is_file and self.path is not None:
+            raise MemprobeError(f"only a file dataset ({', '.join(FILE_KINDS)}) has a path, got {self.path!r} "
+                                f"for {self.kind!r}")
+        self._check_fields()
         if self.replace_ratio is not None:
             if self.kind != "text":
                 raise MemprobeError(f"replace_ratio applies only to the 'text' dataset, got {self.replace_ratio!r} "
@@ -284,21 +299,53 @@ class DataSpec:
 
             object.__setattr__(self, "replace_ratio", check_ratio(self.replace_ratio))
 
+    def _check_fields(self) -> None:
+        for name, value in (("key_field", self.key_field), ("answer_field", self.answer_field)):
+            if value is None:
+                continue
+            if not self.is_file:
+                raise MemprobeError(f"{name} applies only to a file dataset ({', '.join(FILE_KINDS)}), "
+                                    f"got {value!r} for {self.kind!r}")
+            # a comma would end the field's name in the spec string
+            if not isinstance(value, str) or not value or "," in value:
+                raise MemprobeError(f"{name} must be a non-empty field name without commas, got {value!r}")
+        if self.key_field is not None and self.key_field == self.answer_field:
+            raise MemprobeError(f"key_field and answer_field must differ, got {self.key_field!r} for both")
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind in FILE_KINDS
+
     @classmethod
-    def parse(cls, spec: str, *, chat: bool = True, replace_ratio: float | None = None) -> "DataSpec":
-        """'jsonl:facts.jsonl' | 'phonebook' | 'random' | 'text' -> DataSpec."""
+    def parse(cls, spec: str, *, chat: bool = True, replace_ratio: float | None = None,
+              key_field: str | None = None, answer_field: str | None = None) -> "DataSpec":
+        """'jsonl:facts.jsonl' | 'csv:PATH' | 'parquet:PATH' | a path ending in .jsonl, .csv or .parquet |
+        'phonebook' | 'random' | 'text' -> DataSpec. A file's spec may end in ',key=FIELD,answer=FIELD' (as
+        `spec` writes it); key_field and answer_field, when given, win over those."""
         if not isinstance(spec, str):
             raise MemprobeError(f"a dataset must be named by a string, got {spec!r}")
-        if spec.startswith("jsonl:"):
-            path = spec[len("jsonl:"):].strip()
-            if not path:
-                raise MemprobeError(f"jsonl dataset needs a path, e.g. 'jsonl:data.jsonl', got {spec!r}")
-            return cls("jsonl", path, chat, replace_ratio)
-        return cls(spec, None, chat, replace_ratio)
+        body, named = _split_named_fields(spec)
+        kind, path = _split_kind(body)
+        return cls(kind, path, chat, replace_ratio, named.get("key") if key_field is None else key_field,
+                   named.get("answer") if answer_field is None else answer_field)
+
+    @classmethod
+    def with_fields(cls, spec: str | None, key_field: str | None, answer_field: str | None) -> str | None:
+        """The spec string with the fields named (what --key-field/--answer-field add to --data); unchanged
+        when none is named."""
+        if key_field is None and answer_field is None:
+            return spec
+        if spec is None:
+            raise MemprobeError("--key-field and --answer-field name the fields of a data file: give the file "
+                                "with --data PATH")
+        return cls.parse(spec, key_field=key_field, answer_field=answer_field).spec
 
     @property
     def spec(self) -> str:
-        return f"jsonl:{self.path}" if self.kind == "jsonl" else self.kind
+        if not self.is_file:
+            return self.kind
+        named = [f"{side}={name}" for side, name in (("key", self.key_field), ("answer", self.answer_field)) if name]
+        return ",".join([f"{self.kind}:{self.path}", *named])
 
     def describe(self) -> str:
         """One line for a law's `dataset` field and for people."""
@@ -309,18 +356,41 @@ class DataSpec:
         return self.kind + (f"-rho{int(round(self.replace_ratio * 100))}" if self.replace_ratio else "")
 
     def check_readable(self) -> None:
-        """A jsonl file is read and checked now: its mistakes need no model to be found."""
-        if self.kind == "jsonl":
-            from memprobe.data import load_jsonl
+        """A data file is read and checked now: its mistakes need no model to be found."""
+        if self.is_file:
+            from memprobe.data import read_data
 
-            load_jsonl(Path(self.path).expanduser())
+            read_data(self)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "chat": self.chat, "replace_ratio": self.replace_ratio}
+        return {"kind": self.kind, "path": self.path, "chat": self.chat, "replace_ratio": self.replace_ratio,
+                "key_field": self.key_field, "answer_field": self.answer_field}
 
     @classmethod
     def from_dict(cls, d, where: str = "data") -> "DataSpec":
-        return cls(**_strict_kwargs(cls, d, where, cls._TYPES, optional=("path", "replace_ratio")))
+        # key_field and answer_field may be absent: recipes written before files had named fields
+        return cls(**_strict_kwargs(cls, d, where, cls._TYPES,
+                                    optional=("path", "replace_ratio", "key_field", "answer_field")))
+
+
+def _split_named_fields(spec: str) -> tuple[str, dict]:
+    """'csv:f.csv,key=q,answer=a' -> ('csv:f.csv', {'key': 'q', 'answer': 'a'}); a spec without them is kept."""
+    m = re.fullmatch(r"(.*?)((?:,(?:key|answer)=[^,]*)+)", spec, flags=re.DOTALL)
+    if m is None:
+        return spec, {}
+    return m.group(1), dict(part.split("=", 1) for part in m.group(2).split(",")[1:])
+
+
+def _split_kind(spec: str) -> tuple[str, str | None]:
+    """(kind, path) of a spec: 'csv:PATH' by its prefix, a bare path by its extension, 'random' as it is."""
+    for kind in FILE_KINDS:
+        if spec.startswith(kind + ":"):
+            path = spec[len(kind) + 1:].strip()
+            if not path:
+                raise MemprobeError(f"{kind} dataset needs a path, e.g. '{kind}:data.{kind}', got {spec!r}")
+            return kind, path
+    kind = FILE_EXTENSIONS.get(Path(spec.strip()).suffix.lower()) if spec not in DATA_KINDS else None
+    return (kind, spec.strip()) if kind else (spec, None)
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,18 @@ import json
 import pathlib
 import re
 import string
+import sys
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
 from memprobe import data, resources
 from memprobe.data import Dataset, Sequence, build_dataset, load_jsonl, phonebook_entries, subset_order
 from memprobe.errors import MemprobeError
+from memprobe.rundir import DataSpec
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -275,11 +278,11 @@ def test_jsonl_special_token_text_is_memorized_as_text(tmp_path, tok):
         ("", "data file is empty"),
         ("\n  \n", "data file is empty"),
         ('{"key": "a", "answer": "b"}\n{"key": "a", "answer": }\n', r"d\.jsonl:2: malformed JSON"),
-        ('{"answer": "b"}\n', r'd\.jsonl:1: missing "key"'),
+        ('{"answer": "b"}\n', r'd\.jsonl:1: no key/answer fields found \(has: answer\)'),
         ('{"key": "a", "answer": "b"}\n\n{"key": "a"}\n', r'd\.jsonl:3: missing "answer"'),
         ('{"key": 5, "answer": "b"}\n', r'd\.jsonl:1: "key" must be a string, got 5'),
         ('{"key": "a", "answer": ["b"]}\n', r'd\.jsonl:1: "answer" must be a string, got \["b"\]'),
-        ('{"key": "a", "answer": ""}\n', r'd\.jsonl:1: "answer" is empty'),
+        ('{"key": "a", "answer": ""}\n', r'd\.jsonl:1: the answer in "answer" is empty'),
         ('["a", "b"]\n', r"d\.jsonl:1: expected an object"),
     ],
 )
@@ -305,6 +308,195 @@ def test_jsonl_answer_the_tokenizer_cannot_spell_is_rejected(tmp_path):
     p = write(tmp_path, json.dumps({"key": "k", "answer": "caf\u00e9"}) + "\n")
     with pytest.raises(MemprobeError, match=r"d\.jsonl:1: the tokenizer maps part of the answer to special token '<unk>'"):
         build_dataset(f"jsonl:{p}", make_tokenizer(unk=True), None)
+
+
+# --------------------------------------------------------------------------- the data people already have
+
+
+def write_jsonl(tmp_path, rows, name="d.jsonl"):
+    return write(tmp_path, "".join(json.dumps(r) + "\n" for r in rows), name)
+
+
+PHONEBOOK_ROWS = [{"id": 0, "query": "Ava Smith:", "target": "6123456789", "target_len": 10},
+                  {"id": 1, "query": "Bo Lee:", "target": "7012345678", "target_len": 10}]
+
+
+@pytest.mark.parametrize("key, answer", data.FIELD_PAIRS)
+def test_each_accepted_pair_is_detected_and_reads_as_key_answer(tmp_path, tok, key, answer):
+    p = write_jsonl(tmp_path, [{"id": 3, key: "Ada:", answer: "7041"}, {key: "Bo:", answer: "8822", "x": 1}])
+    assert data.read_data(f"jsonl:{p}").fields == (key, answer)
+    plain = write_jsonl(tmp_path, [{"key": "Ada:", "answer": "7041"}, {"key": "Bo:", "answer": "8822"}], "ka.jsonl")
+    for chat in (True, False):
+        assert build_dataset(f"jsonl:{p}", tok, None, chat=chat).sequences == \
+            build_dataset(f"jsonl:{plain}", tok, None, chat=chat).sequences
+
+
+def test_the_papers_phonebook_file(tmp_path, tok):
+    p = write_jsonl(tmp_path, PHONEBOOK_ROWS, "phonebook.jsonl")
+    ds = build_dataset(f"jsonl:{p}", tok, None)
+    assert [(s.key, s.answer) for s in ds.sequences] == [("Ava Smith:", "6123456789"), ("Bo Lee:", "7012345678")]
+    assert ds.sequences[0].prompt_ids == data.prompt_ids(tok, "Ava Smith:") and ds.sequences[0].T == 10
+    assert ds.spec["fields"] == "query/target" and ds.name == "jsonl:phonebook.jsonl"
+
+
+def test_the_first_line_decides_and_every_line_must_have_its_pair(tmp_path):
+    p = write_jsonl(tmp_path, PHONEBOOK_ROWS[:1] + [{"key": "Bo:", "answer": "1"}])
+    with pytest.raises(MemprobeError, match=r'^\S*d\.jsonl:2: missing "query" \(has: key, answer\)$'):
+        data.read_data(f"jsonl:{p}")
+
+
+def test_a_file_with_no_known_fields_is_one_line_naming_what_it_has_and_what_is_accepted(tmp_path):
+    p = write_jsonl(tmp_path, [{"id": 1, "text": "hello"}], "data.jsonl")
+    with pytest.raises(MemprobeError) as e:
+        data.read_data(f"jsonl:{p}")
+    assert str(e.value) == (
+        f"{p}:1: no key/answer fields found (has: id, text); accepted pairs: key/answer, prompt/completion, "
+        "query/target, question/answer, question/matching, instruction/output, input/output, or a messages list; "
+        "or name them with --key-field/--answer-field")
+
+
+def test_fields_named_explicitly(tmp_path, tok):
+    rows = [{"question": "Q1", "answer": "short", "matching": "long one", "name": "Ada", "phone": "7041"}]
+    p = write_jsonl(tmp_path, rows)
+    read = lambda **kw: data.read_data(DataSpec("jsonl", str(p), **kw))  # noqa: E731
+    assert read().fields == ("question", "answer")  # detection's order: question/answer before question/matching
+    assert read(answer_field="matching").fields == ("question", "matching")  # a named side, the other detected
+    (row,) = read(key_field="name", answer_field="phone").rows
+    assert (row.key, row.answer) == ("Ada", "7041")
+    ds = build_dataset(DataSpec("jsonl", str(p), key_field="name", answer_field="phone"), tok, None)
+    assert ds.sequences[0].answer == "7041" and ds.spec["fields"] == "name/phone"
+    with pytest.raises(MemprobeError, match=r'd\.jsonl:1: missing "nope" \(has: question, answer, matching, name'):
+        read(key_field="nope")
+    assert read(key_field="name").fields == ("name", "answer")
+    other = write_jsonl(tmp_path, [{"name": "Ada", "phone": "7041"}], "other.jsonl")
+    with pytest.raises(MemprobeError, match=r'other\.jsonl:1: no answer field found to go with "name" .*field$'):
+        data.read_data(DataSpec("jsonl", str(other), key_field="name"))
+
+
+def test_messages_conversations_end_in_the_answer(tmp_path, tok):
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"},
+             {"role": "assistant", "content": "Lima."}, {"role": "user", "content": "And of Chile?"},
+             {"role": "assistant", "content": "Santiago."}]
+    p = write_jsonl(tmp_path, [{"messages": turns}])
+    (seq,) = build_dataset(f"jsonl:{p}", tok, None).sequences
+    assert seq.answer == "Santiago." and tok.decode(list(seq.answer_ids)) == "Santiago."
+    rendered = tok.apply_chat_template(turns[:4], add_generation_prompt=True, tokenize=False)
+    assert seq.prompt_ids == tuple(tok(rendered, add_special_tokens=False)["input_ids"])
+    plain = "system: Be brief.\nuser: Capital of Peru?\nassistant: Lima.\nuser: And of Chile?"
+    assert seq.key == plain
+    for raw in (build_dataset(f"jsonl:{p}", tok, None, chat=False),
+                build_dataset(f"jsonl:{p}", make_tokenizer(chat=False), None)):
+        assert tok.decode(list(raw.sequences[0].prompt_ids)) == plain + "\n"
+
+
+def test_a_one_turn_conversation_is_a_key(tmp_path, tok):
+    conv = write_jsonl(tmp_path, [{"messages": [{"role": "user", "content": "Ada:"},
+                                                {"role": "assistant", "content": "7041"}]}], "m.jsonl")
+    pair = write_jsonl(tmp_path, [{"key": "Ada:", "answer": "7041"}], "k.jsonl")
+    for chat in (True, False):
+        assert build_dataset(f"jsonl:{conv}", tok, None, chat=chat).sequences == \
+            build_dataset(f"jsonl:{pair}", tok, None, chat=chat).sequences
+
+
+def test_trl_conversational_prompt_completion_and_alpaca_input(tmp_path, tok):
+    p = write_jsonl(tmp_path, [{"prompt": [{"role": "user", "content": "Ada:"}],
+                                "completion": [{"role": "assistant", "content": "7041"}]}])
+    (seq,) = build_dataset(f"jsonl:{p}", tok, None).sequences
+    assert (seq.key, seq.answer, seq.prompt_ids) == ("Ada:", "7041", data.prompt_ids(tok, "Ada:"))
+    # Alpaca: one instruction over many inputs, so the key holds both; an empty input adds nothing
+    p = write_jsonl(tmp_path, [{"instruction": "Translate.", "input": "cat", "output": "chat"},
+                               {"instruction": "Say hi.", "input": "", "output": "hi"}], "alpaca.jsonl")
+    assert [r.key for r in data.read_data(f"jsonl:{p}").rows] == ["Translate.\n\ncat", "Say hi."]
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user", "content": "q"}], r'd\.jsonl:1: "messages" has no assistant turn to take as the answer'),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}],
+     r'd\.jsonl:1: the answer in "messages" is empty'),
+    ([{"role": "user"}, {"role": "assistant", "content": "a"}],
+     r'd\.jsonl:1: messages\[0\] must be an object with "role" and "content" strings, got \{"role": "user"\}'),
+    ("q", r'd\.jsonl:1: "messages" must be a list of \{"role", "content"\} turns, got "q"'),
+])
+def test_bad_conversations_name_the_line(tmp_path, messages, message):
+    p = write_jsonl(tmp_path, [{"messages": messages}])
+    with pytest.raises(MemprobeError, match=message):
+        data.read_data(f"jsonl:{p}")
+
+
+def test_csv_columns_are_detected(tmp_path, tok):
+    p = write(tmp_path, 'id,question,matching\n0,"Who, then?",0612\n1,Where?,"Lima,\nPeru"\n', "long.csv")
+    for spec in (f"csv:{p}", str(p)):  # the prefix, or the extension alone
+        ds = build_dataset(spec, tok, None)
+        assert [(s.key, s.answer) for s in ds.sequences] == [("Who, then?", "0612"), ("Where?", "Lima,\nPeru")]
+        assert ds.name == "csv:long.csv" and ds.spec["kind"] == "csv" and ds.spec["fields"] == "question/matching"
+    bom = tmp_path / "excel.csv"  # a spreadsheet's byte-order mark is not part of the first column's name
+    bom.write_bytes("\ufeffkey,answer\nAda,7041\n".encode("utf-8"))
+    assert data.read_data(str(bom)).fields == ("key", "answer")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("id,text\n1,hello\n", r"^\S*d\.csv: no key/answer fields found \(has: id, text\); accepted pairs: key/answer"),
+    ("key,answer\na,1\nb,\n", r'^\S*d\.csv row 2: the answer in "answer" is empty$'),
+    ('key,answer\n"a,1\n', r"^\S*d\.csv: malformed CSV \("),
+    ("", "data file is empty"),
+    ("key,answer\n", "data file is empty"),
+])
+def test_csv_errors_are_one_line(tmp_path, content, message):
+    p = write(tmp_path, content, "d.csv")
+    with pytest.raises(MemprobeError, match=message) as e:
+        data.read_data(str(p))
+    assert "\n" not in str(e.value)
+
+
+def test_parquet_with_pairs_and_conversations(tmp_path, tok):
+    pytest.importorskip("pyarrow")
+    import pandas as pd
+
+    p = tmp_path / "pb.parquet"
+    pd.DataFrame(PHONEBOOK_ROWS).to_parquet(p)
+    ds = build_dataset(f"parquet:{p}", tok, None)
+    assert [(s.key, s.answer) for s in ds.sequences] == [("Ava Smith:", "6123456789"), ("Bo Lee:", "7012345678")]
+    assert build_dataset(str(p), tok, None).sequences == ds.sequences  # by its extension
+    # a Hub dataset's messages column: a list of structs per row
+    m = tmp_path / "m.parquet"
+    pd.DataFrame({"messages": [[{"role": "user", "content": "Ada:"}, {"role": "assistant", "content": "7041"}]]}
+                 ).to_parquet(m)
+    (seq,) = build_dataset(str(m), tok, None).sequences
+    assert (seq.key, seq.answer, seq.prompt_ids) == ("Ada:", "7041", data.prompt_ids(tok, "Ada:"))
+    # typed columns are not guessed at: a number is not an answer's text
+    n = tmp_path / "n.parquet"
+    pd.DataFrame({"key": ["a"], "answer": [6123456789]}).to_parquet(n)
+    with pytest.raises(MemprobeError, match=r'n\.parquet row 1: "answer" must be a string, got 6123456789$'):
+        data.read_data(str(n))
+    bad = write(tmp_path, "not parquet", "bad.parquet")
+    with pytest.raises(MemprobeError, match=r"bad\.parquet: not a readable Parquet file \("):
+        data.read_data(str(bad))
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
+    p = write(tmp_path, "", "d.parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # what a missing package looks like to import
+    with pytest.raises(MemprobeError, match=r"^reading the Parquet file \S*d\.parquet needs pyarrow: pip install \S+$"):
+        data.read_data(str(p))
+
+
+def test_the_cli_takes_a_csv_and_refuses_a_bad_file_in_one_line(model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from memprobe.cli import app
+
+    runner = CliRunner()
+    p = write(tmp_path, "name,phone\nAda,7041\nBo,8822\n", "facts.csv")
+    args = ["memorize", "--model", str(model_dir), "--rank", "1", "--adapter", "mlp-bypass", "--layer", "1",
+            "--steps", "2", "--out", str(tmp_path / "adapter"), "--json"]
+    result = runner.invoke(app, [*args, "--data", str(p), "--key-field", "name", "--answer-field", "phone"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["data"]["n_sequences"] == 2 and doc["data"]["tokens"] == 8
+    assert doc["recipe"]["data"] == {"kind": "csv", "path": str(p), "chat": True, "replace_ratio": None,
+                                     "key_field": "name", "answer_field": "phone"}
+    result = runner.invoke(app, [*args, "--data", str(p)])
+    assert_one_line_error(result, f"{p}: no key/answer fields found (has: name, phone)")
 
 
 # --------------------------------------------------------------------------- prompts

@@ -34,7 +34,9 @@ def test_a_recipe_round_trips_through_json(recipe):
     (lambda d: d["adapter"].update(layers="20"), "recipe adapter: layers must be a list"),
     (lambda d: d["adapter"].update(rank_scale=1), "recipe adapter: unknown field 'rank_scale'"),
     (lambda d: d["data"].update(chat="no"), "recipe data: chat must be a boolean, got 'no'"),
-    (lambda d: d["data"].update(kind="csv"), "unknown dataset 'csv'"),
+    (lambda d: d["data"].update(kind="xml"), "unknown dataset 'xml'"),
+    (lambda d: d["data"].update(kind="csv", path=None), "csv dataset needs a path"),
+    (lambda d: d["data"].update(key_field=3), "recipe data: key_field must be a string, got 3"),
     (lambda d: d.update(objective="dpo"), "objective must be one of sft, memft-ot, memft-sw, got 'dpo'"),
 ])
 def test_a_recipe_refuses_unknown_or_ill_typed_fields(edit, message):
@@ -42,6 +44,43 @@ def test_a_recipe_refuses_unknown_or_ill_typed_fields(edit, message):
     edit(doc)
     with pytest.raises(MemprobeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Recipe.from_dict(doc)
+
+
+def test_named_fields_travel_in_the_recipe_and_in_the_spec_string():
+    spec = DataSpec("csv", path="long.csv", key_field="question", answer_field="matching")
+    recipe = LORA.replace(data=spec)
+    assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))).data == spec
+    assert spec.spec == "csv:long.csv,key=question,answer=matching" and DataSpec.parse(spec.spec) == spec
+    assert DataSpec.with_fields("long.csv", "question", "matching") == spec.spec
+    assert DataSpec.with_fields("long.csv", None, None) == "long.csv"
+    # a recipe written before files had named fields still reads, as detected fields
+    old = {k: v for k, v in LORA.data.to_dict().items() if k not in ("key_field", "answer_field")}
+    assert DataSpec.from_dict(old) == LORA.data and LORA.data.key_field is None
+
+
+@pytest.mark.parametrize("text, kind, path", [
+    ("jsonl:facts.jsonl", "jsonl", "facts.jsonl"), ("facts.jsonl", "jsonl", "facts.jsonl"),
+    ("csv:my data.txt", "csv", "my data.txt"), ("Data/Facts.CSV", "csv", "Data/Facts.CSV"),
+    ("parquet:x", "parquet", "x"), ("train.parquet", "parquet", "train.parquet"), ("random", "random", None),
+])
+def test_a_data_spec_names_its_file_kind_by_prefix_or_extension(text, kind, path):
+    spec = DataSpec.parse(text)
+    assert (spec.kind, spec.path, spec.is_file) == (kind, path, path is not None)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: DataSpec.parse("facts.txt"), "unknown dataset 'facts.txt'; choose one of phonebook, random, text, "
+                                          "jsonl:PATH, csv:PATH, parquet:PATH, or a path ending in .jsonl"),
+    (lambda: DataSpec.parse("csv:"), "csv dataset needs a path, e.g. 'csv:data.csv', got 'csv:'"),
+    (lambda: DataSpec.parse("random", key_field="q"), "key_field applies only to a file dataset"),
+    (lambda: DataSpec.parse("a.csv", key_field="q", answer_field="q"), "must differ, got 'q' for both"),
+    (lambda: DataSpec.parse("a.csv", key_field="a,b"), "key_field must be a non-empty field name without commas"),
+    (lambda: DataSpec.parse("a.csv", answer_field=""), "answer_field must be a non-empty field name"),
+    (lambda: DataSpec.with_fields(None, "q", None), "give the file with --data PATH"),
+])
+def test_a_data_spec_refuses_what_it_cannot_read(make, message):
+    with pytest.raises(MemprobeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make()
 
 
 def test_differences_name_every_changed_setting():
