@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from rich.progress import ProgressColumn
+from rich.text import Text
+
 from memprobe import rundir
 from memprobe.engine import CellSpec
 from memprobe.errors import MemprobeError
@@ -271,6 +274,10 @@ def check_data(config: CalibrationConfig) -> None:
     config.data_spec().check_readable()
 
 
+def cells_to_train(config: CalibrationConfig, done: set[str]) -> int:
+    return sum(1 for T, _, cells in config.grid() for c in cells if cell_id(c, T) not in done)
+
+
 def _describe_cell(row: dict) -> str:
     return (f"cell {row['cell_id']}: dL={float(row['delta_loss']):.3f} acc={float(row['token_acc']):.2f} "
             f"EM={float(row['exact_match']):.2f} steps={row['steps']} ({row['stop_reason']})")
@@ -313,17 +320,19 @@ def run_calibration(config: CalibrationConfig, run_dir: Path | None = None, *, f
     loaded (memprobe.models.LoadedModel of config.model), else it is loaded when a cell is left to train."""
     import torch
 
-    from memprobe.models import load_model
+    from memprobe.models import check_model, load_model
 
     log = log or (lambda msg: None)
     check_data(config)
     run_dir = Path(run_dir) if run_dir is not None else rundir.default_run_dir(config.recipe())
+    if lm is None and (fresh or cells_to_train(config, rundir.finished_cells(run_dir))):
+        check_model(config.model)  # a model that cannot load leaves no run directory behind
     manifest = prepare_run_dir(run_dir, config, fresh)
     rundir.write_json(run_dir / "manifest.json", manifest)
     done = rundir.finished_cells(run_dir)
     for name, columns in (("tokens.csv", TOKEN_COLUMNS), ("curves.csv", CURVE_COLUMNS)):
         rundir.keep_finished_rows(run_dir, name, columns, done)
-    todo_total = sum(1 for T, _, cells in config.grid() for c in cells if cell_id(c, T) not in done)
+    todo_total = cells_to_train(config, done)
     if done:
         log(f"resuming {run_dir}: {len(done)} cell(s) already done, {todo_total} to go")
     t_start = time.perf_counter()
@@ -448,22 +457,109 @@ def run_brackets(config: CalibrationConfig, run_dir: Path | None, target_tokens:
 PLAIN_PROGRESS_EVERY_S = 60.0
 
 
+class EtaEstimator:
+    """Seconds left of a run counted in cell-steps (one cell trained one step), at this run's own measured pace.
+
+    The pace is seconds per cell-step, smoothed exponentially over updates: the ratio of two running averages,
+    seconds and cell-steps per update, so an update that trained 8 cells weighs what it did. Both start at zero,
+    which makes the first few updates a plain mean rather than the first update alone.
+
+    Within a pack the ETA only falls: a slow step holds it still instead of pushing it up, and once the pace is
+    back it falls again, never faster than FASTEST_FALL times the clock. (So a lasting slowdown, another job
+    taking the machine, shows as an ETA that stands still until the pace catches up with it.) It is taken
+    afresh, up or down, where the work left changes other than by the work done (cells added, cells that stop
+    early) and where a pack starts: another T costs another time per cell-step, so the pace restarts there,
+    from the pack's second step (the first also builds the pack's adapters). `clock` is injectable for tests.
+    """
+
+    # while the work is steady the ETA falls at most this many times as fast as the clock: after a burst of slow
+    # steps the pace eases back over a few dozen updates, and the ETA would otherwise catch up in a rush
+    FASTEST_FALL = 2.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, smoothing: float = 0.1):
+        if not 0 < smoothing <= 1:
+            raise ValueError(f"smoothing must be in (0, 1], got {smoothing!r}")
+        self._clock, self.smoothing = clock, smoothing
+        self._seconds = self._work = 0.0  # running averages per timed update
+        self._last: float | None = None  # clock at this pack's last step; None before its first
+        self._restart = False  # the next timed step starts the pace afresh (a new pack)
+        self._left: float | None = None  # cell-steps left after the last update
+        self._eta: float | None = None
+
+    @property
+    def pace(self) -> float | None:
+        """Seconds per cell-step; None before a step has been timed."""
+        return self._seconds / self._work if self._work > 0 else None
+
+    @property
+    def seconds_left(self) -> float | None:
+        """The ETA to show; None before a step has been timed."""
+        return self._eta
+
+    def new_pack(self) -> None:
+        self._last, self._restart = None, True
+
+    def update(self, work: float, left: float) -> None:
+        """`work` cell-steps were done since the last update (0 when only the work left changed), `left` remain."""
+        now = self._clock()
+        # steady: only the work done changed the work left, so the ETA may not rise
+        steady = self._left is not None and math.isclose(self._left - work, left, abs_tol=1e-9)
+        elapsed = 0.0
+        if work > 0 and self._last is not None:
+            steady = steady and not self._restart  # a new pack's first timing sets its ETA afresh
+            elapsed = now - self._last
+            self._time(elapsed, work)
+        if work > 0:
+            self._last = now
+        self._left = left
+        estimate = None if self.pace is None else left * self.pace
+        if not steady or self._eta is None or estimate is None:
+            self._eta = estimate
+        else:
+            self._eta = min(self._eta, max(estimate, self._eta - self.FASTEST_FALL * elapsed))
+
+    def _time(self, seconds: float, work: float) -> None:
+        if self._restart:
+            self._seconds = self._work = 0.0
+            self._restart = False
+        a = self.smoothing
+        self._seconds += a * (seconds - self._seconds)
+        self._work += a * (work - self._work)
+
+
+class EtaColumn(ProgressColumn):
+    """`ETA h:mm:ss` of one task (the overall bar) from an EtaEstimator; other rows stay blank. rich's own
+    TimeRemainingColumn divides what is left by the bar's speed over its last 30 s, so the overall bar's jumps
+    (early-stopped cells releasing their steps) read as bursts of speed: one plan showed 0:19 then 8:15 hours."""
+
+    def __init__(self, estimator: EtaEstimator, task_id: Callable[[], object]):
+        super().__init__()
+        self.estimator, self._task_id = estimator, task_id
+
+    def render(self, task) -> Text:
+        if task.id != self._task_id():
+            return Text("")
+        return Text(f"ETA {_clock(self.estimator.seconds_left)}", style="progress.remaining")
+
+
 class Progress:
     """A rich progress display: one bar over cell-steps of the whole grid (with ETA) and one over the current
     pack's steps. Cells that stop early hand their unused steps to the overall bar. Without a terminal (a log
     file, `nohup`) rich draws no bars until the end, so a plain line with the same figures stands in for them
     every PLAIN_PROGRESS_EVERY_S seconds."""
 
-    def __init__(self, console=None):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+    def __init__(self, console=None, clock: Callable[[], float] = time.monotonic):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
+            TimeElapsedColumn
 
+        self._eta = EtaEstimator(clock)
         self._p = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                               TimeElapsedColumn(), EtaColumn(self._eta, lambda: self._overall), console=console,
                                transient=False)
         self._overall = self._pack = None
         self._budget = 0
         self._cells_done = 0
+        self._pack_cells = self._pack_work = 0  # cells the current pack started with; cell-steps it trained
         self._last_line = time.monotonic()
 
     def start(self, n_cells: int, steps: int) -> None:
@@ -475,25 +571,40 @@ class Progress:
 
     def pack(self, description: str) -> None:
         self._p.reset(self._pack, total=self._budget, description=description)
+        self._pack_cells = self._pack_work = 0
+        self._eta.new_pack()
 
     def step(self, n_active: int) -> None:
         self._p.advance(self._pack, 1)
         self._p.advance(self._overall, n_active)
+        self._pack_cells = max(self._pack_cells, n_active)
+        self._pack_work += n_active
+        self._eta.update(n_active, self._work_left(n_active))
         if not self._p.console.is_terminal and time.monotonic() - self._last_line >= PLAIN_PROGRESS_EVERY_S:
             self._last_line = time.monotonic()
             self._p.console.print(self.plain_line(), highlight=False)
+
+    def _work_left(self, n_active: int) -> float:
+        """Cell-steps left: the overall bar's, with this pack's share of it replaced by what its `n_active` cells
+        still train (the bar keeps the steps of cells that stopped early until the pack ends)."""
+        overall, pack = self._p.tasks[self._overall], self._p.tasks[self._pack]
+        pack_in_bar = self._pack_cells * self._budget - self._pack_work
+        pack_left = n_active * max(self._budget - pack.completed, 0)
+        return max((overall.total or 0) - overall.completed - pack_in_bar + pack_left, 0.0)
 
     def plain_line(self) -> str:
         """`T=256 seed=0 ranks=1,2,4: step 120/400; all cells 31%, 0:02:05 elapsed, ETA 0:04:38`."""
         pack, overall = self._p.tasks[self._pack], self._p.tasks[self._overall]
         share = overall.completed / overall.total if overall.total else 0.0
         return (f"{pack.description}: step {pack.completed:.0f}/{pack.total:.0f}; all cells {share:.0%}, "
-                f"{_clock(overall.elapsed)} elapsed, ETA {_clock(overall.time_remaining)}")
+                f"{_clock(overall.elapsed)} elapsed, ETA {_clock(self._eta.seconds_left)}")
 
     def cells_done(self, n: int) -> None:
         # early-stopped cells release their unused steps: the bar jumps to whole cells
         self._cells_done += n
         self._p.update(self._overall, completed=self._cells_done * self._budget)
+        self._pack_cells = self._pack_work = 0
+        self._eta.update(0, self._work_left(0))
 
     def stop(self) -> None:
         self._p.stop()

@@ -87,36 +87,74 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEMPROBE_CACHE", Path.home() / ".cache" / "memprobe"))
 
 
+def check_model(spec: str = "embedded") -> str:
+    """Which kind of model `spec` names ("embedded", "random", "gguf", "folder" or "hub"), found in milliseconds
+    without loading it and without the network: a spec that cannot load raises MemprobeError (one line) before a
+    run directory records anything."""
+    spec = str(spec).strip()
+    path = Path(spec).expanduser()
+    if spec.lower() in EMBEDDED_NAMES:
+        embedded_model_dir()
+        return "embedded"
+    if spec.lower().startswith("random:"):
+        _random_config_path(spec.split(":", 1)[1])
+        return "random"
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise MemprobeError(f"model file not found: {spec}")
+        return "gguf"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MemprobeError(f"model folder {spec!r} has no config.json, so it holds no transformers model "
+                                "(for a GGUF model, pass the .gguf file itself)")
+        return "folder"
+    if path.exists():
+        raise MemprobeError(f"model path {spec!r} is neither a folder nor a .gguf file")
+    hub_snapshot(spec)
+    return "hub"
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The folder of a hub model in the local Hugging Face cache. A hub id loads from there only, as a folder:
+    asking the hub first costs a minute of retries where there is no network and then fails anyway (and even
+    with local_files_only, transformers asks it for an adapter config); a download of gigabytes is not something
+    a calibration should start on its own."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except HFValidationError:
+        raise MemprobeError(f"model {repo_id!r} is not a .gguf file, a folder, nor a Hugging Face model id "
+                            "(ORG/NAME)") from None
+    if not isinstance(cached, str):
+        raise MemprobeError(f"model {repo_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}): "
+                            f"fetch it with `hf download {repo_id}` on a machine with network and copy that cache "
+                            "here, or pass a local folder: --model /path/to/folder")
+    return Path(cached).parent
+
+
 def load_model(spec: str = "embedded", *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Load `spec` frozen for measurement. Raises MemprobeError (one line) when it cannot be loaded."""
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    _quiet_transformers()
     spec = str(spec).strip()
-    if spec.lower() in EMBEDDED_NAMES:
-        folder = embedded_model_dir()
-        model, tok = _load_gguf(folder, EMBEDDED_GGUF, torch_dtype)
-        name, source = EMBEDDED_ID, "embedded"
-    elif spec.lower().startswith("random:"):
+    source = check_model(spec)
+    _quiet_transformers()
+    path = Path(spec).expanduser()
+    if source == "embedded":
+        model, tok = _load_gguf(embedded_model_dir(), EMBEDDED_GGUF, torch_dtype)
+        name = EMBEDDED_ID
+    elif source == "random":
         model, tok = _load_random(spec.split(":", 1)[1], torch_dtype)
-        name, source = spec, "random"
-    elif spec.endswith(".gguf"):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise MemprobeError(f"model file not found: {spec}")
+        name = spec
+    elif source == "gguf":
         model, tok = _load_gguf(path.parent, path.name, torch_dtype)
-        name, source = path.name, "gguf"
-    elif Path(spec).expanduser().is_dir():
-        if not (Path(spec).expanduser() / "config.json").is_file():
-            raise MemprobeError(f"model folder {spec!r} has no config.json, so it holds no transformers model "
-                                "(for a GGUF model, pass the .gguf file itself)")
-        model, tok = _load_pretrained(str(Path(spec).expanduser()), torch_dtype, spec)
-        name, source = spec, "folder"
-    elif Path(spec).expanduser().exists():
-        raise MemprobeError(f"model path {spec!r} is neither a folder nor a .gguf file")
+        name = path.name
     else:
-        model, tok = _load_pretrained(spec, torch_dtype, spec)
-        name, source = spec, "hub"
+        folder = path if source == "folder" else hub_snapshot(spec)
+        model, tok = _load_pretrained(str(folder), torch_dtype, spec)
+        name = spec
     model = _freeze(model.to(device))
     return LoadedModel(model=model, tokenizer=tok, name=name, source=source, device=device, spec=spec,
                        dtype=str(torch_dtype).replace("torch.", ""),
@@ -193,17 +231,23 @@ def _save_dequantized(model, tok, folder: Path) -> None:
 def _load_pretrained(name: str, torch_dtype, spec: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    try:  # local files only: never wait on the hub
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, local_files_only=True)
     except Exception as exc:
-        hint = "" if os.environ.get("HF_HUB_OFFLINE") else " (offline? set HF_HUB_OFFLINE=1 to use the local cache)"
-        raise MemprobeError(f"could not load model {spec!r}: {_first_line(exc)}{hint}") from exc
+        raise MemprobeError(f"could not load model {spec!r}: {_first_line(exc)}") from exc
     return model, tok
 
 
 def random_config_names() -> list[str]:
     return sorted(p.stem for p in RANDOM_CONFIGS_DIR.glob("*.json"))
+
+
+def _random_config_path(config_name: str) -> Path:
+    path = RANDOM_CONFIGS_DIR / f"{config_name}.json"
+    if not path.is_file():
+        raise MemprobeError(f"unknown random model config {config_name!r}; known: {', '.join(random_config_names())}")
+    return path
 
 
 def _load_random(config_name: str, torch_dtype):
@@ -213,10 +257,7 @@ def _load_random(config_name: str, torch_dtype):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = RANDOM_CONFIGS_DIR / f"{config_name}.json"
-    if not path.is_file():
-        raise MemprobeError(f"unknown random model config {config_name!r}; known: {', '.join(random_config_names())}")
-    cfg_dict = json.loads(path.read_text())
+    cfg_dict = json.loads(_random_config_path(config_name).read_text())
     model_type = cfg_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg_dict)
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import NullFormatter, ScalarFormatter
+from matplotlib.ticker import LogFormatter, NullFormatter, ScalarFormatter
 
 from memprobe.errors import MemprobeError
 from memprobe.rundir import is_saturated
@@ -69,6 +69,8 @@ def _law_table(cells: pd.DataFrame) -> pd.DataFrame:
         bad = out[col] <= 0
         if bad.any():
             raise MemprobeError(f"cells column {col} must be positive, got {out[col][bad].iloc[0]:g}")
+    if "loss_before" in cells.columns:  # the saturating forms' curves need it
+        out["loss_before"] = _numeric(cells, "loss_before", "cells", allow_nan=True)
     if "delta_loss" in cells.columns:
         out["delta_loss"] = _numeric(cells, "delta_loss", "cells", allow_nan=True)
     elif {"loss_before", "loss_after"} <= set(cells.columns):
@@ -86,16 +88,61 @@ def _law_table(cells: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+# how each of memprobe.law's forms turns the paper's term u into dL, in mathtext
+FORM_MATH = {"power": None, "saturating": r"L\,(1 - e^{-u/L})", "hyperbolic": r"L\,u\,/\,(L + u)",
+             "capped": r"\min(u,\, L)"}
+
+
 def _law_title(law, r2) -> str:
-    offset = "" if law.b == 0 else rf" {'+' if law.b > 0 else '-'} {abs(law.b):.3g}"
-    title = rf"$\Delta L = {law.C:.3g}\; r^{{{law.alpha:.3g}}}\; T^{{-{law.beta:.3g}}}{offset}$"
+    """The form the law predicts with, with the parameters it predicts with (a fitted MemoryLaw keeps the paper's
+    power form in C, alpha, beta, b, and may predict with a saturating form fitted apart)."""
+    form = getattr(law, "form", "power")
+    C, alpha, beta, b = getattr(law, "predicting_params", None) or (law.C, law.alpha, law.beta, law.b)
+    offset = "" if b == 0 else rf" {'+' if b > 0 else '-'} {abs(b):.3g}"
+    u = rf"{C:.3g}\; r^{{{alpha:.3g}}}\; T^{{-{beta:.3g}}}{offset}"
+    shape = FORM_MATH.get(form)
+    title = rf"$\Delta L = {u}$" if shape is None else rf"$\Delta L = {shape}$,  $u = {u}$"
+    if shape is not None:
+        title += "\nL = loss before training"
     try:
         r2 = float(r2)
     except (TypeError, ValueError):
         return title
     if math.isfinite(r2):
-        title += rf"   ($R^2$ = {r2:.3f})"
+        title += rf"{',' if shape else ''}   ($R^2$ = {r2:.3f})"
     return title
+
+
+def _predicting_r2(law, r2):
+    """The R² of the form drawn: a fitted law's own, of its predicting form, else the one given."""
+    stats = getattr(law, "fit_stats", None)
+    if not isinstance(stats, dict):
+        return r2
+    predicting = stats.get("predicting") or {}
+    if getattr(law, "form", "power") != "power" and predicting.get("r2") is not None:
+        return predicting["r2"]
+    return stats.get("r2") if r2 is None else r2
+
+
+def _law_curve(law, r, T: float, base_loss: float | None) -> np.ndarray:
+    """dL along ranks r at T; a form other than the paper's needs the loss before training, the cells' own at T."""
+    if getattr(law, "form", "power") == "power":
+        return np.asarray(law.predict(r, np.full_like(r, T)), dtype=float)
+    return np.asarray(law.predict(r, np.full_like(r, T), base_loss=base_loss), dtype=float)
+
+
+def _adapter_of(cells: pd.DataFrame, law) -> str | None:
+    adapter = getattr(law, "adapter", None)
+    if adapter is None and "adapter" in cells.columns and cells["adapter"].nunique() == 1:
+        adapter = str(cells["adapter"].iloc[0])
+    return adapter
+
+
+def rank_label(adapter: str | None) -> str:
+    """The x axis names the adapter the ranks are of: an mlp-bypass rank is not a LoRA rank."""
+    if adapter == "lora":
+        return "LoRA rank r"
+    return f"rank r ({adapter})" if adapter else "rank r"
 
 
 def plot_law(cells: pd.DataFrame, path, law=None, r2=None) -> Path:
@@ -104,20 +151,18 @@ def plot_law(cells: pd.DataFrame, path, law=None, r2=None) -> Path:
 
 
 def law_figure(cells: pd.DataFrame, law=None, r2=None) -> Figure:
-    """ΔL against rank on log-log axes, one colour per T.
+    """Measured ΔL against rank on log-log axes, one colour per T.
 
     Filled markers are the cells a fit uses; hollow markers are saturated cells (L_after <
     ln 2), which the fit excludes. With ``law`` (anything with C, alpha, beta, b and
-    predict(rank, tokens)) its curves are drawn, and the y axis shows ΔL − b so that each
-    T is a straight line of slope alpha; points at or below zero cannot sit on a log axis
-    and are counted in a note instead.
+    predict(rank, tokens); a MemoryLaw's form and predicting_params when it has them) the
+    curves are what it predicts, ΔL itself: the form it predicts with, each T's at the loss
+    before training of that T's cells, and the title writes that form. ``r2`` is shown when
+    the law does not carry its predicting form's own. Cells with ΔL ≤ 0 cannot sit on a log
+    axis and are counted in a note instead.
     """
     table = _law_table(cells)
-    if r2 is None and isinstance(getattr(law, "fit_stats", None), dict):
-        r2 = law.fit_stats.get("r2")  # a fitted MemoryLaw carries its own R^2
-    b = float(law.b) if law is not None else 0.0
-    shift = law is not None and b != 0.0
-    table["y"] = table["delta_loss"] - b
+    r2 = _predicting_r2(law, r2) if law is not None else r2
 
     fig = _new_figure(7.0, 5.0)
     ax = fig.add_subplot()
@@ -129,37 +174,40 @@ def law_figure(cells: pd.DataFrame, law=None, r2=None) -> Figure:
     any_positive = False
     for T, colour in zip(Ts, colours):
         sub = table[table["tokens"] == T].sort_values("rank")
-        visible = np.isfinite(sub["y"]) & (sub["y"] > 0)
+        visible = np.isfinite(sub["delta_loss"]) & (sub["delta_loss"] > 0)
         hidden += int((~visible).sum())
         any_positive |= bool(visible.any())
         fitted = sub[visible & ~sub["saturated"]]
         saturated = sub[visible & sub["saturated"]]
-        ax.scatter(fitted["rank"], fitted["y"], color=colour, s=36, zorder=3)
-        ax.scatter(saturated["rank"], saturated["y"], facecolors="none", edgecolors=[colour], s=36,
+        ax.scatter(fitted["rank"], fitted["delta_loss"], color=colour, s=36, zorder=3)
+        ax.scatter(saturated["rank"], saturated["delta_loss"], facecolors="none", edgecolors=[colour], s=36,
                    linewidths=1.3, zorder=3)
         if law is not None:
-            y_line = np.asarray(law.predict(r_grid, np.full_like(r_grid, T)), dtype=float) - b
+            base = sub["loss_before"].mean() if "loss_before" in sub.columns else None
+            y_line = _law_curve(law, r_grid, T, None if base is None or not np.isfinite(base) else float(base))
             keep = np.isfinite(y_line) & (y_line > 0)
             ax.plot(r_grid[keep], y_line[keep], color=colour, lw=1.6)
             any_positive |= bool(keep.any())
         elif len(fitted) >= 2:
-            ax.plot(fitted["rank"], fitted["y"], color=colour, lw=1.0, ls="--", alpha=0.7)
+            ax.plot(fitted["rank"], fitted["delta_loss"], color=colour, lw=1.0, ls="--", alpha=0.7)
 
     ax.set_xscale("log")
     if any_positive:
         ax.set_yscale("log")
+        # ΔL in nats read off the axis: 3, 6, 10 rather than 3×10⁰, 6×10⁰, 10¹
+        ax.yaxis.set_major_formatter(LogFormatter())
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
     ranks = sorted(table["rank"].unique())
     if len(ranks) <= 12:
         ax.set_xticks(ranks)
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("LoRA rank r")
-    ax.set_ylabel(f"ΔL − b  (b = {b:.3g}, nats)" if shift else "loss reduction ΔL (nats)")
+    ax.set_xlabel(rank_label(_adapter_of(cells, law)))
+    ax.set_ylabel("loss reduction ΔL (nats)")
     ax.grid(True, which="major", alpha=0.3)
     ax.set_title(_law_title(law, r2) if law is not None else "Loss reduction by rank and answer length T")
     if hidden:
-        what = "ΔL − b" if shift else "ΔL"
-        ax.text(0.01, 0.01, f"{hidden} cell(s) with {what} ≤ 0 not shown", transform=ax.transAxes,
+        ax.text(0.01, 0.01, f"{hidden} cell(s) with ΔL ≤ 0 not shown", transform=ax.transAxes,
                 fontsize=8, color="0.35", va="bottom")
 
     handles = [Line2D([], [], color=c, marker="o", lw=1.6 if law is not None else 0, label=f"T = {_label(T)}")
@@ -266,10 +314,10 @@ def phases_figure(cells: pd.DataFrame, tokens: pd.DataFrame, tokens_value=None, 
         # stubborn: measured at every rank and below threshold at all of them
         stubborn = np.where(np.all(np.nan_to_num(P, nan=1.0) < threshold, axis=0))[0]
         if len(stubborn):
-            ax.scatter(stubborn, np.full(len(stubborn), n_ranks - 0.5), marker="v", color="black",
-                       s=18, clip_on=False, zorder=4, label=f"stubborn (p < {threshold:g} at every rank)")
-            ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False,
-                      borderaxespad=0.2)
+            marks = ax.scatter(stubborn, np.full(len(stubborn), n_ranks - 0.5), marker="v", color="black",
+                               s=18, clip_on=False, zorder=4, label=f"stubborn (p < {threshold:g} at every rank)")
+            # below the figure: above the axes it ran into a title long with dataset and adapter names
+            fig.legend(handles=[marks], loc="outside lower right", fontsize=8, frameon=False)
 
     g0 = group.iloc[0]
     parts = [f"T = {_label(g0['tokens'])}", str(g0["objective"])]

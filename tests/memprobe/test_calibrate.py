@@ -220,6 +220,20 @@ def test_a_run_that_finished_no_cell_does_not_block_the_corrected_command(config
     assert json.loads((run_dir / "manifest.json").read_text())["recipe"]["model"] == config.model
 
 
+def test_a_model_that_cannot_load_leaves_no_run_directory_and_a_finished_run_needs_no_model(
+        calibrated, config, tmp_path, monkeypatch):
+    from memprobe import models
+
+    run_dir = tmp_path / "new"
+    with pytest.raises(MemprobeError, match="model file not found"):
+        run_calibration(replace(config, model=str(tmp_path / "typo.gguf")), run_dir)
+    assert not run_dir.exists()
+    # a run with every cell done trains nothing: re-analysing it needs no model, even one gone since
+    monkeypatch.setattr(models, "check_model", lambda spec: pytest.fail("the model was checked"))
+    shutil.copytree(calibrated[0], tmp_path / "done")
+    assert len(run_calibration(config, tmp_path / "done").cells) == len(RANKS) * len(TOKENS)
+
+
 @pytest.mark.parametrize("data,ratio,message", [
     ("nonsense", None, "unknown dataset 'nonsense'"),
     ("jsonl:missing.jsonl", None, "data file not found: missing.jsonl"),
@@ -350,3 +364,116 @@ def test_a_fit_that_fails_unexpectedly_keeps_the_run_s_timing(config, tmp_path, 
         run_calibration(replace(config, ranks=(1,), tokens=(8,)), run_dir)
     run = last_run(run_dir)
     assert run["cells_run"] == 1 and run["train_s"] > 0
+
+
+# ----------------------------------------------------------------------------------------- the ETA
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drive(eta, clock, seconds_per_step, work=4, left=None):
+    """One update per step: `work` cell-steps each, taking the given seconds; the ETAs shown after each."""
+    shown = []
+    left = eta._left if left is None else left
+    for s in seconds_per_step:
+        clock.now += s
+        left -= work
+        eta.update(work, left)
+        shown.append(eta.seconds_left)
+    return shown
+
+
+def new_estimator(left=4000, first_step=30.0):
+    """An estimator after a pack's first step (untimed: here it also built the adapters, for 30 s)."""
+    from memprobe.calibrate import EtaEstimator
+
+    clock = FakeClock()
+    eta = EtaEstimator(clock)
+    eta.update(0, left)
+    eta.new_pack()
+    drive(eta, clock, [first_step])
+    return eta, clock
+
+
+def test_steady_steps_give_a_steady_eta():
+    eta, clock = new_estimator()
+    assert eta.seconds_left is None  # nothing timed yet: the first step built the pack's adapters
+    shown = drive(eta, clock, [2.0] * 50)
+    # 4 cell-steps every 2 s: 0.5 s per cell-step, the ETA counts down 2 s per 2 s step
+    assert eta.pace == pytest.approx(0.5)
+    assert shown[0] == pytest.approx((4000 - 8) * 0.5)
+    assert np.diff(shown) == pytest.approx([-2.0] * 49)
+
+
+def test_a_burst_of_slow_steps_holds_the_eta_still_then_it_falls_again():
+    eta, clock = new_estimator()
+    shown = drive(eta, clock, [2.0] * 30 + [6.0] * 5 + [2.0] * 200)
+    steps = np.diff(shown)
+    assert (steps <= 1e-9).all()  # never up
+    assert np.all(steps[29:34] > -2.0)  # the burst slows the countdown rather than speeding it
+    # no rush once the pace is back: never down faster than twice the clock
+    assert steps.min() >= -4.0 - 1e-9
+    # after the burst it comes back to the steady pace's ETA
+    assert shown[-1] == pytest.approx(eta._left * 0.5, rel=0.02)
+
+
+def test_jittery_steps_never_raise_the_eta_within_a_pack():
+    rng = np.random.default_rng(0)
+    eta, clock = new_estimator()
+    shown = drive(eta, clock, rng.uniform(0.5, 4.0, 500))
+    assert (np.diff(shown) <= 1e-9).all()
+    assert shown[-1] == pytest.approx(eta._left * 2.25 / 4, rel=0.1)  # 2.25 s per step of 4 cell-steps, on average
+
+
+def test_the_eta_is_taken_afresh_when_the_work_left_changes():
+    eta, clock = new_estimator()
+    drive(eta, clock, [2.0] * 20)
+    left, before = eta._left, eta.seconds_left
+    eta.update(0, left + 400)  # cells added (a bracket round): the ETA rises by their time, at the same pace
+    assert eta.seconds_left == pytest.approx(before + 400 * 0.5)
+    eta.update(0, left - 1000)  # cells that stopped early released their steps
+    assert eta.seconds_left == pytest.approx((left - 1000) * 0.5)
+    shown = drive(eta, clock, [2.0] * 5)
+    assert shown == pytest.approx([(left - 1000 - 4 * k) * 0.5 for k in range(1, 6)])
+
+
+def test_a_new_pack_restarts_the_pace_from_its_second_step():
+    eta, clock = new_estimator()
+    drive(eta, clock, [2.0] * 20)
+    before = eta.seconds_left
+    eta.new_pack()  # a larger T: 8 s per step, not 2
+    assert drive(eta, clock, [60.0]) == [before]  # the step that built the adapters is not timed
+    shown = drive(eta, clock, [8.0] * 20)
+    assert shown[0] == pytest.approx((eta._left + 4 * 19) * 2.0)  # this pack's pace at once, up
+    assert eta.pace == pytest.approx(2.0) and np.diff(shown) == pytest.approx([-8.0] * 19)
+
+
+def test_the_progress_view_shows_the_estimator_s_eta_and_counts_early_stopped_cells_out():
+    import io
+
+    from rich.console import Console
+
+    from memprobe.calibrate import Progress
+
+    clock = FakeClock()
+    p = Progress(Console(file=io.StringIO(), force_terminal=False, width=120), clock=clock)
+    p.start(n_cells=8, steps=100)  # two packs of four cells
+    p.pack("T=64 seed=0 ranks=1,2,4,8")
+    for n_active in [4] * 11 + [2] * 10:  # two cells converge at step 11
+        clock.now += n_active * 0.25  # a step costs what it trains
+        p.step(n_active)
+    # left: the two running cells' 79 steps and the next pack's 400, at 0.25 s per cell-step
+    assert p._eta.seconds_left == pytest.approx((2 * 79 + 400) * 0.25)
+    assert p.plain_line().endswith("ETA 0:02:19")
+    eta_column = [str(c) for c in p._p.make_tasks_table(p._p.tasks).columns[-1].cells]
+    assert eta_column == ["ETA 0:02:19", ""]  # the overall bar's row, then the pack's
+    clock.now += 2 * 79 * 0.25
+    p.cells_done(4)  # the bar jumps to whole cells: the ETA follows the work, not the bar's speed
+    assert p._eta.seconds_left == pytest.approx(400 * 0.25)
+    p.stop()

@@ -206,3 +206,26 @@ def test_a_killed_calibration_resumes_without_redoing_finished_cells(model_dir, 
     tokens_t = pd.read_csv(run_dir / "tokens.csv")
     assert not tokens_t.duplicated(["cell_id", "seq_index", "position"]).any()
     assert tokens_t.groupby("cell_id").size().to_dict() == cells.set_index("cell_id")["tokens"].to_dict()
+
+
+# ----------------------------------------------------------------------------------------- an unknown model
+
+
+def test_an_unknown_model_fails_at_once_in_one_line_and_leaves_no_run_directory(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    from memprobe.rundir import RUNS_ENV
+
+    # an empty Hugging Face cache, and nothing that tells huggingface_hub it is offline
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv(RUNS_ENV, str(tmp_path / "runs"))
+    for out in (["--out", str(tmp_path / "run")], []):  # a folder given, and the default one
+        t0 = time.monotonic()
+        code = main(["calibrate", "--model", "nosuchmodel", *out])
+        assert time.monotonic() - t0 < 2.0  # before: a minute of hub retries, then "couldn't connect"
+        assert_one_line_error(code, capsys.readouterr().err, "'nosuchmodel' is not in the local Hugging Face cache",
+                              "`hf download nosuchmodel` on a machine with network", "--model /path/to/folder")
+        assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()

@@ -44,15 +44,52 @@ def test_a_path_that_is_neither_folder_nor_gguf(tmp_path):
     assert one_line_error(str(path)) == f"model path {str(path)!r} is neither a folder nor a .gguf file"
 
 
-def test_unknown_hub_id_offline(monkeypatch):
+@pytest.fixture
+def empty_hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, network allowed as far as huggingface_hub knows (HF_HUB_OFFLINE unset)."""
     import huggingface_hub.constants
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads the variable once, at import: set what it already read too (no network here)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    message = one_line_error("no-such-org/no-such-model-memprobe")
-    assert message.startswith("could not load model 'no-such-org/no-such-model-memprobe': ")
-    assert "set HF_HUB_OFFLINE" not in message  # the offline hint is for users who are not offline yet
+    home = tmp_path / "hf"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # huggingface_hub reads its variables once, at import: set what it already read too
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return home / "hub"
+
+
+@pytest.mark.parametrize("spec", ["nosuchmodel", "no-such-org/no-such-model-memprobe"])
+def test_a_hub_id_missing_from_the_local_cache_fails_at_once(empty_hf_cache, spec):
+    import time
+
+    t0 = time.monotonic()
+    message = one_line_error(spec)
+    assert time.monotonic() - t0 < 2.0  # no hub retries: before, a minute of them here
+    assert message == (f"model {spec!r} is not in the local Hugging Face cache ({empty_hf_cache}): fetch it with "
+                       f"`hf download {spec}` on a machine with network and copy that cache here, or pass a local "
+                       "folder: --model /path/to/folder")
+
+
+def test_a_spec_that_is_no_hub_id_says_so(empty_hf_cache):
+    assert one_line_error("not a/model/id") == ("model 'not a/model/id' is not a .gguf file, a folder, nor a "
+                                                 "Hugging Face model id (ORG/NAME)")
+
+
+def test_a_hub_model_in_the_local_cache_loads_without_the_network(empty_hf_cache):
+    import time
+
+    from conftest import save_tiny_model
+
+    # the cache's layout: models--ORG--NAME/{refs/main, snapshots/<commit>/files}
+    repo = empty_hf_cache / "models--memprobe-test--tiny"
+    save_tiny_model(repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    assert models.check_model("memprobe-test/tiny") == "hub"
+    t0 = time.monotonic()
+    lm = load_model("memprobe-test/tiny")
+    assert time.monotonic() - t0 < 10.0  # never asks the hub whether the cached files changed
+    assert lm.source == "hub" and lm.name == "memprobe-test/tiny" and lm.n_layers == 2
 
 
 def test_unknown_random_config():

@@ -71,19 +71,59 @@ def test_law_figure_content():
     assert slope == pytest.approx(law.alpha, rel=1e-6)
 
 
-def test_law_figure_offset_b_shifts_axis_and_skips_non_positive(tmp_path):
+def test_law_figure_with_an_offset_b_still_plots_dl_and_skips_non_positive(tmp_path):
     law = PowerLaw(b=-0.5)
     cells = law_cells(law)
-    cells.loc[0, "delta_loss"] = -0.7   # below b: no place on a log axis
+    cells.loc[0, "delta_loss"] = -0.7   # training raised the loss: no place on a log axis
     fig = law_figure(cells, law=law)
     ax = fig.axes[0]
-    assert "b = -0.5" in ax.get_ylabel()
+    assert ax.get_ylabel() == "loss reduction ΔL (nats)"  # ΔL itself, never ΔL − b
+    assert "- 0.5$" in ax.get_title()
     shown = sum(len(c.get_offsets()) for c in ax.collections)
     assert shown == len(cells) - 1
-    assert any("1 cell(s) with ΔL − b ≤ 0 not shown" in t.get_text() for t in ax.texts)
-    # a huge b pushes every point and curve below zero: still a plot, never a crash
-    path = plot_law(cells, tmp_path / "law.png", law=PowerLaw(b=1e3))
+    assert any("1 cell(s) with ΔL ≤ 0 not shown" in t.get_text() for t in ax.texts)
+    # a huge negative b pushes every curve below zero: still a plot, never a crash
+    path = plot_law(cells, tmp_path / "law.png", law=PowerLaw(b=-1e3))
     check_png(path, 770, 550)
+
+
+def saturating_law(adapter="mlp-bypass"):
+    """A fitted law's shape: the paper's power form in C, alpha, beta, b; predictions by a saturating form
+    fitted apart, with other parameters."""
+    from memprobe.law import MemoryLaw
+
+    return MemoryLaw(C=80.0, alpha=0.395, beta=0.377, b=-4.96, form="saturating", form_params=(60.0, 0.5, 0.4, -2.0),
+                     base_loss=14.0, adapter=adapter,
+                     fit_stats={"r2": 0.95, "predicting": {"form": "saturating", "r2": 0.991}})
+
+
+def test_law_figure_draws_and_titles_the_form_that_predicts():
+    law = saturating_law()
+    # the two sizes' cells start from different losses: each curve saturates at its own
+    cells = pd.concat([law_cells(law, L0=14.0, Ts=(64,)), law_cells(law, L0=11.0, Ts=(512,))], ignore_index=True)
+    fig = law_figure(cells, law=law, r2=0.95)
+    ax = fig.axes[0]
+    title = ax.get_title()
+    assert r"1 - e^{-u/L}" in title and "60" in title and "0.5" in title and "- 2$" in title
+    assert "80" not in title and "4.96" not in title  # the paper form's numbers do not predict
+    assert "0.991" in title and "0.950" not in title  # the R² of the form drawn
+    assert ax.get_ylabel() == "loss reduction ΔL (nats)"
+    for line, (T, L) in zip(ax.get_lines(), [(64, 14.0), (512, 11.0)]):
+        r, y = line.get_data()
+        assert y == pytest.approx(law.predict(r, T, base_loss=L))
+    # the points are the measured ΔL, not shifted by b
+    offsets = np.concatenate([c.get_offsets() for c in ax.collections if len(c.get_offsets())])
+    assert sorted(offsets[:, 1]) == pytest.approx(sorted(cells["delta_loss"]))
+
+
+@pytest.mark.parametrize("adapter, label", [("mlp-bypass", "rank r (mlp-bypass)"), ("lora", "LoRA rank r"),
+                                            (None, "rank r")])
+def test_the_rank_axis_names_the_adapter_of_the_law(adapter, label):
+    law = saturating_law(adapter)
+    assert law_figure(law_cells(law), law=law).axes[0].get_xlabel() == label
+    # without a law, the cells' adapter column says it
+    cells = law_cells(law).assign(adapter=adapter or "mlp-bypass")
+    assert law_figure(cells).axes[0].get_xlabel() == (label if adapter else "rank r (mlp-bypass)")
 
 
 def test_plot_law_without_law_or_saturated_column(tmp_path):
@@ -210,3 +250,18 @@ def test_the_curves_legend_names_only_drawn_ranks_and_the_cells_without_a_curve(
     plt.close(fig)
     assert labels[:2] == ["r=1", "r=2"] and "r=16" not in labels
     assert labels[-1] == "no curve:\nr=16, T=64"
+
+
+def test_the_phases_legend_stays_clear_of_a_long_title():
+    cells, tokens = phase_tables()
+    cells = cells.assign(dataset="phonebook-subset-of-my-corpus-1234", adapter="mlp-bypass")
+    fig = phases_figure(cells, tokens)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert "mlp-bypass" in ax.get_title(loc="left")
+    (legend,) = fig.legends or [ax.get_legend()]
+    renderer = fig.canvas.get_renderer()
+    title = ax._left_title.get_window_extent(renderer)
+    box = legend.get_window_extent(renderer)
+    assert not box.overlaps(title), (box, title)
+    assert not box.overlaps(ax.get_window_extent(renderer))  # nor does it cover the heat map
