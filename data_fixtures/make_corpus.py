@@ -2,7 +2,12 @@
 
     python data_fixtures/make_corpus.py licence-keys 16 keys.jsonl --seed 5
     python data_fixtures/make_corpus.py part-codes 12 parts.jsonl --seed 11
+    python data_fixtures/make_corpus.py badge-codes 200 badges.jsonl --seed 1
+    python data_fixtures/make_corpus.py short-keys 200 keys.jsonl --seed 2
 
+badge-codes: "Badge of NAME NNN:" -> a hex code "8ABC-70E9" (16 bits per group, 5-9 tokens a row). short-keys:
+"Key NNNN:" -> 10 random base-62 characters (about 60 bits a row). Both are high-entropy rows short enough to
+study many-row corpora on a CPU: a rank of the embedded model holds a few hundred of their tokens.
 licence-keys: "Licence key of seat NNNN:" -> 24 random base-62 characters in dash-separated groups (about 15
 bits per token: as hard per token as random vocabulary ids, but plain text). part-codes: "Part AB-123 stock
 code:" -> an 8-digit code (about 3.3 bits per token).
@@ -28,7 +33,20 @@ def part_codes(n: int, rng: random.Random) -> list[dict]:
              "answer": "".join(rng.choice(string.digits) for _ in range(8))} for _ in range(n)]
 
 
-KINDS = {"licence-keys": licence_keys, "part-codes": part_codes}
+def badge_codes(n: int, rng: random.Random) -> list[dict]:
+    hexdigits = "0123456789ABCDEF"
+    people = rng.sample(range(100, 1000), n)
+    return [{"key": f"Badge of employee {p}:",
+             "answer": "-".join("".join(rng.choice(hexdigits) for _ in range(4)) for _ in range(2))} for p in people]
+
+
+def short_keys(n: int, rng: random.Random) -> list[dict]:
+    ids = rng.sample(range(1000, 10000), n)
+    return [{"key": f"Key {i}:", "answer": "".join(rng.choice(ALPHABET) for _ in range(10))} for i in ids]
+
+
+KINDS = {"licence-keys": licence_keys, "part-codes": part_codes, "badge-codes": badge_codes,
+         "short-keys": short_keys}
 
 
 def main() -> None:

@@ -74,6 +74,9 @@ class CalibrationConfig:
     dtype: str | None = None
     pack: int = 0  # most cells trained together in one pass (0 = as many of a dataset as fit in memory)
     extra: tuple[tuple[int, int], ...] = ()  # (rank, tokens) cells beyond the grid: the brackets toward a plan
+    # T whose cells also save their trained adapter (run_dir/adapters/<cell_id>/, as `memprobe memorize` does):
+    # a plan's whole-corpus cells, so that the one it recommends is the adapter, not trained a second time
+    keep_adapters: tuple[int, ...] = ()
 
     def __post_init__(self):
         for name in ("ranks", "tokens"):
@@ -134,7 +137,8 @@ class CalibrationConfig:
         """The grid and where it runs (the recipe is written beside it, once, as the manifest's "recipe")."""
         return {"ranks": list(self.ranks), "tokens": list(self.tokens),
                 "seeds": list(self.seeds), "objectives": list(self.objectives), "device": self.device,
-                "dtype": self.dtype, "pack": self.pack, "extra": [list(c) for c in self.extra]}
+                "dtype": self.dtype, "pack": self.pack, "extra": [list(c) for c in self.extra],
+                "keep_adapters": list(self.keep_adapters)}
 
     def identity(self) -> dict:
         """What must match for a run directory to be resumed (the grid may grow; the recipe may not change)."""
@@ -250,7 +254,7 @@ def cell_rows(outcomes, data: PreparedDataset, adapter_kind: str) -> tuple[list[
             "delta_loss": f"{data.loss_before - a.loss:.6f}", "token_acc": f"{a.token_acc:.6f}",
             "exact_match": f"{a.exact_match:.6f}", "ordered_frac": f"{a.ordered_frac:.6f}",
             "trainable_params": data.params_per_rank * o.spec.rank, "steps": o.steps, "seconds": f"{o.seconds:.3f}",
-            "saturated": is_saturated(a.loss), "stop_reason": o.stop_reason,
+            "saturated": is_saturated(a.loss, a.ordered_frac), "stop_reason": o.stop_reason,
             "final_slope": f"{o.final_slope():.6g}", "n_sequences": len(ds.sequences),
         })
         p, hit = a.p, a.hit
@@ -266,6 +270,23 @@ def record_pack(run_dir: Path, cells: list[dict], tokens: list[dict], curves: li
     rundir.append_rows(run_dir / "tokens.csv", TOKEN_COLUMNS, tokens)
     rundir.append_rows(run_dir / "curves.csv", CURVE_COLUMNS, curves)
     rundir.append_rows(run_dir / "cells.csv", CELL_COLUMNS, cells)  # last: a cell is done once it is here
+
+
+ADAPTERS_DIR = "adapters"
+
+
+def adapter_dir(run_dir: Path, cid: str) -> Path:
+    """Where a kept cell's adapter and memorize.json live (CalibrationConfig.keep_adapters)."""
+    return Path(run_dir) / ADAPTERS_DIR / cid
+
+
+def save_adapters(run_dir: Path, outcomes, data: PreparedDataset, config: CalibrationConfig, lm) -> None:
+    from memprobe.memorize import save_trained
+
+    for o in outcomes:
+        save_trained(adapter_dir(run_dir, cell_id(o.spec, data.T)), o, data.dataset, data.loss_before,
+                     data.params_per_rank, config.recipe(o.spec.objective), lm.model, o.seconds,
+                     model_name=lm.name, base_model_name=lm.name)
 
 
 def check_data(config: CalibrationConfig) -> None:
@@ -300,10 +321,13 @@ def train_grid(lm, config: CalibrationConfig, run_dir: Path, done: set[str], tim
                 ranks = ",".join(str(c.rank) for c in pack)
                 progress.pack(f"T={data.dataset.n_answer_tokens} seed={seed} ranks={ranks}")
             t0 = time.perf_counter()
+            keep = T in config.keep_adapters
             outcomes = train_cells(lm.model, data.prefix, data.batch, pack, config.adapter, config.train,
-                                   objective_kwargs=config.objective_kwargs,
+                                   objective_kwargs=config.objective_kwargs, keep_state=keep,
                                    on_step=progress.step if progress is not None else None)
             timing["train_s"] += time.perf_counter() - t0
+            if keep:  # before the cells' rows: a cell recorded as done has its adapter
+                save_adapters(run_dir, outcomes, data, config, lm)
             rows, token_rows, curve_rows = cell_rows(outcomes, data, config.adapter.kind)
             record_pack(run_dir, rows, token_rows, curve_rows)
             timing["cells_run"] += len(rows)

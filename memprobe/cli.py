@@ -170,15 +170,18 @@ def plan(
     ranks: Optional[str] = typer.Option(None, "--ranks", help="ranks calibrated on the subsets [1,2,4,8]"),
     lr: Lr = None, batch_size: BatchSize = None,
     steps: int = typer.Option(400, "--steps", help="most steps a cell trains; each stops at its plateau or once every answer token has p >= 0.9 [400]"),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="minutes the plan may take here: the grid is sized so that its cells fit even if none stops early [no limit]"),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="minutes a calibration may take here, every cell counted at its step cap; past it the plan measures the whole corpus directly [no limit]"),
+    law: Optional[Path] = typer.Option(None, "--law", help="plan with this law (law.json of a calibration on another corpus of this kind): no calibration, only its rank and the rank below it on your corpus"),
+    calibrate: Optional[bool] = typer.Option(None, "--calibrate/--no-calibrate", help="calibrate a law on subsets even when the rank ladder costs less (to reuse the law with --law), or never [when it costs less]"),
     verify: bool = typer.Option(False, "--verify", help="then train the recommended adapter on the whole corpus and report what it reaches"),
     chat: Chat = None, device: Device = None, dtype: Dtype = None,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder of the plan [memprobe_plans/<corpus>_<adapter>]; an existing one resumes"),
     fresh: bool = typer.Option(False, "--fresh", help="discard what the folder already holds"),
     json_: Json = False,
 ):
-    """From your corpus to a plan: count it, calibrate on nested random subsets of it, measure the whole corpus
-    toward the target, recommend rank, objective and budget; with --verify, train and check the adapter."""
+    """From your corpus to a plan: count it, train the smallest rank on all of it, then calibrate on subsets short
+    of the data or measure the whole corpus directly (whichever costs less), recommend rank, objective and budget;
+    with --verify, keep (or train) the adapter and check it."""
     from rich.console import Console
 
     from memprobe.plan import PLAN_RANKS, PlanProgress, PlanSettings, default_plan_dir, run_plan
@@ -190,7 +193,8 @@ def plan(
         adapter=AdapterSpec(kind=adapter or "mlp-bypass", **adapter_options(layer, lora_layers, target_modules, lora_alpha)),
         objectives=tuple(parse_list(objectives, "--objectives", str) or ("sft",)),
         ranks=tuple(parse_list(ranks, "--ranks", noun="positive integers") or PLAN_RANKS),
-        steps=steps, lr=lr, batch_size=batch_size, time_budget_min=time_budget, verify=verify, chat=True if chat is None else chat, device=device, dtype=dtype)
+        steps=steps, lr=lr, batch_size=batch_size, time_budget_min=time_budget, verify=verify,
+        law=str(law) if law is not None else None, calibrate=calibrate, chat=True if chat is None else chat, device=device, dtype=dtype)
     console = Console(stderr=json_)
     out = out or default_plan_dir(settings)
     result = run_plan(settings, out, fresh=fresh, progress=PlanProgress(console),

@@ -331,7 +331,7 @@ class CellArrays:
         em = pd.to_numeric(cells["exact_match"], errors="coerce").to_numpy(dtype=float) \
             if "exact_match" in cells.columns else nan
         n = answer_lengths(cells)
-        return cls(r, T, L, La, ~is_saturated(La), em, nan if n is None else n)
+        return cls(r, T, L, La, ~is_saturated(La, ordered_fractions(cells)), em, nan if n is None else n)
 
 
 def cross_validate(form: str, cells: CellArrays, start, link: EMLink | None = None) -> dict | None:
@@ -715,6 +715,14 @@ def _em_link_of(cells: pd.DataFrame, La, warnings: list, curves: pd.DataFrame | 
     if link.source == "default":
         warnings.append(f"EM link: default L50={link.L50:.3g}, k={link.k:.3g} ({link.note})")
     return link
+
+
+def ordered_fractions(cells: pd.DataFrame) -> np.ndarray | None:
+    """The share of each cell's answer tokens in the ordered phase (NaN where unknown), None without the column:
+    what tells a cell that holds its data from one short of it (memprobe.rundir.is_saturated)."""
+    if "ordered_frac" not in cells.columns:
+        return None
+    return pd.to_numeric(cells["ordered_frac"], errors="coerce").to_numpy(dtype=float)
 
 
 def answer_lengths(cells: pd.DataFrame) -> np.ndarray | None:

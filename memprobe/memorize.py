@@ -45,7 +45,7 @@ MAX_FAILURES_LISTED = 50
 EM_METHOD = ("teacher-forced argmax at every answer position, one pass; equal to greedy decoding, which "
              "reproduces an answer iff every teacher-forced argmax is right")
 # what describes the calibration corpus rather than how to train: the user's own data replaces it by design
-CORPUS_FIELDS = ("data.kind", "data.path", "data.replace_ratio")
+CORPUS_FIELDS = ("data.kind", "data.path", "data.replace_ratio", "data.key_field", "data.answer_field")
 
 
 # ----------------------------------------------------------------------------------------- input checks
@@ -144,7 +144,7 @@ class PlanCheck:
     rank: int
     objective: str
     tokens: int | None
-    predicted_em: float
+    predicted_em: float | None  # None: a measured plan without a law's prediction
     predicted_em_interval: tuple[float, float] | None
     level: float | None
     achieved_em: float
@@ -208,7 +208,7 @@ class MemorizeResult:
 
     @property
     def saturated(self) -> bool:
-        return bool(rundir.is_saturated(self.loss_after))
+        return bool(rundir.is_saturated(self.loss_after, self.ordered_frac))
 
     @property
     def n_failed(self) -> int:
@@ -266,7 +266,7 @@ def compare_with_plan(plan: dict, exact_match: float, delta_loss: float, saturat
     return PlanCheck(
         rank=int(plan["rank"]), objective=normalize_objective(plan["objective"]),
         tokens=plan.get("tokens") if isinstance(plan.get("tokens"), int) else None,
-        predicted_em=float(plan["predicted_em"]), predicted_em_interval=em_int,
+        predicted_em=None if plan["predicted_em"] is None else float(plan["predicted_em"]), predicted_em_interval=em_int,
         level=float(plan["level"]) if isinstance(plan.get("level"), (int, float)) else None,
         achieved_em=exact_match, em_inside=_inside(exact_match, em_int),
         predicted_delta_loss=float(dl) if isinstance(dl, (int, float)) else None,
@@ -379,13 +379,23 @@ def memorize(model, data, rank: int, objective: str = "sft", adapter: AdapterSpe
     (outcome,) = train_cells(hf_model, prefix, batch, [CellSpec(rank, seed, objective)], adapter, train,
                              keep_state=True, on_step=on_step)
     seconds = time.perf_counter() - t0
-    files = save_adapter(out, outcome.state, adapter, rank, hf_model,
-                         base_model_name=model_name if hf_model is not model else "")
-
-    after = outcome.after
-    saturated = rundir.is_saturated(after.loss)
     recipe = Recipe(model=model_spec, data=_trained_data_spec(data, ds, chat), adapter=adapter, budget=train,
                     objective=objective)
+    return save_trained(out, outcome, ds, before.loss, params_per_rank, recipe, hf_model, seconds,
+                        model_name=model_name, base_model_name=model_name if hf_model is not model else "", plan=plan)
+
+
+def save_trained(out, outcome, ds, loss_before: float, params_per_rank: int, recipe: Recipe, hf_model,
+                 seconds: float, *, model_name: str, base_model_name: str = "", plan: dict | None = None
+                 ) -> MemorizeResult:
+    """Save one trained cell (an engine CellOutcome kept with its state) as an adapter folder with its
+    memorize.json: what `memprobe memorize` writes, and what a plan keeps of a whole-corpus cell so that verifying
+    it needs no second training."""
+    out = Path(out)
+    rank, objective, train = outcome.spec.rank, outcome.spec.objective, recipe.budget
+    files = save_adapter(out, outcome.state, recipe.adapter, rank, hf_model, base_model_name=base_model_name)
+    after = outcome.after
+    saturated = rundir.is_saturated(after.loss, after.ordered_frac)
     warnings = _plan_warnings(plan, rank, recipe, ds.n_answer_tokens) if plan else []
     if outcome.stop_reason == "budget" and after.exact_match < 1.0:
         warnings.append(f"the budget ({train.steps} steps) ended before every answer was memorized: "
@@ -395,16 +405,23 @@ def memorize(model, data, rank: int, objective: str = "sft", adapter: AdapterSpe
                         "memorized: use a higher rank")
     result = MemorizeResult(
         out_dir=out, files=files + [SUMMARY_FILE], model=model_name, dataset=ds.name, dataset_spec=dict(ds.spec),
-        n_sequences=len(ds.sequences), tokens=ds.n_answer_tokens, rank=rank, objective=objective, seed=int(seed),
-        adapter=adapter, train=train, trainable_params=params_per_rank * rank, loss_before=before.loss,
-        loss_after=after.loss, token_acc=after.token_acc, exact_match=after.exact_match,
+        n_sequences=len(ds.sequences), tokens=ds.n_answer_tokens, rank=rank, objective=objective,
+        seed=int(outcome.spec.seed), adapter=recipe.adapter, train=train, trainable_params=params_per_rank * rank,
+        loss_before=loss_before, loss_after=after.loss, token_acc=after.token_acc, exact_match=after.exact_match,
         ordered_frac=after.ordered_frac, min_p=after.min_p, steps=outcome.steps, stop_reason=outcome.stop_reason,
         seconds=seconds, final_slope=outcome.final_slope(), curve=list(outcome.curve),
         curve_steps=outcome.recorded_steps, failures=_failures(ds, after),
-        plan=compare_with_plan(plan, after.exact_match, before.loss - after.loss, saturated) if plan else None,
+        plan=compare_with_plan(plan, after.exact_match, loss_before - after.loss, saturated) if plan else None,
         warnings=warnings, created=rundir.now(), recipe=recipe)
     (out / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str))
     return result
+
+
+def summary_against_plan(summary: dict, plan: dict) -> dict:
+    """A saved memorize.json (a kept whole-corpus cell) with the plan's prediction set beside what it reached."""
+    r = summary["result"]
+    check = compare_with_plan(plan, r["exact_match"], r["delta_loss"], bool(r["saturated"]))
+    return {**summary, "plan": check.to_dict()}
 
 
 def memorize_data(settings: MemorizeSettings, data: str, out=None, *, plan: dict | None = None, seed: int = 0,

@@ -35,10 +35,10 @@ from typing import Callable
 from memprobe import rundir
 from memprobe.calibrate import Progress
 from memprobe.errors import MemprobeError
-from memprobe.rundir import AdapterSpec, DataSpec, TrainConfig, default_lr
+from memprobe.rundir import HOLDS_ORDERED_FRAC, AdapterSpec, DataSpec, TrainConfig, default_lr
 
 REPORT_FORMAT = "memprobe-corpus-plan"
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2  # 2: probe-first design, cells_minutes and ladder_minutes
 
 # The calibration cells train to their plateau, not for a fixed short budget (100 steps measured how far 100
 # steps get, not what a rank holds). Measured on the embedded model: 48 random tokens reach EM 1 at r = 1 by
@@ -51,6 +51,10 @@ SUBSET_FRACTIONS = (1 / 8, 1 / 4, 1 / 2)  # nested subsets: the law is read at 2
 MIN_SUBSET_TOKENS = 16
 MIN_CELLS = 6  # a law of 4 parameters needs at least this many cells (memprobe.fit refuses fewer)
 BRACKET_CELLS_EXPECTED = 3  # whole-corpus cells a plan usually needs: the guess, its half, one more
+# A calibration cell is chosen short of its data when its subset holds at least this many times the tokens its rank
+# is estimated to hold: a cell that holds its data says only that it had enough (badge codes, 40 rows: all 12
+# cells of the old fixed grid held theirs, 81 cell-minutes that identified nothing)
+SHORT_OF_DATA = 1.5
 MAX_RANK = 1024
 
 
@@ -71,7 +75,9 @@ class PlanSettings:
     model: str = "embedded"
     adapter: AdapterSpec = field(default_factory=AdapterSpec)
     objectives: tuple[str, ...] = ("sft",)
-    time_budget_min: float | None = None  # None: the full grid, whatever it costs
+    time_budget_min: float | None = None  # None: no limit on the calibration, whatever it costs
+    law: str | None = None  # a law file to plan with (calibrated on another corpus of this kind): no calibration
+    calibrate: bool | None = None  # None: calibrate when it costs less than the ladder; True: whenever it can
     verify: bool = False
     chat: bool = True
     ranks: tuple[int, ...] = PLAN_RANKS
@@ -102,6 +108,8 @@ class PlanSettings:
             raise MemprobeError(f"steps must be an integer above the plateau window of 30, got {self.steps!r}")
         if self.rounds < 1:
             raise MemprobeError(f"rounds must be at least 1, got {self.rounds}")
+        if self.law is not None and not Path(self.law).is_file():
+            raise MemprobeError(f"law file not found: {self.law}")
 
     def data_spec(self) -> DataSpec:
         return DataSpec.parse(self.data, chat=self.chat)
@@ -176,99 +184,215 @@ def count_corpus(lm, settings: PlanSettings, timing_steps: int = 3, step_seconds
 
 
 @dataclass(frozen=True)
-class Design:
-    """The calibration grid of a plan and what it is expected to cost (upper bounds: cells stop early)."""
+class Probe:
+    """What the smallest rank trained on the whole corpus says before anything else is spent: whether it already
+    holds the corpus, and if not how many of its answer tokens one rank holds (those in the ordered phase)."""
 
-    tokens: tuple[int, ...]  # nested subset sizes
-    ranks: tuple[int, ...]
+    rank: int
+    tokens: int
+    exact_match: float
+    ordered_frac: float
     steps: int
-    estimated_s: dict  # calibration, whole corpus, verify, total
+    seconds: float
+
+    @property
+    def share(self) -> float:
+        """The share of the corpus the probe holds, read as at least 1/64: a probe that orders almost nothing says
+        its rank is far short, not that no rank would do."""
+        return max(self.ordered_frac, 1 / 64)
+
+    @property
+    def held_tokens(self) -> float:
+        return self.share * self.tokens
+
+    @property
+    def step_seconds(self) -> float:
+        """One step on the whole corpus, measured by this run's own cell (not a timing taken once beforehand)."""
+        return self.seconds / max(self.steps, 1)
+
+    def holds(self, rank: int) -> float:
+        """Answer tokens a rank is estimated to hold: in proportion to the rank (the law's T^beta ~ r^alpha with
+        alpha / beta near 1 on the embedded model; a guess the design only uses to keep its cells short of the
+        data, the measurement decides)."""
+        return self.held_tokens * rank / self.rank
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "held_tokens": self.held_tokens, "step_seconds": self.step_seconds}
+
+    @classmethod
+    def from_cells(cls, cells, tokens: int, objective: str, rank: int) -> "Probe":
+        import pandas as pd
+
+        sel = cells[(cells["tokens_requested"] == tokens) & (cells["objective"] == objective) & (cells["rank"] == rank)]
+        c = sel.iloc[0]
+        return cls(rank=int(rank), tokens=int(c["tokens"]), exact_match=float(pd.to_numeric(c["exact_match"])),
+                   ordered_frac=float(pd.to_numeric(c["ordered_frac"])), steps=int(c["steps"]),
+                   seconds=float(pd.to_numeric(c["seconds"])))
+
+
+def probe_guess(probe: Probe, cap: int) -> int:
+    """The first rank to try on the whole corpus from the probe alone: the rank whose estimated hold covers the
+    corpus (a rank holding 90 % of it -> twice the rank; 30 % -> 4x), as a power of 2, at least twice the probe's."""
+    return _power_of_2_at_least(max(2 * probe.rank, probe.rank / probe.share), cap)
+
+
+@dataclass(frozen=True)
+class DesignCell:
+    """A calibration cell the design chose, and why."""
+
+    rank: int
+    tokens: int
+    why: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# What a plan does after the probe: "probe" (the smallest rank held the corpus: that is the plan), "calibrate"
+# (cells short of the data on subsets, then the law's rank and its half on the whole corpus), "direct" (the
+# whole corpus from the probe's guess: the ladder costs less than a calibration, or no calibration short of the
+# data fits in the corpus), "law" (a law given with --law: its rank and its half on the whole corpus).
+DESIGN_MODES = ("probe", "calibrate", "direct", "law")
+
+
+@dataclass(frozen=True)
+class Design:
+    """What a plan measures after its probe, why, and what each way would cost (seconds, upper bounds: every
+    cell counted at its step cap, at the step time this run measured)."""
+
+    mode: str
+    steps: int
+    reason: str
+    cells: tuple[DesignCell, ...] = ()
+    guess: int | None = None  # the rank the whole corpus starts from when no law says
+    estimated_s: dict = field(default_factory=dict)  # calibration, whole_corpus, ladder
+
+    def __post_init__(self):
+        if self.mode not in DESIGN_MODES:
+            raise MemprobeError(f"design mode must be one of {', '.join(DESIGN_MODES)}, got {self.mode!r}")
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return tuple(sorted({c.tokens for c in self.cells}))
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(sorted({c.rank for c in self.cells}))
 
     def cell_steps(self, n_objectives: int, verify: bool) -> int:
         """The steps the design's cells take at most, summed over cells: the unit of the plan's progress bar."""
-        cells = (len(self.tokens) * len(self.ranks) + BRACKET_CELLS_EXPECTED) * n_objectives + int(verify)
-        return cells * self.steps
+        whole = 0 if self.mode == "probe" else BRACKET_CELLS_EXPECTED
+        return (len(self.cells) + whole) * n_objectives * self.steps
 
     def to_dict(self) -> dict:
-        return {"tokens": list(self.tokens), "ranks": list(self.ranks), "steps": self.steps,
-                "estimated_s": dict(self.estimated_s)}
+        return {"mode": self.mode, "steps": self.steps, "reason": self.reason,
+                "cells": [c.to_dict() for c in self.cells], "guess": self.guess,
+                "tokens": list(self.tokens), "ranks": list(self.ranks), "estimated_s": dict(self.estimated_s)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Design":
-        return cls(tuple(int(t) for t in d["tokens"]), tuple(int(r) for r in d["ranks"]), int(d["steps"]),
-                   {k: float(v) for k, v in d["estimated_s"].items()})
+        if "mode" not in d:
+            raise MemprobeError("the plan folder was designed by an earlier memprobe (no probe-first design); "
+                                "run again with --fresh")
+        return cls(mode=d["mode"], steps=int(d["steps"]), reason=d["reason"],
+                   cells=tuple(DesignCell(int(c["rank"]), int(c["tokens"]), c["why"]) for c in d["cells"]),
+                   guess=None if d.get("guess") is None else int(d["guess"]),
+                   estimated_s={k: float(v) for k, v in d["estimated_s"].items()})
 
 
 def subset_sizes(answer_tokens: int) -> tuple[int, ...]:
-    """The nested subset sizes of a corpus; at least two of >= MIN_SUBSET_TOKENS, else one clear error."""
-    sizes = sorted({int(answer_tokens * f) for f in SUBSET_FRACTIONS if answer_tokens * f >= MIN_SUBSET_TOKENS})
-    if len(sizes) < 2:
-        need = math.ceil(MIN_SUBSET_TOKENS / SUBSET_FRACTIONS[1])
-        raise MemprobeError(f"the corpus has {answer_tokens} answer tokens: memprobe plan needs at least {need} "
-                            f"(two nested subsets of >= {MIN_SUBSET_TOKENS} tokens to calibrate on); for a corpus "
-                            f"this small, train it directly with `memprobe memorize --rank R`")
-    return tuple(sizes)
+    """The nested subset sizes a calibration may use (T/8, T/4, T/2, those of >= MIN_SUBSET_TOKENS)."""
+    return tuple(sorted({int(answer_tokens * f) for f in SUBSET_FRACTIONS if answer_tokens * f >= MIN_SUBSET_TOKENS}))
 
 
-def estimate_seconds(stats: CorpusStats, tokens, ranks, steps: int, n_objectives: int, verify: bool,
-                     batch_size: int | None = None) -> dict:
-    """Seconds a design costs at most, from the measured full-batch step: a cell-step scales with the answer tokens
-    it holds (rows are padded to similar lengths), every cell runs to its step cap. With mini-batches a step is
-    an update on batch_size of the cell's rows, plus a measurement of all of them once per pass, counted here as
-    a full step (it is a forward without gradient: an upper bound; measured, PhoneBook T = 400 in batches of 8
-    costs 0.33 of a full step per update, this counts 0.4)."""
-    per_step = stats.step_seconds / stats.answer_tokens  # seconds per answer token per cell-step
-
-    def share(T):  # cost of one step on T answer tokens, as a share of a full-batch step on them
-        rows = max(1.0, stats.n_rows * T / stats.answer_tokens)
-        if batch_size is None or batch_size >= rows:
-            return 1.0
-        # a pass: every row once with gradient, every row once without, over this many updates
-        return 2.0 / math.ceil(rows / batch_size)
-
-    calib = sum(len(ranks) * n_objectives * steps * per_step * T * share(T) for T in tokens)
-    whole = stats.step_seconds * share(stats.answer_tokens)
-    corpus = BRACKET_CELLS_EXPECTED * n_objectives * steps * whole
-    check = steps * whole if verify else 0.0
-    return {"calibration": round(calib, 1), "whole_corpus": round(corpus, 1), "verify": round(check, 1),
-            "total": round(calib + corpus + check, 1)}
+def cell_seconds(stats: CorpusStats, step_seconds: float, T: int, steps: int, batch_size: int | None = None) -> float:
+    """A cell of T answer tokens at its step cap, from a measured full-batch step on the whole corpus: a step
+    scales with the answer tokens it holds (rows are padded to similar lengths). With mini-batches a step is an
+    update on batch_size of the cell's rows, plus a measurement of all of them once per pass, counted as a full
+    step (a forward without gradient: an upper bound; measured, PhoneBook T = 400 in batches of 8 costs 0.33 of a
+    full step per update, this counts 0.4)."""
+    share = 1.0
+    rows = max(1.0, stats.n_rows * T / stats.answer_tokens)
+    if batch_size is not None and batch_size < rows:
+        share = 2.0 / math.ceil(rows / batch_size)  # a pass: every row with gradient, every row without
+    return steps * step_seconds * T / stats.answer_tokens * share
 
 
-def design_grid(stats: CorpusStats, settings: PlanSettings) -> Design:
-    """The largest grid (ranks x nested subsets) whose estimated cost fits the time budget.
+def ladder_ranks(start: int, rank: int) -> list[int]:
+    """The rungs of the brute-force search from `start` up to `rank`: start, 2 start, 4 start, ..."""
+    out, r = [], start
+    while r <= rank:
+        out.append(r)
+        r *= 2
+    return out
 
-    Candidates from the richest down to the smallest that still identifies a law (MIN_CELLS cells)."""
-    sizes = subset_sizes(stats.answer_tokens)
-    ranks = settings.ranks
-    candidates = []
-    for n_r in range(len(ranks), 0, -1):
-        for n_t in range(len(sizes), 1, -1):
-            if n_r * n_t >= MIN_CELLS or (n_r == len(ranks) and n_t == len(sizes)):
-                # fewer ranks keep the spread (first, last, middle); fewer sizes drop the largest (the dearest)
-                candidates.append((_spread(ranks, n_r), sizes[:n_t]))
+
+def calibration_cells(stats: CorpusStats, probe: Probe, ranks, guess: int) -> list[DesignCell]:
+    """Subset cells estimated short of the data: rank r on a nested subset of at least SHORT_OF_DATA times what r
+    is estimated to hold. Ranks at or past the guess would hold any subset: they add nothing a law can use."""
+    cells = []
+    for r in sorted(ranks):
+        if r >= guess:
+            continue
+        for T in subset_sizes(stats.answer_tokens):
+            held = probe.holds(r)
+            if T >= SHORT_OF_DATA * held:
+                cells.append(DesignCell(r, T, f"rank {r} is estimated to hold ~{held:.0f} tokens (rank {probe.rank} "
+                                              f"held {probe.held_tokens:.0f} of the corpus): {T} is {T / held:.1f}x "
+                                              f"that, short of the data"))
+    return cells
+
+
+def identifies_a_law(cells: list[DesignCell], probe: Probe) -> bool:
+    """MIN_CELLS cells short of the data at 2 ranks and 2 sizes at least, the probe (itself short) included."""
+    ranks = {c.rank for c in cells} | {probe.rank}
+    sizes = {c.tokens for c in cells} | {probe.tokens}
+    return len(cells) + 1 >= MIN_CELLS and len(ranks) >= 2 and len(sizes) >= 2
+
+
+def design_after_probe(stats: CorpusStats, settings: PlanSettings, probe: Probe, cap: int) -> Design:
+    """What to measure after the probe: nothing when it holds the corpus; a calibration short of the data when it
+    can identify a law and costs less than the ladder it would replace; else the whole corpus from the guess."""
+    steps, T = settings.steps, stats.answer_tokens
     n_obj = len(settings.objectives)
+    if probe.exact_match >= settings.target_em:
+        return Design("probe", steps, f"rank {probe.rank} on the whole corpus reached EM {probe.exact_match:.3f} "
+                                      f"(target {settings.target_em:g}): it is the plan, after one cell")
+    guess = probe_guess(probe, cap)
+    whole = cell_seconds(stats, probe.step_seconds, T, steps, settings.batch_size)
+    ladder = len(ladder_ranks(2 * probe.rank, guess)) * whole * n_obj
+    cells = calibration_cells(stats, probe, settings.ranks, guess)
+    calib = sum(cell_seconds(stats, probe.step_seconds, c.tokens, steps, settings.batch_size) for c in cells) * n_obj
+    est = {"calibration": round(calib, 1), "whole_corpus": round(2 * whole * n_obj, 1), "ladder": round(ladder, 1)}
+    held = (f"rank {probe.rank} holds {probe.held_tokens:.0f} of {T} answer tokens (EM {probe.exact_match:.3f}); "
+            f"first guess rank {guess}")
+    if not identifies_a_law(cells, probe):
+        return Design("direct", steps, f"{held}; no calibration short of the data fits in this corpus ({len(cells)} "
+                                       f"subset cell(s) would be; a law needs {MIN_CELLS} at 2 ranks and 2 sizes): "
+                                       f"measuring the whole corpus from the guess", guess=guess, estimated_s=est)
+    if settings.calibrate is False:
+        return Design("direct", steps, f"{held}; no calibration asked (--no-calibrate): measuring the whole corpus "
+                                       f"from the guess", guess=guess, estimated_s=est)
+    forced = settings.calibrate is True
+    if not forced and calib + est["whole_corpus"] >= ladder:
+        return Design("direct", steps, f"{held}; the rank ladder up to it (~{ladder / 60:.1f} min) costs less "
+                                       f"than a calibration short of the data and its 2 whole-corpus cells "
+                                       f"(~{(calib + est['whole_corpus']) / 60:.1f} min): measuring the whole corpus "
+                                       f"from the guess", guess=guess, estimated_s=est)
     budget_s = None if settings.time_budget_min is None else 60.0 * settings.time_budget_min
-    for R, Ts in candidates:
-        est = estimate_seconds(stats, Ts, R, settings.steps, n_obj, settings.verify, settings.batch_size)
-        if budget_s is None or est["total"] <= budget_s:
-            return Design(tuple(Ts), tuple(R), settings.steps, est)
-    R, Ts = candidates[-1]
-    est = estimate_seconds(stats, Ts, R, settings.steps, n_obj, settings.verify, settings.batch_size)
-    raise MemprobeError(
-        f"time budget of {settings.time_budget_min:g} min is too small: the smallest plan on this corpus needs up "
-        f"to {est['total'] / 60:.1f} min here ({len(R)} ranks x {len(Ts)} subsets and ~{BRACKET_CELLS_EXPECTED} "
-        f"cells on the whole corpus, up to {settings.steps} steps each at {stats.step_seconds:.2f} s per step on "
-        f"all {stats.answer_tokens} tokens); give --time-budget {math.ceil(est['total'] / 60)} or more")
+    if not forced and budget_s is not None and calib + est["whole_corpus"] > budget_s:
+        return Design("direct", steps, f"{held}; a calibration short of the data (~{calib / 60:.1f} min) does not fit "
+                                       f"the time budget: measuring the whole corpus from the guess",
+                      guess=guess, estimated_s=est)
+    return Design("calibrate", steps, f"{held}; {len(cells)} subset cells short of the data identify a law "
+                                      f"(~{calib / 60:.1f} min) for less than the ladder (~{ladder / 60:.1f} min)"
+                                      if not forced else f"{held}; calibrating as asked (--calibrate)",
+                  cells=tuple(cells), guess=guess, estimated_s=est)
 
 
-def _spread(values: tuple, n: int) -> tuple:
-    """n of the sorted values, spread from the first to the last."""
-    if n >= len(values):
-        return tuple(values)
-    if n == 1:
-        return (values[0],)
-    idx = sorted({round(i * (len(values) - 1) / (n - 1)) for i in range(n)})
-    return tuple(values[i] for i in idx)
+def law_design(settings: PlanSettings, law_path: str) -> Design:
+    return Design("law", settings.steps, f"the law {law_path} plans this corpus: its rank and the rank below it "
+                                         f"are measured on the whole corpus")
 
 
 # ----------------------------------------------------------------------------------------- measuring the corpus
@@ -334,20 +458,6 @@ def rank_cap(adapter_kind: str, params_per_rank) -> int:
     if adapter_kind == "mlp-bypass" and params_per_rank:
         return min(MAX_RANK, int(params_per_rank) // 2)
     return MAX_RANK
-
-
-def brute_force_seconds(cells, tokens: int, objective: str, rank: int) -> float | None:
-    """What the search a plan replaces would cost: training the whole corpus at rank 1, 2, 4, ... up to `rank`,
-    one cell after another. Ranks measured here count their measured seconds; the others, the mean of those
-    (a step costs nearly the same at every rank). None without a measured whole-corpus cell."""
-    import pandas as pd
-
-    sel = cells[(cells["tokens_requested"] == tokens) & (cells["objective"] == objective)]
-    if sel.empty:
-        return None
-    seconds = pd.to_numeric(sel["seconds"]).groupby(sel["rank"]).mean()
-    ladder = [2 ** k for k in range(int(math.log2(rank)) + 1)]
-    return float(sum(seconds.get(r, seconds.mean()) for r in ladder))
 
 
 # ----------------------------------------------------------------------------------------- the decision
@@ -456,17 +566,17 @@ def plan_document(decision: Decision, stats: CorpusStats, recipe, target_em: flo
     from memprobe.rundir import PLAN_FORMAT, PLAN_SCHEMA_VERSION
 
     measured_em = decision.measured.get(decision.objective, {}).get(decision.rank)
-    em = decision.predicted_em if decision.predicted_em is not None else measured_em
     recipe = recipe.replace(objective=decision.objective)
     return {"schema_version": PLAN_SCHEMA_VERSION, "format": PLAN_FORMAT, "rank": decision.rank,
             "objective": decision.objective, "tokens": stats.answer_tokens, "target_em": target_em,
-            "predicted_em": em if em is not None else 0.0,
+            # a law's prediction only: a measured plan without a usable law has none (its EM is measured_em)
+            "predicted_em": decision.predicted_em,
             "predicted_em_interval": _list(decision.predicted_em_interval),
             "predicted_delta_loss": decision.predicted_delta_loss,
             "predicted_delta_loss_interval": _list(decision.predicted_delta_loss_interval),
             "level": 0.9, "base_loss": stats.base_loss, "source": decision.source, "measured_em": measured_em,
             "reason": decision.reason, "warnings": list(decision.warnings), "law_source": law_source,
-            "recipe": recipe.to_dict(), "memorize_command": recipe.memorize_command(decision.rank, "jsonl:" + stats.source)}
+            "recipe": recipe.to_dict(), "memorize_command": recipe.memorize_command(decision.rank, recipe.data.spec)}
 
 
 # ----------------------------------------------------------------------------------------- the run
@@ -483,11 +593,15 @@ class PlanResult:
     calibration: object  # memprobe.calibrate.CalibrationResult
     verify: dict | None  # memorize.json of the verified adapter
     timings: dict
+    probe: Probe | None = None  # None under --law
 
     def to_dict(self) -> dict:
         return {"schema_version": REPORT_SCHEMA_VERSION, "format": REPORT_FORMAT, "out_dir": str(self.out_dir),
                 "data": self.settings.data, "target_em": self.settings.target_em, "corpus": self.corpus.to_dict(),
+                "law": self.settings.law, "probe": None if self.probe is None else self.probe.to_dict(),
                 "design": self.design.to_dict(), "decision": self.decision.to_dict(), "plan": self.plan,
+                "cells_minutes": self.timings.get("cells_minutes"),
+                "ladder_minutes": self.timings.get("ladder_minutes"),
                 "calibration": {"run_dir": str(self.calibration.run_dir),
                                 "law_file": str(self.calibration.law_path) if self.calibration.law_path else None,
                                 "fit_error": self.calibration.fit_error},
@@ -516,25 +630,54 @@ def _check_out(out: Path, settings: PlanSettings, stats: CorpusStats) -> Design 
     return Design.from_dict(doc["design"])
 
 
-def calibration_config(settings: PlanSettings, design: Design):
+def _write_design(out: Path, stats: CorpusStats, design: Design, probe: Probe | None) -> None:
+    rundir.write_json(out / "design.json", {"source": stats.source, "corpus_tokens": stats.answer_tokens,
+                                            "design": design.to_dict(),
+                                            "probe": None if probe is None else probe.to_dict()})
+
+
+def calibration_config(settings: PlanSettings, stats: CorpusStats, first: tuple[tuple[int, int], ...]):
+    """Every cell of a plan lives in one calibrate run directory: `first` (the probe, or under --law the law's
+    rank) is its grid, the rest are added as extra cells; the whole corpus's cells keep their adapters."""
     from memprobe.calibrate import CalibrationConfig
 
+    (r0, T), *rest = first
     return CalibrationConfig(model=settings.model, data=settings.data, chat=settings.chat, adapter=settings.adapter,
-                             ranks=design.ranks, tokens=design.tokens, seeds=(settings.seed,),
-                             objectives=settings.objectives, train=dataclasses.replace(settings.budget(),
-                                                                                        steps=design.steps),
-                             device=settings.device, dtype=settings.dtype)
+                             ranks=(r0,), tokens=(T,), seeds=(settings.seed,), objectives=settings.objectives,
+                             train=settings.budget(), device=settings.device, dtype=settings.dtype,
+                             extra=tuple(rest), keep_adapters=(stats.answer_tokens,))
+
+
+def load_plan_laws(settings: PlanSettings) -> dict:
+    """The laws of --law, for this plan's adapter and objectives; one clear line when they cannot plan it."""
+    from memprobe.law import load_laws
+
+    laws = load_laws(settings.law)
+    kinds = {law.adapter for law in laws.values() if law.adapter}
+    if kinds and settings.adapter.kind not in kinds:
+        raise MemprobeError(f"the law {settings.law} is for {', '.join(sorted(kinds))}, not {settings.adapter.kind}: "
+                            f"a law names its adapter (use --adapter {sorted(kinds)[0]})")
+    missing = [o for o in settings.objectives if o not in laws]
+    if missing:
+        raise MemprobeError(f"the law {settings.law} has no law for {', '.join(missing)} (it has "
+                            f"{', '.join(laws)}): choose --objectives among those")
+    return laws
 
 
 def run_plan(settings: PlanSettings, out: Path, *, fresh: bool = False, progress=None,
              log: Callable[[str], None] | None = None, on_corpus: Callable[[CorpusStats], None] | None = None
              ) -> PlanResult:
-    """Count, calibrate on nested subsets, measure the whole corpus toward the target, decide, and (verify)
-    train the adapter; resumable from `out`. `progress`: a PlanProgress (or None)."""
+    """Count; probe the smallest rank on the whole corpus; then, as the design decides, calibrate on subsets short
+    of the data or measure the whole corpus directly (or from --law's rank); decide; (verify) keep the adapter;
+    resumable from `out`. `progress`: a PlanProgress (or None)."""
     from memprobe.models import load_model
+
+    from memprobe.models import check_model
 
     log = log or (lambda msg: None)
     settings.data_spec().check_readable()
+    check_model(settings.model)  # before the folder: a mistyped model leaves nothing behind
+    laws = load_plan_laws(settings) if settings.law else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if fresh:
@@ -543,25 +686,32 @@ def run_plan(settings: PlanSettings, out: Path, *, fresh: bool = False, progress
     t0 = time.perf_counter()
     timings = {"started": rundir.now()}
     lm = load_model(settings.model, device=settings.device, dtype=settings.dtype)
-    # a resumed plan keeps its design, so the step it was sized with needs no new timing run
-    resumed = not fresh and (out / "design.json").is_file() and (out / "corpus.json").is_file()
+    resumed = not fresh and (out / "corpus.json").is_file()
     known_step = CorpusStats.from_dict(json.loads((out / "corpus.json").read_text())).step_seconds if resumed else None
     stats = count_corpus(lm, settings, step_seconds=known_step)
+    design = _check_out(out, settings, stats) if not fresh else None
     rundir.write_json(out / "corpus.json", stats.to_dict())
     if on_corpus is not None:
         on_corpus(stats)
-    design = _check_out(out, settings, stats) if not fresh else None
-    if design is None:
-        design = design_grid(stats, settings)
-        rundir.write_json(out / "design.json", {"source": stats.source, "corpus_tokens": stats.answer_tokens,
-                                                "design": design.to_dict()})
-    log(f"design: ranks {', '.join(map(str, design.ranks))} on subsets of "
-        f"{', '.join(map(str, design.tokens))} tokens; estimated at most {design.estimated_s['total'] / 60:.1f} min")
     run = PlanRun(settings, out, lm, stats, design, progress, log, fresh, timings, t0)
     try:
         if progress is not None:
-            progress.expect(design.cell_steps(len(settings.objectives), settings.verify))
-        return finish_plan(run, *measure_whole_corpus(run, calibrate_subsets(run)))
+            progress.expect((1 + BRACKET_CELLS_EXPECTED) * len(settings.objectives) * settings.steps)
+        if laws is not None:
+            return finish_plan(run, *measure_with_law(run, laws))
+        config, result, probe = probe_corpus(run)
+        if run.design is None:
+            run.design = design_after_probe(stats, settings, probe, rank_cap_of(result, settings))
+            _write_design(out, stats, run.design, probe)
+        log(f"design: {run.design.mode}: {run.design.reason}")
+        if progress is not None:
+            progress.expect((1 + len(run.design.cells) + BRACKET_CELLS_EXPECTED) * len(settings.objectives)
+                            * settings.steps)
+        if run.design.mode == "probe":
+            return finish_plan(run, config, result, probe)
+        if run.design.mode == "calibrate":
+            config, result = calibrate_subsets(run, config)
+        return finish_plan(run, *measure_whole_corpus(run, config, result, None), probe)
     finally:
         if progress is not None:
             progress.close()
@@ -575,7 +725,7 @@ class PlanRun:
     out: Path
     lm: object  # memprobe.models.LoadedModel
     stats: CorpusStats
-    design: Design
+    design: Design | None
     progress: object
     log: Callable[[str], None]
     fresh: bool
@@ -589,33 +739,74 @@ class PlanRun:
                                log=self.log, lm=self.lm)
 
 
-def calibrate_subsets(run: PlanRun):
-    """The design's cells on the nested subsets: (config, CalibrationResult)."""
-    _phase(run.progress, "calibrate")
-    config = calibration_config(run.settings, run.design)
+def rank_cap_of(result, settings: PlanSettings) -> int:
+    cells = result.cells
+    return rank_cap(settings.adapter.kind, cells["trainable_params"].iloc[0] // cells["rank"].iloc[0])
+
+
+def probe_corpus(run: PlanRun):
+    """The smallest rank on the whole corpus, to its plateau: (config, CalibrationResult, Probe)."""
+    _phase(run.progress, "probe")
+    s, T = run.settings, run.stats.answer_tokens
+    r0 = min(s.ranks)
+    config = calibration_config(s, run.stats, ((r0, T),))
     result = run.calibrate(config, fresh=run.fresh)
-    run.timings["calibration_s"] = round(time.perf_counter() - run.t0, 1)
+    probe = Probe.from_cells(result.cells, T, s.objectives[0], r0)
+    run.timings["probe_s"] = round(time.perf_counter() - run.t0, 1)
+    run.log(f"probe: rank {r0} on all {T} answer tokens: EM {probe.exact_match:.3f}, "
+            f"{probe.ordered_frac:.1%} of tokens ordered, {probe.steps} steps ({probe.step_seconds:.2f} s a step)")
+    return config, result, probe
+
+
+def calibrate_subsets(run: PlanRun, config):
+    """The design's cells on the nested subsets, added to the run directory: (config, CalibrationResult)."""
+    _phase(run.progress, "calibrate")
+    t1 = time.perf_counter()
+    new = tuple((c.rank, c.tokens) for c in run.design.cells if (c.rank, c.tokens) not in config.extra)
+    config = dataclasses.replace(config, extra=config.extra + new)
+    result = run.calibrate(config)
+    run.timings["calibration_s"] = round(time.perf_counter() - t1, 1)
     return config, result
 
 
-def measure_whole_corpus(run: PlanRun, calibrated):
+def measure_with_law(run: PlanRun, laws: dict):
+    """--law: the law's rank and the rank below it on the whole corpus (then halving or doubling as measured)."""
+    s, T = run.settings, run.stats.answer_tokens
+    if run.design is None:
+        run.design = law_design(s, s.law)
+        _write_design(run.out, run.stats, run.design, None)
+    run.log(f"design: {run.design.mode}: {run.design.reason}")
+    law = laws[s.objectives[0]]
+    cap = rank_cap(s.adapter.kind, law.params_per_rank) if getattr(law, "params_per_rank", None) else MAX_RANK
+    guess = law_guess(law.with_answer_length(T / run.stats.n_rows), T, s.target_em, run.stats.base_loss,
+                      min(s.ranks), cap)
+    first = tuple((r, T) for r in sorted({max(guess // 2, 1), guess}))
+    config = calibration_config(s, run.stats, first)
+    return measure_whole_corpus(run, config, None, laws)
+
+
+def measure_whole_corpus(run: PlanRun, config, result, given_laws: dict | None):
     """Whole-corpus cells per objective from the first guess until `ranks_to_measure` has nothing left to add;
-    each round's cells are ordinary cells of the calibration (resumable). Returns (config, result)."""
-    config, result = calibrated
+    each round's cells are ordinary cells of the run directory (resumable). Returns (config, result)."""
     _phase(run.progress, "whole corpus")
     s, T = run.settings, run.stats.answer_tokens
     t1 = time.perf_counter()
-    cap = rank_cap(s.adapter.kind, result.cells["trainable_params"].iloc[0] // result.cells["rank"].iloc[0])
-    laws = {name: f.law for name, f in result.fits.items()}
+    if result is None:
+        result = run.calibrate(config, fresh=run.fresh)
+    cap = rank_cap_of(result, s)
+    laws = given_laws if given_laws is not None else {name: f.law for name, f in result.fits.items()}
+    answer_length = T / run.stats.n_rows
     for objective in s.objectives:
-        fallback = subset_guess(result.cells, objective, s.target_em, run.design.ranks, cap)
-        guess = law_guess(laws.get(objective), T, s.target_em, run.stats.base_loss, fallback, cap)
+        fallback = run.design.guess or subset_guess(result.cells, objective, s.target_em, s.ranks, cap)
+        law = laws.get(objective)
+        law = law.with_answer_length(answer_length) if law is not None else None
+        guess = law_guess(law, T, s.target_em, run.stats.base_loss, fallback, cap)
         for k in range(s.rounds):
             add = ranks_to_measure(measured_em(result.cells, T, objective), guess, s.target_em, cap)
             if not add:
                 break
             run.log(f"whole corpus, {objective}, round {k + 1}: rank {', '.join(map(str, add))}")
-            new = tuple((r, T) for r in add if (r, T) not in config.extra)
+            new = tuple((r, T) for r in add if (r, T) not in config.extra and (r, T) != (config.ranks[0], config.tokens[0]))
             config = dataclasses.replace(config, extra=config.extra + new)
             result = run.calibrate(config)
     run.timings["whole_corpus_s"] = round(time.perf_counter() - t1, 1)
@@ -623,31 +814,55 @@ def measure_whole_corpus(run: PlanRun, calibrated):
     return config, result
 
 
-def finish_plan(run: PlanRun, config, result) -> PlanResult:
-    """Decide, write plan.json, verify when asked, and write report.json."""
+def ladder_seconds(cells, tokens: int, objective: str, rank: int, steps: int) -> float | None:
+    """What the search a plan replaces would cost: the whole corpus at rank 1, 2, 4, ... up to `rank`, one cell
+    after another. Ranks measured here count their measured seconds; the others (short of the data: they run to
+    their plateau or cap) the measured seconds per step times the most steps a measured rank short of the target
+    took, else the step cap. None without a measured whole-corpus cell."""
+    import pandas as pd
+
+    sel = cells[(cells["tokens_requested"] == tokens) & (cells["objective"] == objective)]
+    if sel.empty:
+        return None
+    seconds = pd.to_numeric(sel["seconds"]).groupby(sel["rank"]).mean()
+    per_step = float((pd.to_numeric(sel["seconds"]) / pd.to_numeric(sel["steps"]).clip(lower=1)).median())
+    short = sel[pd.to_numeric(sel["ordered_frac"]) < HOLDS_ORDERED_FRAC] if "ordered_frac" in sel else sel.iloc[:0]
+    rung_steps = int(pd.to_numeric(short["steps"]).max()) if len(short) else steps
+    return float(sum(seconds.get(r, per_step * rung_steps) for r in ladder_ranks(1, rank)))
+
+
+def finish_plan(run: PlanRun, config, result, probe: Probe | None = None) -> PlanResult:
+    """Decide, write plan.json, verify when asked (keeping the measured adapter), and write report.json."""
     s, T, timings = run.settings, run.stats.answer_tokens, run.timings
-    laws = {name: f.law for name, f in result.fits.items()}
+    fitted = {name: f.law for name, f in result.fits.items()}
+    laws = load_plan_laws(s) if s.law else fitted
     measured = {o: measured_em(result.cells, T, o) for o in s.objectives}
-    decision = decide(laws, measured, run.stats, s.target_em, timings["rank_cap"], result.fit_error)
+    cap = timings.get("rank_cap") or rank_cap_of(result, s)
+    decision = decide(laws, measured, run.stats, s.target_em, cap, None if s.law else result.fit_error)
     plan = None
+    law_source = s.law or (str(result.law_path) if result.law_path else "")
     if decision.rank is not None:
-        plan = plan_document(decision, run.stats, config.recipe(decision.objective), s.target_em,
-                             str(result.law_path) if result.law_path else "")
+        plan = plan_document(decision, run.stats, config.recipe(decision.objective), s.target_em, law_source)
         rundir.write_json(run.out / "plan.json", plan)
-    verified = None
+    verified, verify_trained_s = None, 0.0
     if s.verify and plan is not None:
         _phase(run.progress, "verify")
         t1 = time.perf_counter()
-        verified = _verify(run.lm, s, plan, run.out / "adapter", run.progress)
+        verified, trained = _verify(run, plan)
         timings["verify_s"] = round(time.perf_counter() - t1, 1)
+        timings["verify_kept_adapter"] = not trained
+        verify_trained_s = float(verified["result"]["seconds"]) if trained else 0.0
     timings["total_s"] = round(time.perf_counter() - run.t0, 1)
     # every cell of every run of this plan (a resumed plan's own time leaves out what earlier runs trained)
-    timings["cells_s"] = round(float(result.cells["seconds"].astype(float).sum()), 1)
+    cells_s = float(result.cells["seconds"].astype(float).sum()) + verify_trained_s
+    timings["cells_s"] = round(cells_s, 1)
+    timings["cells_minutes"] = round(cells_s / 60, 2)
     if decision.rank is not None:
-        brute = brute_force_seconds(result.cells, T, decision.objective, decision.rank)
-        timings["brute_force_s"] = None if brute is None else round(brute, 1)
+        ladder = ladder_seconds(result.cells, T, decision.objective, decision.rank, s.steps)
+        timings["ladder_s"] = None if ladder is None else round(ladder, 1)
+        timings["ladder_minutes"] = None if ladder is None else round(ladder / 60, 2)
     timings["finished"] = rundir.now()
-    res = PlanResult(run.out, s, run.stats, run.design, decision, plan, result, verified, timings)
+    res = PlanResult(run.out, s, run.stats, run.design, decision, plan, result, verified, timings, probe)
     rundir.write_json(run.out / "report.json", res.to_dict())
     return res
 
@@ -657,23 +872,44 @@ def _phase(progress, name: str) -> None:
         progress.phase = name
 
 
-def _verify(lm, settings: PlanSettings, plan: dict, out: Path, progress) -> dict:
-    """Train the plan's adapter on the whole corpus (memprobe.memorize) and return its memorize.json, or the one a
-    previous run of this same plan saved there."""
-    from memprobe.memorize import SUMMARY_FILE, memorize
+def _kept_adapter(run: PlanRun, plan: dict) -> Path | None:
+    """The adapter the whole-corpus cell of the plan's rank and objective saved (same recipe, same seed)."""
+    from memprobe.calibrate import adapter_dir, cell_id
+    from memprobe.engine import CellSpec
 
+    folder = adapter_dir(run.out / "calibration", cell_id(CellSpec(plan["rank"], run.settings.seed, plan["objective"]),
+                                                          run.stats.answer_tokens))
+    return folder if (folder / "memorize.json").is_file() else None
+
+
+def _verify(run: PlanRun, plan: dict) -> tuple[dict, bool]:
+    """The plan's adapter on the whole corpus with its memorize.json, and whether it had to be trained: the
+    whole-corpus cell that reached the target already is that adapter (same recipe and seed), so it is copied;
+    only a plan whose rank was not trained on the whole corpus (a law's plan) trains it (memprobe.memorize)."""
+    import shutil
+
+    from memprobe.memorize import SUMMARY_FILE, memorize, summary_against_plan
+
+    out, settings, progress = run.out / "adapter", run.settings, run.progress
+    kept = _kept_adapter(run, plan)
+    if kept is not None:
+        shutil.copytree(kept, out, dirs_exist_ok=True)
+        summary = summary_against_plan(json.loads((kept / SUMMARY_FILE).read_text()), plan)
+        summary["out_dir"], summary["kept_from"] = str(out), str(kept)
+        rundir.write_json(out / SUMMARY_FILE, summary)
+        return summary, False
     done = out / SUMMARY_FILE
     if done.is_file():
         previous = json.loads(done.read_text())
         same = [(previous.get("recipe") or {}).get(k) == plan["recipe"].get(k) for k in ("adapter", "budget", "objective")]
-        if previous.get("rank") == plan["rank"] and all(same):
-            return previous
+        if previous.get("rank") == plan["rank"] and all(same) and not previous.get("kept_from"):
+            return previous, True
     recipe = rundir.plan_recipe(plan)
     if progress is not None:
         progress.start(1, recipe.budget.steps)
         progress.pack(f"{recipe.adapter.kind} r={plan['rank']} {plan['objective']} on the whole corpus")
     try:
-        result = memorize(lm, settings.data, plan["rank"], plan["objective"], recipe.adapter, recipe.budget, out,
+        result = memorize(run.lm, settings.data, plan["rank"], plan["objective"], recipe.adapter, recipe.budget, out,
                           plan=plan, seed=settings.seed, chat=settings.chat,
                           on_step=progress.step if progress is not None else None)
     finally:
@@ -681,7 +917,7 @@ def _verify(lm, settings: PlanSettings, plan: dict, out: Path, progress) -> dict
             progress.stop()
     if progress is not None:
         progress.cells_done(1)
-    return result.to_dict()
+    return result.to_dict(), True
 
 
 class PlanProgress(Progress):

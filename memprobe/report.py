@@ -439,9 +439,11 @@ def render_corpus_plan(result, with_corpus: bool = True) -> Group:
     d, c, s = result.decision, result.corpus, result.settings
     parts = [render_corpus(c)] if with_corpus else []
     design = result.design
-    parts.append(Text(f"calibrated on nested random subsets of {', '.join(map(str, design.tokens))} answer "
-                      f"tokens at ranks {', '.join(map(str, design.ranks))} (up to {design.steps} steps, to the "
-                      f"plateau): {result.calibration.run_dir}"))
+    parts.append(Text(f"{design.mode}: {design.reason}"))
+    if design.cells:
+        parts.append(Text(f"calibrated on nested random subsets of {', '.join(map(str, design.tokens))} answer "
+                          f"tokens at ranks {', '.join(map(str, design.ranks))} (up to {design.steps} steps, to the "
+                          f"plateau): {result.calibration.run_dir}"))
     m = report_table("whole corpus, measured", header_style="bold")
     add_text_column(m, "objective")
     add_number_column(m, "rank")
@@ -489,16 +491,21 @@ def render_corpus_plan(result, with_corpus: bool = True) -> Group:
         parts += [Text("train it with:", style="bold"), ShellCommand(result.plan["memorize_command"])]
     for w in d.warnings:
         parts.append(Text(f"warning: {w}", style="yellow"))
-    took = result.timings.get("total_s")
-    if took is not None:
-        brute = result.timings.get("brute_force_s")
-        vs = "" if brute is None else f"; training ranks 1, 2, 4, ... up to it on the whole corpus: {brute / 60:.1f} min"
-        cells = result.timings.get("cells_s")
-        trained = "" if cells is None else f", its cells trained {cells / 60:.1f} min in all runs"
-        parts.append(Text(f"this run took {took / 60:.1f} min{trained} (estimated at most "
-                          f"{design.estimated_s['total'] / 60:.1f}{vs}); wrote {result.out_dir}/report.json",
-                          style="dim"))
+    parts.append(render_plan_cost(result.timings))
+    parts.append(Text(f"wrote {result.out_dir}/report.json", style="dim"))
     return Group(*parts)
+
+
+def render_plan_cost(timings: dict) -> Text:
+    """What the plan's cells cost against the rank ladder it replaces (ranks 1, 2, 4, ... up to the plan's rank on
+    the whole corpus, from this run's measured step times)."""
+    cells, ladder = timings.get("cells_minutes"), timings.get("ladder_minutes")
+    line = f"cells trained: {cells:.1f} min" if cells is not None else "cells trained: -"
+    if ladder:
+        line += f"; the rank ladder up to the plan's rank: {ladder:.1f} min ({cells / ladder:.2f}x)"
+    if timings.get("verify_kept_adapter"):
+        line += "; verify kept the whole-corpus adapter"
+    return Text(line, style="bold" if ladder and cells <= ladder else "yellow")
 
 
 def _law_em_at(result, objective: str, rank: int):

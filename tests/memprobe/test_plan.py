@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from memprobe.cli import app
 from memprobe.errors import MemprobeError
-from memprobe.plan import (MIN_SUBSET_TOKENS, brute_force_seconds, CorpusStats, Design, PlanSettings, decide, design_grid,
-                           estimate_seconds, ranks_to_measure, subset_guess, subset_sizes)
+from memprobe.plan import (MIN_SUBSET_TOKENS, SHORT_OF_DATA, CorpusStats, Design, PlanSettings, Probe, calibration_cells,
+                           cell_seconds, decide, design_after_probe, ladder_ranks, ladder_seconds, probe_guess,
+                           ranks_to_measure, subset_guess, subset_sizes)
 from memprobe.rundir import check_plan
 
 
@@ -31,11 +32,14 @@ def settings(**kw) -> PlanSettings:
 # ----------------------------------------------------------------------------------------- the design
 
 
-def test_subsets_are_nested_fractions_of_the_corpus_and_small_corpora_are_refused():
+def probe(held=0.5, em=0.0, T=400, rank=1, steps=100, seconds=100.0) -> Probe:
+    return Probe(rank=rank, tokens=T, exact_match=em, ordered_frac=held, steps=steps, seconds=seconds)
+
+
+def test_subsets_are_nested_fractions_of_the_corpus():
     assert subset_sizes(400) == (50, 100, 200)
     assert subset_sizes(100) == (25, 50)  # 100 / 8 < 16 tokens: too small a subset to say anything
-    with pytest.raises(MemprobeError, match=r"the corpus has 40 answer tokens: memprobe plan needs at least 64"):
-        subset_sizes(40)
+    assert subset_sizes(40) == (20,) and subset_sizes(24) == ()
     assert MIN_SUBSET_TOKENS == 16
 
 
@@ -45,42 +49,71 @@ def test_the_plan_recipe_takes_mini_batches_when_asked():
     assert settings(batch_size=8).budget().stop_p == 0.9  # the rest of the plan's recipe is unchanged
 
 
-def test_estimate_scales_with_subset_tokens_and_counts_every_phase():
-    s = stats(tokens=400, step_s=2.0)
-    est = estimate_seconds(s, (50, 100, 200), (1, 2, 4, 8), steps=100, n_objectives=1, verify=True)
-    # 4 ranks x 100 steps x (50 + 100 + 200) / 400 of a 2 s step
-    assert est["calibration"] == pytest.approx(4 * 100 * 2.0 * 350 / 400)
-    assert est["verify"] == pytest.approx(200.0)
-    assert est["total"] == pytest.approx(est["calibration"] + est["whole_corpus"] + est["verify"])
-    # batches of 8 of the 40 rows: a step is a fifth of the rows, plus a measurement of all of them every 5 steps
-    mini = estimate_seconds(s, (50, 100, 200), (1, 2, 4, 8), 100, 1, True, batch_size=8)
-    assert mini["verify"] == pytest.approx(200.0 * 2 / 5)
-    # subsets of 5, 10 and 20 rows: one batch (a full step), 2 updates per pass, 3 updates per pass
-    assert mini["calibration"] == pytest.approx(4 * 100 * 2.0 / 400 * (50 + 100 * 2 / 2 + 200 * 2 / 3), abs=0.1)
-    two = estimate_seconds(s, (50, 100, 200), (1, 2, 4, 8), steps=100, n_objectives=2, verify=False)
-    assert two["calibration"] == pytest.approx(2 * est["calibration"]) and two["verify"] == 0
+def test_a_cell_costs_its_share_of_the_measured_whole_corpus_step():
+    s = stats(tokens=400, rows=40)
+    assert cell_seconds(s, 2.0, 100, steps=100) == pytest.approx(100 * 2.0 * 100 / 400)
+    # batches of 8 of the 40 rows: an update is a fifth of the rows, plus a measurement of all every 5 updates
+    assert cell_seconds(s, 2.0, 400, 100, batch_size=8) == pytest.approx(100 * 2.0 * 2 / 5)
 
 
-def test_design_is_the_richest_grid_that_fits_the_budget():
-    s = stats(tokens=400, step_s=0.01)
-    assert design_grid(s, settings(time_budget_min=None)) == Design(
-        (50, 100, 200), (1, 2, 4, 8), 400, estimate_seconds(s, (50, 100, 200), (1, 2, 4, 8), 400, 1, False))
-    slow = stats(tokens=400, step_s=0.5)
-    full = estimate_seconds(slow, (50, 100, 200), (1, 2, 4, 8), 400, 1, False)["total"]
-    d = design_grid(slow, settings(time_budget_min=0.8 * full / 60))
-    assert d.estimated_s["total"] <= 0.8 * full
-    assert len(d.ranks) * len(d.tokens) >= 6 and d.ranks[0] == 1 and d.ranks[-1] == 8
+def test_the_probe_guesses_the_rank_whose_hold_covers_the_corpus():
+    assert probe_guess(probe(held=0.9), 1024) == 2
+    assert probe_guess(probe(held=0.3), 1024) == 4
+    assert probe_guess(probe(held=0.1), 1024) == 16
+    assert probe_guess(probe(held=0.0), 1024) == 64  # ordering nothing is read as 1/64 of the corpus
+    assert probe_guess(probe(held=0.01), 8) == 8
 
 
-def test_a_budget_too_small_for_the_smallest_design_is_one_clear_error():
-    with pytest.raises(MemprobeError, match=r"time budget of 1 min is too small: .* give --time-budget \d+ or more"):
-        design_grid(stats(tokens=400, step_s=2.0), settings(time_budget_min=1))
+def test_a_probe_that_holds_the_corpus_is_the_plan_after_one_cell():
+    d = design_after_probe(stats(), settings(), probe(held=1.0, em=1.0), 1024)
+    assert d.mode == "probe" and not d.cells and "after one cell" in d.reason
+
+
+def test_calibration_cells_are_chosen_short_of_the_data_and_below_the_guess():
+    # rank 1 holds 10 of 400 tokens: rank r is estimated to hold 10 r
+    cells = calibration_cells(stats(tokens=400), probe(held=10 / 400), (1, 2, 4, 8, 64), guess=32)
+    assert all(c.tokens >= SHORT_OF_DATA * 10 * c.rank for c in cells)
+    assert {c.rank for c in cells} == {1, 2, 4, 8}  # 64 >= the guess: it would hold any subset
+    assert (8, 50) not in {(c.rank, c.tokens) for c in cells}  # 50 < 1.5 x 80: rank 8 would hold it
+    assert all("short of the data" in c.why for c in cells)
+
+
+def test_a_small_corpus_is_measured_directly_for_no_calibration_fits_short_of_its_data():
+    # badge codes, 40 rows: rank 1 holds 296 of 329 tokens, so every subset (at most T/2) is held by rank 1
+    d = design_after_probe(stats(tokens=329, rows=40), settings(), probe(held=0.9, em=0.6, T=329), 1024)
+    assert d.mode == "direct" and d.guess == 2 and not d.cells and "no calibration short of the data" in d.reason
+
+
+def test_the_ladder_is_chosen_when_it_costs_less_than_the_calibration():
+    # rank 1 holds 1/20: guess 32; the calibration is cheaper than 5 rungs of the ladder
+    big = design_after_probe(stats(tokens=4000), settings(), probe(held=0.05, T=4000), 1024)
+    assert big.mode == "calibrate" and big.guess == 32 and len(big.cells) >= 5
+    assert big.estimated_s["calibration"] + big.estimated_s["whole_corpus"] < big.estimated_s["ladder"]
+    # rank 1 holds 1/12: guess 16; calibrating costs more than the ladder of ranks 2, 4, 8, 16
+    mid = design_after_probe(stats(tokens=4000), settings(), probe(held=1 / 12, T=4000), 1024)
+    assert mid.mode == "direct" and "costs less than a calibration" in mid.reason
+    forced = design_after_probe(stats(tokens=4000), settings(calibrate=True), probe(held=1 / 12, T=4000), 1024)
+    assert forced.mode == "calibrate" and forced.cells
+    never = design_after_probe(stats(tokens=4000), settings(calibrate=False), probe(held=0.05, T=4000), 1024)
+    assert never.mode == "direct"
+
+
+def test_a_calibration_past_the_time_budget_measures_directly():
+    d = design_after_probe(stats(tokens=4000), settings(time_budget_min=0.01), probe(held=0.05, T=4000), 1024)
+    assert d.mode == "direct" and "time budget" in d.reason
+
+
+def test_design_round_trips_through_its_file_and_refuses_an_old_one():
+    d = design_after_probe(stats(tokens=4000), settings(), probe(held=0.05, T=4000), 1024)
+    assert Design.from_dict(json.loads(json.dumps(d.to_dict()))) == d
+    with pytest.raises(MemprobeError, match="--fresh"):
+        Design.from_dict({"tokens": [50], "ranks": [1], "steps": 400, "estimated_s": {}})
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(target_em=1.5), "target"), (dict(target_em=0), "target"), (dict(data="random"), "jsonl:PATH"),
+    (dict(target_em=1.5), "target"), (dict(target_em=0), "target"), (dict(data="random"), "memprobe plan needs"),
     (dict(time_budget_min=-3), "time budget must be a positive number"), (dict(ranks=(0, 2)), "ranks"),
-    (dict(steps=10), "steps must be an integer above"),
+    (dict(steps=10), "steps must be an integer above"), (dict(law="/no/such/law.json"), "law file not found"),
 ])
 def test_settings_refuse_bad_values(kw, message):
     with pytest.raises(MemprobeError, match=message):
@@ -117,15 +150,18 @@ def test_without_a_law_the_first_guess_doubles_the_smallest_rank_that_held_half_
     assert subset_guess(none, "sft", 0.99, (1, 2, 4), 1024) == 8
 
 
-def test_brute_force_cost_climbs_the_power_of_2_ladder_with_measured_seconds_where_there_are_some():
+def test_the_ladder_costs_measured_rungs_as_measured_and_the_others_at_the_measured_step():
     import pandas as pd
 
     cells = pd.DataFrame({"objective": "sft", "tokens_requested": [100, 100, 50], "rank": [4, 8, 1],
-                          "seconds": [30.0, 50.0, 1.0]})
-    # ranks 1 and 2 were not measured on the whole corpus: each costs the mean of the measured ones (40 s)
-    assert brute_force_seconds(cells, 100, "sft", 8) == pytest.approx(40 + 40 + 30 + 50)
-    assert brute_force_seconds(cells, 100, "sft", 1) == pytest.approx(40)
-    assert brute_force_seconds(cells, 100, "memft-ot", 8) is None
+                          "seconds": [30.0, 50.0, 1.0], "steps": [300, 100, 10],
+                          "ordered_frac": [0.9, 1.0, 1.0]})
+    # ranks 1 and 2 were not measured on the whole corpus: each runs as long as the measured rank short of the
+    # data (rank 4: 300 steps) at the median measured step (0.1 s and 0.5 s -> 0.3 s)
+    assert ladder_seconds(cells, 100, "sft", 8, steps=400) == pytest.approx(90 + 90 + 30 + 50)
+    assert ladder_seconds(cells, 100, "sft", 1, steps=400) == pytest.approx(90)
+    assert ladder_seconds(cells, 100, "memft-ot", 8, steps=400) is None
+    assert ladder_ranks(1, 8) == [1, 2, 4, 8] and ladder_ranks(2, 1) == []
 
 
 def test_decision_takes_the_smallest_measured_rank_and_says_why():
@@ -217,6 +253,44 @@ def test_plan_file_trains_with_memorize_and_verify_reports_against_it(planned):
     assert v["result"]["exact_match"] == pytest.approx(doc["decision"]["measured"]["sft"][str(plan["rank"])], abs=0.2)
 
 
+def test_verify_keeps_the_whole_corpus_adapter_and_the_report_weighs_cells_against_the_ladder(planned):
+    proc, out, corpus = planned
+    doc = json.loads(proc.stdout)
+    assert doc["timings"]["verify_kept_adapter"] is True
+    assert doc["verify"]["kept_from"].endswith(f"sft-r{doc['decision']['rank']}-T64-s0")
+    assert (out / "adapter" / "bypass.safetensors").is_file()
+    # every cell the plan trained, verify included (kept: nothing more), against ranks 1, 2, 4, ... up to the plan's
+    assert doc["cells_minutes"] == pytest.approx(doc["timings"]["cells_s"] / 60, abs=0.01)
+    assert doc["ladder_minutes"] is not None and doc["ladder_minutes"] > 0
+    assert doc["probe"]["rank"] == 1 and doc["probe"]["tokens"] == 64
+    from memprobe.report import render_plan_cost
+
+    line = render_plan_cost(doc["timings"]).plain
+    assert line.startswith(f"cells trained: {doc['cells_minutes']:.1f} min; the rank ladder up to the plan's rank")
+    assert "verify kept the whole-corpus adapter" in line
+
+
+def test_a_law_from_another_corpus_plans_with_its_rank_and_the_rank_below_only(model_dir, tmp_path):
+    from memprobe.law import MemoryLaw
+    from memprobe.plan import law_guess
+
+    law = MemoryLaw(C=30.0, alpha=0.5, beta=0.5, b=0.0, adapter="mlp-bypass", objective="sft")
+    path = law.save(tmp_path / "law.json")
+    corpus = write_corpus(tmp_path / "new.jsonl", n=20)
+    out = tmp_path / "out"
+    proc = memprobe("plan", "--data", f"jsonl:{corpus}", "--model", model_dir, *TINY_PLAN, "--out", out,
+                    "--law", path, "--json")
+    assert proc.returncode in (0, 1), proc.stderr
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["design"]["mode"] == "law" and doc["probe"] is None and doc["law"] == str(path)
+    T = doc["corpus"]["answer_tokens"]
+    guess = law_guess(law.with_answer_length(T / 20), T, 0.1, doc["corpus"]["base_loss"], 1, 1024)
+    ranks = [int(r) for r in doc["decision"]["measured"]["sft"]]
+    assert {max(guess // 2, 1), guess} <= set(ranks)  # the law's rank and the one below it, first
+    cells = (out / "calibration" / "cells.csv").read_text().splitlines()[1:]
+    assert cells and all(f",{T},{T}," in c for c in cells)  # no calibration: every cell is on the whole corpus
+
+
 def test_plan_resumes_without_training_a_finished_cell(planned, model_dir):
     proc, out, corpus = planned
     cells_before = (out / "calibration" / "cells.csv").read_text()
@@ -239,8 +313,7 @@ def test_a_plan_folder_refuses_another_corpus(planned, model_dir, tmp_path):
 @pytest.mark.parametrize("content, args, message", [
     ("", [], "data file is empty"),
     ('{"key": "a", "answer": }\n', [], "malformed JSON"),
-    ('{"key": "a", "answer": "abcd"}\n' * 3, [], "memprobe plan needs at least 64"),
-    (None, ["--time-budget", "0.001"], "is too small"),
+    (None, ["--law", "/no/such/law.json"], "law file not found"),
     (None, ["--target-em", "1.5"], "target"),
     (None, ["--data", "random"], "jsonl:PATH"),
 ])

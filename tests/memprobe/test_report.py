@@ -14,7 +14,7 @@ from memprobe.calibrate import CalibrationResult
 from memprobe.fit import fit_laws, read_cells
 from memprobe.memorize import MemorizeResult, PlanCheck
 from memprobe.phases import analyze_phases
-from memprobe.plan import CorpusStats, Decision, Design, PlanResult, PlanSettings
+from memprobe.plan import CorpusStats, Decision, Design, DesignCell, PlanResult, PlanSettings
 from memprobe.report import (ShellCommand, render_calibration, render_cells, render_corpus_plan, render_memorize,
                              render_phase_summary)
 from memprobe.rundir import AdapterSpec, TrainConfig
@@ -192,8 +192,11 @@ def test_a_command_breaks_at_options_and_a_too_long_word_folds():
 def corpus_plan(verify: bool) -> PlanResult:
     source = "/home/someone/projects/inventory/exports/part-numbers-2026.jsonl"
     corpus = CorpusStats(source, 1200, 9600, tuple([8] * 1200), 3.38, 0.062, 0.0, "chat", 1.92)
-    design = Design((1200, 2400, 4800), (1, 2, 4, 8), 400,
-                    {"calibration": 3000.0, "whole_corpus": 2000.0, "verify": 700.0, "total": 5700.0})
+    cells = tuple(DesignCell(r, T, f"rank {r} is estimated to hold ~{300 * r} tokens: short of the data")
+                  for r, T in ((1, 1200), (1, 2400), (1, 4800), (2, 2400), (2, 4800), (4, 4800)))
+    design = Design("calibrate", 400, "rank 1 holds 300 of 9600 answer tokens (EM 0.000); first guess rank 32; "
+                    "6 subset cells short of the data identify a law (~50.0 min) for less than the ladder "
+                    "(~66.7 min)", cells, 32, {"calibration": 3000.0, "whole_corpus": 2000.0, "ladder": 4000.0})
     decision = Decision(8, "memft-ot", "measured", "rank 8 reached EM 1.000 on the whole corpus; rank 4 reached "
                         "0.412 (target 0.99)", {"sft": {8: 0.97, 16: 1.0}, "memft-ot": {4: 0.412, 8: 1.0}}, None,
                         "the sft law cannot be planned from: its cells cannot identify it", predicted_em=0.93,
@@ -209,7 +212,8 @@ def corpus_plan(verify: bool) -> PlanResult:
                                                 for i in range(7)]}} if verify else None
     settings = PlanSettings(data=f"jsonl:{source}", objectives=("sft", "memft-ot"), verify=verify)
     return PlanResult(Path("memprobe_plans/part-numbers-2026_mlp-bypass"), settings, corpus, design, decision,
-                      plan, calibration, v, {"total_s": 4100.0})
+                      plan, calibration, v, {"total_s": 4100.0, "cells_minutes": 61.3, "ladder_minutes": 80.2,
+                                             "verify_kept_adapter": verify})
 
 
 @pytest.mark.parametrize("verify", [False, True])
@@ -221,6 +225,8 @@ def test_the_corpus_plan_reads_at_80_columns(verify, width):
     assert "corpus: 1,200 lines, 9,600 answer tokens" in flat
     assert "8 (measured)" in flat and "0.930 [0.410, 1.000]" in flat and "EM +0.050 over sft" in flat
     assert "part-numbers-2026.jsonl" in unwrapped(text)
+    assert "calibrate: rank 1 holds 300 of 9600" in flat
+    assert "cells trained: 61.3 min; the rank ladder up to the plan's rank: 80.2 min (0.76x)" in flat
     if verify:
         assert "0.998" in flat and "'Part AB-004 stock code:' (wrong from token 5) and 2 more" in flat
     else:
