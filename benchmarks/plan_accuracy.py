@@ -24,6 +24,7 @@ Writes plan_accuracy_<data>_<factors>.csv (one row per held-out T x target), .js
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -95,7 +96,8 @@ def heldout_errors(law, cells) -> dict:
     Lb = cells["loss_before"].to_numpy(float)
     measured = Lb - cells["loss_after"].to_numpy(float)
     pred = np.array([law.predict(ri, Ti, Li) for ri, Ti, Li in zip(r, T, Lb)])
-    live = ~is_saturated(cells["loss_after"].to_numpy(float))
+    frac = cells["ordered_frac"].to_numpy(float) if "ordered_frac" in cells else None
+    live = ~is_saturated(cells["loss_after"].to_numpy(float), frac)
     out = {"n_cells": int(len(cells)), "n_unsaturated": int(live.sum())}
     if live.any():
         out["dl_mape"] = float(np.mean(np.abs(pred[live] - measured[live]) / measured[live]))
@@ -179,9 +181,23 @@ def brute_force(cells, target: float) -> tuple[float, list[int]] | None:
 
 
 def build_config(args, ranks, tokens) -> CalibrationConfig:
-    return CalibrationConfig.from_preset(
+    """The calibrate preset's recipe, or with --recipe plan the one `memprobe plan` trains every cell with (to the
+    plateau at a constant lr): a law calibrated here then plans a corpus with `memprobe plan --law`."""
+    chat = False if args.no_chat else (None if args.recipe == "quick" else True)
+    if args.recipe == "plan":
+        from memprobe.plan import plan_budget
+        from memprobe.rundir import AdapterSpec
+
+        adapter = AdapterSpec(kind="mlp-bypass", layer=args.layer)
+        budget = plan_budget(adapter.kind, steps=args.steps, lr=args.lr)
+        return CalibrationConfig(model=args.model, data=args.data, chat=chat, adapter=adapter, ranks=tuple(ranks),
+                                 tokens=tuple(tokens), seeds=tuple(args.seeds), train=budget)
+    config = CalibrationConfig.from_preset(
         "quick", model=args.model, data=args.data, ranks=tuple(ranks), tokens=tuple(tokens), steps=args.steps, lr=args.lr,
-        chat=False if args.no_chat else None, seeds=tuple(args.seeds))
+        chat=chat, seeds=tuple(args.seeds))
+    if args.layer is not None:
+        config = dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, layer=args.layer))
+    return config
 
 
 def run(args) -> dict:
@@ -238,7 +254,13 @@ def run(args) -> dict:
 def results_name(doc: dict) -> str:
     """plan_accuracy_<data>_<factors>: a run at other held-out sizes does not overwrite this one's files."""
     factors = "_".join(f"{f}x" for f in doc["factors"])
-    return f"plan_accuracy_{doc['data']}_{factors}"
+    return f"plan_accuracy_{data_slug(doc['data'])}_{factors}"
+
+
+def data_slug(data: str) -> str:
+    """A dataset's name for file names: the kind, or a corpus file's stem ("jsonl:/x/badges.jsonl" -> "badges")."""
+    kind, _, path = data.partition(":")
+    return Path(path).stem if path else kind
 
 
 def write(doc: dict, law, heldout: dict, out: Path) -> None:
@@ -307,13 +329,23 @@ def parse_args(argv=None):
     p.add_argument("--ranks", type=ints, default=q["ranks"], help="calibration ranks")
     p.add_argument("--tokens", type=ints, default=q["tokens"], help="calibration sizes T")
     p.add_argument("--seeds", type=ints, default=(0,))
-    p.add_argument("--steps", type=int, default=q["steps"], help="budget per cell (early stop still applies)")
-    p.add_argument("--lr", type=float, default=q["lr"])
+    p.add_argument("--recipe", choices=("quick", "plan"), default="quick",
+                   help="the calibrate quick preset's recipe, or memprobe plan's (lr 1e-2 to the plateau, 400 steps)")
+    p.add_argument("--layer", type=int, default=None, help="mlp-bypass layer [about 2/3 of the depth]")
+    p.add_argument("--steps", type=int, default=None, help="budget per cell (early stop still applies) [the recipe's]")
+    p.add_argument("--lr", type=float, default=None, help="[the recipe's]")
     p.add_argument("--factors", type=ints, default=(2, 4), help="held-out T as multiples of the largest T")
     p.add_argument("--heldout-ranks", type=ints, default=(1, 2, 4, 8, 16, 32, 64, 128))
     p.add_argument("--out", default=None, help="folder for the run directories and results")
     args = p.parse_args(argv)
-    args.out = args.out or str(RESULTS_DIR / f"plan_accuracy_{args.data.split(':')[0]}")
+    if args.recipe == "quick":
+        args.steps = args.steps or q["steps"]
+        args.lr = args.lr or q["lr"]
+    else:
+        from memprobe.plan import PLAN_STEPS
+
+        args.steps = args.steps or PLAN_STEPS
+    args.out = args.out or str(RESULTS_DIR / f"plan_accuracy_{data_slug(args.data)}")
     return args
 
 
