@@ -583,11 +583,13 @@ class MemoryLaw:
                 f"beta={self.beta:.4g}, b={self.b:.4g}{extra})")
 
     def describe(self) -> str:
-        u = f"{self.C:.4g} * r^{self.alpha:.4g} * T^-{self.beta:.4g} {'+' if self.b >= 0 else '-'} {abs(self.b):.4g}"
+        """The form predictions use, with the parameters they use (a physical form's own fit, not the paper's)."""
+        C, alpha, beta, b = self.predicting_params
+        u = f"{C:.4g} * r^{alpha:.4g} * T^-{beta:.4g} {'+' if b >= 0 else '-'} {abs(b):.4g}"
         if self.form == "power":
             return f"dL(r, T) = {u}"
         shape = {"saturating": "L (1 - exp(-u / L))", "hyperbolic": "L u / (L + u)", "capped": "min(u, L)"}[self.form]
-        return f"dL(r, T) = u = {u} (paper's form); predicted as {shape}, L = loss before"
+        return f"dL(r, T) = {shape}, u = {u}, L = loss before"
 
     def _repr_html_(self) -> str:
         esc = html.escape

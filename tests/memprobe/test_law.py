@@ -140,6 +140,14 @@ def test_capped_form_is_the_paper_law_up_to_the_loss_before():
     assert "min(u, L)" in law.describe()
 
 
+def test_a_law_describes_the_form_and_parameters_it_predicts_with():
+    law = make_law(form="saturating", base_loss=10.0)
+    law = dataclasses.replace(law, form_params=(55.0, 0.5, 0.25, -1.5))
+    text = law.describe()
+    assert text.startswith("dL(r, T) = L (1 - exp(-u / L)), u = 55 * r^0.5 * T^-0.25 - 1.5")
+    assert f"{law.C:.4g} *" not in text  # the paper form's C is not what predicts
+
+
 def test_rank_for_below_the_offset_is_zero_and_needs_one_target():
     law = MemoryLaw(C=10.0, alpha=0.5, beta=0.5, b=1.0, base_loss=5.0)
     assert law.rank_for(100, delta_loss=0.5) == 0.0
