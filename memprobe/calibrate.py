@@ -28,6 +28,7 @@ from rich.progress import ProgressColumn
 from rich.text import Text
 
 from memprobe import rundir
+from memprobe.backends import Backend
 from memprobe.engine import CellSpec
 from memprobe.errors import MemprobeError
 from memprobe.rundir import (CELL_COLUMNS, CURVE_COLUMNS, OBJECTIVES, TOKEN_COLUMNS, AdapterSpec, DataSpec,  # noqa: F401
@@ -77,6 +78,7 @@ class CalibrationConfig:
     # T whose cells also save their trained adapter (run_dir/adapters/<cell_id>/, as `memprobe memorize` does):
     # a plan's whole-corpus cells, so that the one it recommends is the adapter, not trained a second time
     keep_adapters: tuple[int, ...] = ()
+    backend: Backend = field(default_factory=Backend)  # where the cells train; not part of the recipe
 
     def __post_init__(self):
         for name in ("ranks", "tokens"):
@@ -306,35 +308,59 @@ def _describe_cell(row: dict) -> str:
 
 def train_grid(lm, config: CalibrationConfig, run_dir: Path, done: set[str], timing: dict,
                progress: "Progress | None", log: Callable[[str], None]) -> None:
-    """Train every cell of the grid not in `done`, dataset by dataset, pack by pack, recording each pack."""
+    """Train every cell of the grid not in `done`, dataset by dataset, pack by pack, recording each pack (the
+    local backend; memprobe.backends runs the same steps on Ray workers)."""
+    for T, seed, todo in cells_left(config, done):
+        data = prepare_dataset(lm, config, T, seed)
+        for pack in split_packs(lm, config, data, todo, log):
+            if progress is not None:
+                progress.pack(pack_label(data, pack))
+            outcomes, seconds = train_pack(lm, config, data, pack,
+                                           on_step=progress.step if progress is not None else None)
+            if T in config.keep_adapters:  # before the cells' rows: a cell recorded as done has its adapter
+                save_adapters(run_dir, outcomes, data, config, lm)
+            record_trained(run_dir, cell_rows(outcomes, data, config.adapter.kind), seconds, timing, progress, log)
+
+
+def cells_left(config: CalibrationConfig, done: set[str]) -> list[tuple[int, int, list[CellSpec]]]:
+    """(T, seed, cells not in `done`) per dataset of the grid that has any left, in the grid's order."""
+    left = [(T, seed, [c for c in cells if cell_id(c, T) not in done]) for T, seed, cells in config.grid()]
+    return [(T, seed, todo) for T, seed, todo in left if todo]
+
+
+def split_packs(lm, config: CalibrationConfig, data: PreparedDataset, todo: list[CellSpec],
+                log: Callable[[str], None]) -> list[list[CellSpec]]:
+    size = config.pack or _fitting_pack_size(lm.model, data.prefix, config.adapter, todo, log)
+    return [todo[start:start + size] for start in range(0, len(todo), size)]
+
+
+def pack_label(data: PreparedDataset, pack: list[CellSpec]) -> str:
+    return f"T={data.dataset.n_answer_tokens} seed={data.seed} ranks={','.join(str(c.rank) for c in pack)}"
+
+
+def train_pack(lm, config: CalibrationConfig, data: PreparedDataset, pack: list[CellSpec],
+               on_step: Callable[[int], None] | None = None) -> tuple[list, float]:
+    """The pack's outcomes (with their adapters' weights where config.keep_adapters asks) and its seconds."""
     from memprobe.engine import train_cells
 
-    for T, seed, cells in config.grid():
-        todo = [c for c in cells if cell_id(c, T) not in done]
-        if not todo:
-            continue
-        data = prepare_dataset(lm, config, T, seed)
-        size = config.pack or _fitting_pack_size(lm.model, data.prefix, config.adapter, todo, log)
-        for start in range(0, len(todo), size):
-            pack = todo[start:start + size]
-            if progress is not None:
-                ranks = ",".join(str(c.rank) for c in pack)
-                progress.pack(f"T={data.dataset.n_answer_tokens} seed={seed} ranks={ranks}")
-            t0 = time.perf_counter()
-            keep = T in config.keep_adapters
-            outcomes = train_cells(lm.model, data.prefix, data.batch, pack, config.adapter, config.train,
-                                   objective_kwargs=config.objective_kwargs, keep_state=keep,
-                                   on_step=progress.step if progress is not None else None)
-            timing["train_s"] += time.perf_counter() - t0
-            if keep:  # before the cells' rows: a cell recorded as done has its adapter
-                save_adapters(run_dir, outcomes, data, config, lm)
-            rows, token_rows, curve_rows = cell_rows(outcomes, data, config.adapter.kind)
-            record_pack(run_dir, rows, token_rows, curve_rows)
-            timing["cells_run"] += len(rows)
-            for row in rows:
-                log(_describe_cell(row))
-            if progress is not None:
-                progress.cells_done(len(pack))
+    t0 = time.perf_counter()
+    outcomes = train_cells(lm.model, data.prefix, data.batch, pack, config.adapter, config.train,
+                           objective_kwargs=config.objective_kwargs, keep_state=data.T in config.keep_adapters,
+                           on_step=on_step)
+    return outcomes, time.perf_counter() - t0
+
+
+def record_trained(run_dir: Path, rows: tuple[list[dict], list[dict], list[dict]], seconds: float, timing: dict,
+                   progress: "Progress | None", log: Callable[[str], None]) -> None:
+    """Record one trained pack (cell_rows's cells, tokens, curves) and account for it in the run's timing."""
+    cells, tokens, curves = rows
+    record_pack(run_dir, cells, tokens, curves)
+    timing["train_s"] += seconds
+    timing["cells_run"] += len(cells)
+    for row in cells:
+        log(_describe_cell(row))
+    if progress is not None:
+        progress.cells_done(len(cells))
 
 
 def run_calibration(config: CalibrationConfig, run_dir: Path | None = None, *, fresh: bool = False,
@@ -342,9 +368,8 @@ def run_calibration(config: CalibrationConfig, run_dir: Path | None = None, *, f
                     lm=None) -> CalibrationResult:
     """Run (or resume) the grid in `run_dir`, then fit the law and analyse the phases. `lm`: the model already
     loaded (memprobe.models.LoadedModel of config.model), else it is loaded when a cell is left to train."""
-    import torch
-
-    from memprobe.models import check_model, load_model
+    from memprobe.backends import open_trainer
+    from memprobe.models import check_model
 
     log = log or (lambda msg: None)
     check_data(config)
@@ -364,18 +389,18 @@ def run_calibration(config: CalibrationConfig, run_dir: Path | None = None, *, f
 
     if todo_total:
         t0 = time.perf_counter()
-        lm = lm or load_model(config.model, device=config.device, dtype=config.dtype)
-        timing["load_s"] = round(time.perf_counter() - t0, 2)
-        manifest["model"] = {"name": lm.name, "source": lm.source, "device": lm.device, "dtype": lm.dtype, **lm.info}
-        rundir.write_json(run_dir / "manifest.json", manifest)
-        torch.manual_seed(0)
-        if progress is not None:
-            progress.start(todo_total, config.train.steps)
-        try:
-            train_grid(lm, config, run_dir, done, timing, progress, log)
-        finally:
-            if progress is not None:  # also on an error: a live display left running hides the cursor
-                progress.stop()
+        with open_trainer(config, lm, n_datasets=len(cells_left(config, done))) as trainer:
+            timing["load_s"] = round(time.perf_counter() - t0, 2)
+            timing["backend"] = trainer.description
+            manifest["model"] = trainer.model_info
+            rundir.write_json(run_dir / "manifest.json", manifest)
+            if progress is not None:
+                progress.start(todo_total, config.train.steps)
+            try:
+                trainer.train(config, run_dir, done, timing, progress, log)
+            finally:
+                if progress is not None:  # also on an error: a live display left running hides the cursor
+                    progress.stop()
     timing["train_s"] = round(timing["train_s"], 2)
     timing["total_s"] = round(time.perf_counter() - t_start, 2)
     timing["finished"] = rundir.now()

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from memprobe.backends import Backend
 from memprobe.errors import MemprobeError
 from memprobe.rundir import AdapterSpec, DataSpec
 
@@ -39,6 +40,8 @@ Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | 
 KeyField = Annotated[Optional[str], typer.Option("--key-field", help="the data file's field or column of keys [detected: key, prompt, query, question, instruction, input]")]
 AnswerField = Annotated[Optional[str], typer.Option("--answer-field", help="the data file's field or column of answers [detected: answer, completion, target, matching, output]")]
 Json = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout (progress goes to stderr)")]
+BackendKind = Annotated[str, typer.Option("--backend", help="local | ray: train the cells here, or on a Ray cluster's workers (one GPU each, else a share of the CPUs; pip install 'memprobe[ray]') [local]")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="with --backend ray: the cluster to join [RAY_ADDRESS, else a cluster started on this machine]")]
 
 
 @app.command()
@@ -82,6 +85,7 @@ def calibrate(
     bracket: Optional[int] = typer.Option(None, "--bracket", help="after the grid, train toward the rank the law recommends for this many answer tokens, until that rank lies inside measured cells"),
     target_em: float = typer.Option(0.99, "--target-em", help="with --bracket: the exact match the plan must reach"),
     bracket_rounds: int = typer.Option(3, "--bracket-rounds", help="with --bracket: at most this many rounds of refits"),
+    backend: BackendKind = "local", ray_address: RayAddress = None,
     json_: Json = False,
 ):
     """Train short LoRA fits over a grid of ranks and sizes on your model, fit the law, profile token phases."""
@@ -97,7 +101,8 @@ def calibrate(
         ranks=parse_list(ranks, "--ranks", noun="positive integers"),
         tokens=parse_list(tokens, "--tokens", noun="positive integers"), seeds=parse_list(seeds, "--seeds"),
         objectives=parse_list(objectives, "--objectives", str), steps=steps, lr=lr, schedule=schedule, clip=clip,
-        stop_p=stop_p, batch_size=batch_size, chat=chat, device=device, dtype=dtype, pack=pack)
+        stop_p=stop_p, batch_size=batch_size, chat=chat, device=device, dtype=dtype, pack=pack,
+        backend=Backend(backend, ray_address))
     console = Console(stderr=json_)
     kw = dict(fresh=fresh, progress=Progress(console), log=lambda msg: console.print(msg, highlight=False))
     result = (run_brackets(config, out, bracket, target_em, rounds=bracket_rounds, **kw) if bracket is not None
@@ -177,6 +182,7 @@ def plan(
     chat: Chat = None, device: Device = None, dtype: Dtype = None,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder of the plan [memprobe_plans/<corpus>_<adapter>]; an existing one resumes"),
     fresh: bool = typer.Option(False, "--fresh", help="discard what the folder already holds"),
+    backend: BackendKind = "local", ray_address: RayAddress = None,
     json_: Json = False,
 ):
     """From your corpus to a plan: count it, train the smallest rank on all of it, then calibrate on subsets short
@@ -194,7 +200,8 @@ def plan(
         objectives=tuple(parse_list(objectives, "--objectives", str) or ("sft",)),
         ranks=tuple(parse_list(ranks, "--ranks", noun="positive integers") or PLAN_RANKS),
         steps=steps, lr=lr, batch_size=batch_size, time_budget_min=time_budget, verify=verify,
-        law=str(law) if law is not None else None, calibrate=calibrate, chat=True if chat is None else chat, device=device, dtype=dtype)
+        law=str(law) if law is not None else None, calibrate=calibrate, chat=True if chat is None else chat, device=device, dtype=dtype,
+        backend=Backend(backend, ray_address))
     console = Console(stderr=json_)
     out = out or default_plan_dir(settings)
     result = run_plan(settings, out, fresh=fresh, progress=PlanProgress(console),
