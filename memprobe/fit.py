@@ -665,8 +665,9 @@ def _check_fittable(r, T, used, objective: str) -> None:
     if n_points < N_PARAMS:
         seeds = f" at {n_points} distinct (rank, T)" if n_points < n_used else ""
         raise MemprobeError(
-            f"{where}only {n_used} non-saturated cell(s){seeds} are usable ({n_excluded} excluded as saturated, "
-            f"loss_after < ln 2); fitting C, alpha, beta, b needs at least {N_PARAMS} distinct (rank, T)"
+            f"{where}only {n_used} cell(s) short of their data{seeds} are usable ({n_excluded} excluded as holding "
+            f"their data: every answer token ordered, or without ordered_frac loss_after < ln 2); fitting C, alpha, "
+            f"beta, b needs at least {N_PARAMS} distinct (rank, T)"
         )
     for name, x, param in (("rank", r, "alpha"), ("tokens", T, "beta")):
         values = np.unique(x[used])

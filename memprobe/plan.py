@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from memprobe import rundir
+from memprobe.backends import Backend
 from memprobe.calibrate import Progress
 from memprobe.errors import MemprobeError
 from memprobe.rundir import HOLDS_ORDERED_FRAC, AdapterSpec, DataSpec, TrainConfig, default_lr
@@ -88,6 +89,7 @@ class PlanSettings:
     rounds: int = 5  # most rounds of whole-corpus cells
     device: str | None = None
     dtype: str | None = None
+    backend: Backend = field(default_factory=Backend)  # where the cells train (memprobe.backends)
 
     def __post_init__(self):
         from memprobe.law import check_target_em
@@ -645,7 +647,7 @@ def calibration_config(settings: PlanSettings, stats: CorpusStats, first: tuple[
     return CalibrationConfig(model=settings.model, data=settings.data, chat=settings.chat, adapter=settings.adapter,
                              ranks=(r0,), tokens=(T,), seeds=(settings.seed,), objectives=settings.objectives,
                              train=settings.budget(), device=settings.device, dtype=settings.dtype,
-                             extra=tuple(rest), keep_adapters=(stats.answer_tokens,))
+                             extra=tuple(rest), keep_adapters=(stats.answer_tokens,), backend=settings.backend)
 
 
 def load_plan_laws(settings: PlanSettings) -> dict:
@@ -831,6 +833,26 @@ def ladder_seconds(cells, tokens: int, objective: str, rank: int, steps: int) ->
     return float(sum(seconds.get(r, per_step * rung_steps) for r in ladder_ranks(1, rank)))
 
 
+def design_findings(design: Design, cells, objective: str) -> list[str]:
+    """What the design did not expect: subset cells chosen short of the data that held it anyway (they are left out
+    of the law's fit: one rank holds more than the probe said)."""
+    import numpy as np
+    import pandas as pd
+
+    from memprobe.rundir import is_saturated
+
+    chosen = {(c.rank, c.tokens) for c in design.cells}
+    mine = np.array([(int(r), int(t)) in chosen for r, t in zip(cells["rank"], cells["tokens_requested"])], dtype=bool)
+    sel = cells[(cells["objective"] == objective).to_numpy() & mine]
+    held = sel[is_saturated(pd.to_numeric(sel["loss_after"]).to_numpy(float),
+                            pd.to_numeric(sel["ordered_frac"]).to_numpy(float))]
+    if held.empty:
+        return []
+    which = ", ".join(f"rank {int(r)} at T={int(t)}" for r, t in zip(held["rank"], held["tokens"]))
+    return [f"{len(held)} of {len(sel)} calibration cell(s) chosen short of the data held it ({which}): the law "
+            f"is fitted without them (a rank holds more than the probe's estimate)"]
+
+
 def finish_plan(run: PlanRun, config, result, probe: Probe | None = None) -> PlanResult:
     """Decide, write plan.json, verify when asked (keeping the measured adapter), and write report.json."""
     s, T, timings = run.settings, run.stats.answer_tokens, run.timings
@@ -839,6 +861,7 @@ def finish_plan(run: PlanRun, config, result, probe: Probe | None = None) -> Pla
     measured = {o: measured_em(result.cells, T, o) for o in s.objectives}
     cap = timings.get("rank_cap") or rank_cap_of(result, s)
     decision = decide(laws, measured, run.stats, s.target_em, cap, None if s.law else result.fit_error)
+    decision.warnings += design_findings(run.design, result.cells, s.objectives[0])
     plan = None
     law_source = s.law or (str(result.law_path) if result.law_path else "")
     if decision.rank is not None:
@@ -955,6 +978,8 @@ class PlanProgress(Progress):
     def cells_done(self, n: int) -> None:
         self._done += n * self._budget
         self._p.update(self._overall, completed=self._done)
+        self._pack_cells = self._pack_work = 0
+        self._eta.update(0, self._work_left(0))  # the ETA follows the work left now, not at the next step
 
     def stop(self) -> None:
         pass

@@ -170,7 +170,7 @@ def render_quality(fit) -> Table:
     else:
         t.add_row("held-out MAPE", "-")
     t.add_row("cells used", f"{fit.n_used}")
-    t.add_row("cells excluded", f"{fit.n_excluded} saturated (loss_after < ln 2)")
+    t.add_row("cells excluded", f"{fit.n_excluded} holding their data (every answer token ordered)")
     t.add_row("bootstrap", f"{fit.n_bootstrap} resamples")
     law, stats = fit.law, fit.law.fit_stats
     forms = {f: v for f, v in (stats.get("forms") or {}).items() if v}

@@ -99,7 +99,7 @@ def test_bad_cells_give_one_line(tmp_path, name, content, fragments):
 
 def test_bad_fits_give_one_line(tmp_path):
     assert_one_line_error(fit(FIXTURES / "mostly_saturated.csv", "--out", tmp_path / "l.json"),
-                          "only 3 non-saturated", "46 excluded as saturated")
+                          "only 3 cell(s) short of their data", "46 excluded as holding their data")
     assert_one_line_error(fit(FIXTURES / "objectives.csv", "--objective", "dpo", "--out", tmp_path / "l.json"),
                           "no cells for objective 'dpo'")
     assert_one_line_error(fit(tmp_path, "--out", tmp_path / "l.json"), "not a file")

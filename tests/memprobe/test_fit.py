@@ -206,7 +206,7 @@ def _small_cells():
 
 def test_too_few_non_saturated_cells():
     cells = read_cells(FIXTURES / "mostly_saturated.csv")
-    with pytest.raises(MemprobeError, match=r"only 3 non-saturated cell\(s\) are usable \(46 excluded as saturated"):
+    with pytest.raises(MemprobeError, match=r"only 3 cell\(s\) short of their data are usable \(46 excluded as holding their data"):
         fit_law(cells)
 
 
@@ -275,7 +275,7 @@ def test_reports_render_the_fit():
     console.print(render_cells(fit.cells, max_rows=5))
     text = console.export_text()
     assert f"{fit.law.alpha:.4g}" in text and f"{fit.r2:.4f}" in text
-    assert f"{fit.n_excluded} saturated" in text and "held-out MAPE" in text
+    assert f"{fit.n_excluded} holding their data" in text and "held-out MAPE" in text
     assert "warning: EM link: default" in text  # no exact_match column: flagged
     assert "49 cells (first 5)" in text and "predicted" in text
 

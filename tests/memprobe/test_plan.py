@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from memprobe.cli import app
 from memprobe.errors import MemprobeError
-from memprobe.plan import (MIN_SUBSET_TOKENS, SHORT_OF_DATA, CorpusStats, Design, PlanSettings, Probe, calibration_cells,
-                           cell_seconds, decide, design_after_probe, ladder_ranks, ladder_seconds, probe_guess,
+from memprobe.plan import (MIN_SUBSET_TOKENS, SHORT_OF_DATA, CorpusStats, Design, DesignCell, PlanSettings, Probe,
+                           calibration_cells, cell_seconds, decide, design_findings, design_after_probe, ladder_ranks, ladder_seconds, probe_guess,
                            ranks_to_measure, subset_guess, subset_sizes)
 from memprobe.rundir import check_plan
 
@@ -108,6 +108,18 @@ def test_design_round_trips_through_its_file_and_refuses_an_old_one():
     assert Design.from_dict(json.loads(json.dumps(d.to_dict()))) == d
     with pytest.raises(MemprobeError, match="--fresh"):
         Design.from_dict({"tokens": [50], "ranks": [1], "steps": 400, "estimated_s": {}})
+
+
+def test_a_calibration_cell_that_held_its_data_is_a_named_finding():
+    import pandas as pd
+
+    design = Design("calibrate", 400, "...", (DesignCell(1, 100, "short"), DesignCell(2, 200, "short")), 8)
+    cells = pd.DataFrame({"objective": "sft", "rank": [1, 2, 1], "tokens_requested": [100, 200, 400],
+                          "tokens": [98, 199, 400], "loss_after": [0.9, 0.05, 0.04],
+                          "ordered_frac": [0.7, 1.0, 1.0]})
+    (finding,) = design_findings(design, cells, "sft")
+    assert finding.startswith("1 of 2 calibration cell(s) chosen short of the data held it (rank 2 at T=199)")
+    assert design_findings(Design("direct", 400, "..."), cells, "sft") == []
 
 
 @pytest.mark.parametrize("kw, message", [
