@@ -59,9 +59,11 @@ def test_a_cell_costs_its_share_of_the_measured_whole_corpus_step():
 def test_the_probe_guesses_the_rank_whose_hold_covers_the_corpus():
     assert probe_guess(probe(held=0.9), 1024) == 2
     assert probe_guess(probe(held=0.3), 1024) == 4
-    assert probe_guess(probe(held=0.1), 1024) == 16
+    assert probe_guess(probe(held=0.12), 1024) == 8  # 8.3x: the nearest power of 2
+    assert probe_guess(probe(held=0.1), 1024) == 8 and probe_guess(probe(held=0.08), 1024) == 16
     assert probe_guess(probe(held=0.0), 1024) == 64  # ordering nothing is read as 1/64 of the corpus
     assert probe_guess(probe(held=0.01), 8) == 8
+    assert probe_guess(probe(held=0.45, rank=2), 1024) == 4
 
 
 def test_a_probe_that_holds_the_corpus_is_the_plan_after_one_cell():
@@ -85,26 +87,26 @@ def test_a_small_corpus_is_measured_directly_for_no_calibration_fits_short_of_it
 
 
 def test_the_ladder_is_chosen_when_it_costs_less_than_the_calibration():
-    # rank 1 holds 1/20: guess 32; the calibration is cheaper than 5 rungs of the ladder
-    big = design_after_probe(stats(tokens=4000), settings(), probe(held=0.05, T=4000), 1024)
-    assert big.mode == "calibrate" and big.guess == 32 and len(big.cells) >= 5
+    # rank 1 holds 1/66: guess 64; the calibration is cheaper than 6 rungs of the ladder
+    big = design_after_probe(stats(tokens=4000), settings(), probe(held=0.015, T=4000), 1024)
+    assert big.mode == "calibrate" and big.guess == 64 and len(big.cells) >= 5
     assert big.estimated_s["calibration"] + big.estimated_s["whole_corpus"] < big.estimated_s["ladder"]
     # rank 1 holds 1/12: guess 16; calibrating costs more than the ladder of ranks 2, 4, 8, 16
     mid = design_after_probe(stats(tokens=4000), settings(), probe(held=1 / 12, T=4000), 1024)
     assert mid.mode == "direct" and "costs less than a calibration" in mid.reason
     forced = design_after_probe(stats(tokens=4000), settings(calibrate=True), probe(held=1 / 12, T=4000), 1024)
     assert forced.mode == "calibrate" and forced.cells
-    never = design_after_probe(stats(tokens=4000), settings(calibrate=False), probe(held=0.05, T=4000), 1024)
+    never = design_after_probe(stats(tokens=4000), settings(calibrate=False), probe(held=0.015, T=4000), 1024)
     assert never.mode == "direct"
 
 
 def test_a_calibration_past_the_time_budget_measures_directly():
-    d = design_after_probe(stats(tokens=4000), settings(time_budget_min=0.01), probe(held=0.05, T=4000), 1024)
+    d = design_after_probe(stats(tokens=4000), settings(time_budget_min=0.01), probe(held=0.015, T=4000), 1024)
     assert d.mode == "direct" and "time budget" in d.reason
 
 
 def test_design_round_trips_through_its_file_and_refuses_an_old_one():
-    d = design_after_probe(stats(tokens=4000), settings(), probe(held=0.05, T=4000), 1024)
+    d = design_after_probe(stats(tokens=4000), settings(), probe(held=0.015, T=4000), 1024)
     assert Design.from_dict(json.loads(json.dumps(d.to_dict()))) == d
     with pytest.raises(MemprobeError, match="--fresh"):
         Design.from_dict({"tokens": [50], "ranks": [1], "steps": 400, "estimated_s": {}})
@@ -138,6 +140,12 @@ def test_settings_refuse_bad_values(kw, message):
 def test_search_starts_at_the_guess_and_its_half():
     assert ranks_to_measure({}, 8, 0.99, 1024) == [4, 8]
     assert ranks_to_measure({}, 1, 0.99, 1024) == [1]
+
+
+def test_search_tries_the_guess_when_only_the_probe_below_it_was_measured():
+    assert ranks_to_measure({1: 0.0}, 16, 0.99, 1024) == [8, 16]
+    assert ranks_to_measure({1: 0.0}, 2, 0.99, 1024) == [2]  # its half is the probe
+    assert ranks_to_measure({1: 0.0, 8: 0.2, 16: 0.5}, 16, 0.99, 1024) == [32]  # tried and refuted: doubles
 
 
 def test_search_halves_from_the_smallest_success_until_its_half_falls_short():
