@@ -509,7 +509,13 @@ def render_plan_cost(timings: dict) -> Text:
 
 
 def _law_em_at(result, objective: str, rank: int):
-    law = next((f.law for name, f in result.calibration.fits.items() if name == objective), None)
+    """The EM the plan's law predicts at a measured rank: the law given with --law, else the one fitted here."""
+    if result.settings.law:
+        from memprobe.law import load_laws
+
+        law = load_laws(result.settings.law).get(objective)
+    else:
+        law = next((f.law for name, f in result.calibration.fits.items() if name == objective), None)
     if law is None or not law.usable:
         return None
     c = result.corpus

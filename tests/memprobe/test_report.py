@@ -1,6 +1,7 @@
 """The reports read at 80 columns (a CI log, `make demo` through a pipe): no line wider than the console, no
 value cut with an ellipsis, every key value printed whole; and a narrower console still renders."""
 
+import dataclasses
 import importlib.util
 import math
 import shlex
@@ -231,3 +232,15 @@ def test_the_corpus_plan_reads_at_80_columns(verify, width):
         assert "0.998" in flat and "'Part AB-004 stock code:' (wrong from token 5) and 2 more" in flat
     else:
         assert "--objective memft-ot" in flat
+
+
+def test_a_plan_with_a_given_law_shows_that_laws_em_beside_the_measured_ranks(tmp_path):
+    from memprobe.law import MemoryLaw
+
+    law_file = MemoryLaw(C=30.0, alpha=0.5, beta=0.5, b=0.0, adapter="mlp-bypass", objective="sft").save(
+        tmp_path / "law.json")
+    result = corpus_plan(False)
+    result = dataclasses.replace(result, settings=dataclasses.replace(result.settings, law=str(law_file)))
+    flat = " ".join(render(render_corpus_plan(result), 80).split())
+    law = MemoryLaw.load(law_file).with_answer_length(8)
+    assert f"sft 8 0.970 {law.predict_em(8, 9600, 3.38):.3f}" in flat
