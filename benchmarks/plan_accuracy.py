@@ -296,7 +296,7 @@ def write(doc: dict, law, heldout: dict, out: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("rank")
         ax.set_ylabel("exact match")
-        ax.set_title(f"{doc['data']}, T = {T} (held out)")
+        ax.set_title(f"{data_slug(doc['data'])}, T = {T} (held out)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=110)
