@@ -87,7 +87,7 @@ def test_a_manifest_of_another_schema_is_refused(tmp_path):
     ("cols.csv", "rank,tokens,loss_before\n1,16,10\n2,16,10\n", ["missing column(s) loss_after"]),
     ("rank0.csv", "rank,tokens,loss_before,loss_after\n0,16,10,5\n2,16,10,4\n", ["rank must be positive, got 0"]),
     ("tok.csv", "rank,tokens,loss_before,loss_after\n1,-16,10,5\n2,16,10,4\n", ["tokens must be positive, got -16"]),
-    ("few.csv", "rank,tokens,loss_before,loss_after\n1,16,10,5\n2,16,10,4\n4,32,10,0.1\n", ["only 2 non-saturated", "1 excluded"]),
+    ("few.csv", "rank,tokens,loss_before,loss_after\n1,16,10,5\n2,16,10,4\n4,32,10,0.1\n", ["only 2 cell(s) short of their data", "1 excluded"]),
 ])
 def test_bad_cells_give_one_line(tmp_path, name, content, fragments):
     path = tmp_path / name
@@ -130,5 +130,5 @@ def test_real_subprocess(tmp_path):
     bad = subprocess.run([*cmd, "fit", str(FIXTURES / "mostly_saturated.csv"), "--out", str(tmp_path / "x.json")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
-    assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ") and "only 3 non-saturated" in bad.stderr
+    assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ") and "only 3 cell(s) short of their data" in bad.stderr
     assert bad.stdout == ""

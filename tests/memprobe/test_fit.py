@@ -637,7 +637,7 @@ def test_a_second_seed_of_the_same_cells_identifies_nothing_more():
     law = fit_law(small, n_bootstrap=0).law
     assert not law.usable
     assert any("4 non-saturated (rank, T) cells" in r for r in law.unusable_reasons)
-    with pytest.raises(MemprobeError, match="6 non-saturated cell.s. at 3 distinct"):
+    with pytest.raises(MemprobeError, match="6 cell.s. short of their data at 3 distinct"):
         fit_law(two_seeds(saturating_cells(ranks=(1, 2), tokens=(64, 128)).iloc[:3]), n_bootstrap=0)
 
 
