@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   set up .venv, calibrate the embedded model (~9 min on an idle 2-core CPU), then plan a LoRA for
+#   make demo   set up .venv, calibrate the embedded model (8-19 min on a 2-core CPU, by the day), then plan for
 #               TOKENS answer tokens (default 256: the largest size the quick grid measures)
 #   make test   set up .venv and run the test suite
 VENV ?= .venv
