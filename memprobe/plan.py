@@ -36,7 +36,7 @@ from memprobe import rundir
 from memprobe.backends import Backend
 from memprobe.calibrate import Progress
 from memprobe.errors import MemprobeError
-from memprobe.rundir import HOLDS_ORDERED_FRAC, AdapterSpec, DataSpec, TrainConfig, default_lr
+from memprobe.rundir import AdapterSpec, DataSpec, TrainConfig, default_lr
 
 REPORT_FORMAT = "memprobe-corpus-plan"
 REPORT_SCHEMA_VERSION = 2  # 2: probe-first design, cells_minutes and ladder_minutes
@@ -284,10 +284,11 @@ class Design:
     def ranks(self) -> tuple[int, ...]:
         return tuple(sorted({c.rank for c in self.cells}))
 
-    def cell_steps(self, n_objectives: int, verify: bool) -> int:
-        """The steps the design's cells take at most, summed over cells: the unit of the plan's progress bar."""
+    def cell_steps(self, n_objectives: int) -> int:
+        """The steps the plan's cells take at most, summed over cells (the probe, the design's, the whole-corpus
+        search it expects): the unit of the plan's progress bar."""
         whole = 0 if self.mode == "probe" else BRACKET_CELLS_EXPECTED
-        return (len(self.cells) + whole) * n_objectives * self.steps
+        return (1 + len(self.cells) + whole) * n_objectives * self.steps
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "steps": self.steps, "reason": self.reason,
@@ -705,6 +706,7 @@ def run_plan(settings: PlanSettings, out: Path, *, fresh: bool = False, progress
         if progress is not None:
             progress.expect((1 + BRACKET_CELLS_EXPECTED) * len(settings.objectives) * settings.steps)
         if laws is not None:
+            run.laws = laws
             return finish_plan(run, *measure_with_law(run, laws))
         config, result, probe = probe_corpus(run)
         if run.design is None:
@@ -712,8 +714,7 @@ def run_plan(settings: PlanSettings, out: Path, *, fresh: bool = False, progress
             _write_design(out, stats, run.design, probe)
         log(f"design: {run.design.mode}: {run.design.reason}")
         if progress is not None:
-            progress.expect((1 + len(run.design.cells) + BRACKET_CELLS_EXPECTED) * len(settings.objectives)
-                            * settings.steps)
+            progress.expect(run.design.cell_steps(len(settings.objectives)))
         if run.design.mode == "probe":
             return finish_plan(run, config, result, probe)
         if run.design.mode == "calibrate":
@@ -738,6 +739,7 @@ class PlanRun:
     fresh: bool
     timings: dict
     t0: float
+    laws: dict | None = None  # the laws of --law, read once
 
     def calibrate(self, config, fresh: bool = False):
         from memprobe.calibrate import run_calibration
@@ -826,14 +828,19 @@ def ladder_seconds(cells, tokens: int, objective: str, rank: int, steps: int) ->
     after another. Ranks measured here count their measured seconds; the others (short of the data: they run to
     their plateau or cap) the measured seconds per step times the most steps a measured rank short of the target
     took, else the step cap. None without a measured whole-corpus cell."""
+    import numpy as np
     import pandas as pd
+
+    from memprobe.rundir import is_saturated
 
     sel = cells[(cells["tokens_requested"] == tokens) & (cells["objective"] == objective)]
     if sel.empty:
         return None
     seconds = pd.to_numeric(sel["seconds"]).groupby(sel["rank"]).mean()
     per_step = float((pd.to_numeric(sel["seconds"]) / pd.to_numeric(sel["steps"]).clip(lower=1)).median())
-    short = sel[pd.to_numeric(sel["ordered_frac"]) < HOLDS_ORDERED_FRAC] if "ordered_frac" in sel else sel.iloc[:0]
+    column = lambda name: pd.to_numeric(sel[name]).to_numpy(float) if name in sel else np.full(len(sel), np.nan)  # noqa: E731
+    held = is_saturated(column("loss_after"), column("ordered_frac") if "ordered_frac" in sel else None)
+    short = sel[~np.asarray(held, dtype=bool)]
     rung_steps = int(pd.to_numeric(short["steps"]).max()) if len(short) else steps
     return float(sum(seconds.get(r, per_step * rung_steps) for r in ladder_ranks(1, rank)))
 
@@ -862,7 +869,7 @@ def finish_plan(run: PlanRun, config, result, probe: Probe | None = None) -> Pla
     """Decide, write plan.json, verify when asked (keeping the measured adapter), and write report.json."""
     s, T, timings = run.settings, run.stats.answer_tokens, run.timings
     fitted = {name: f.law for name, f in result.fits.items()}
-    laws = load_plan_laws(s) if s.law else fitted
+    laws = run.laws if run.laws is not None else fitted
     measured = {o: measured_em(result.cells, T, o) for o in s.objectives}
     cap = timings.get("rank_cap") or rank_cap_of(result, s)
     decision = decide(laws, measured, run.stats, s.target_em, cap, None if s.law else result.fit_error)
