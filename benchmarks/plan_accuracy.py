@@ -188,16 +188,26 @@ def build_config(args, ranks, tokens) -> CalibrationConfig:
         from memprobe.plan import plan_budget
         from memprobe.rundir import AdapterSpec
 
-        adapter = AdapterSpec(kind="mlp-bypass", layer=args.layer)
-        budget = plan_budget(adapter.kind, steps=args.steps, lr=args.lr)
+        adapter = adapter_spec(args)
+        budget = plan_budget(adapter, steps=args.steps, lr=args.lr)
         return CalibrationConfig(model=args.model, data=args.data, chat=chat, adapter=adapter, ranks=tuple(ranks),
                                  tokens=tuple(tokens), seeds=tuple(args.seeds), train=budget)
     config = CalibrationConfig.from_preset(
         "quick", model=args.model, data=args.data, ranks=tuple(ranks), tokens=tuple(tokens), steps=args.steps, lr=args.lr,
         chat=chat, seeds=tuple(args.seeds))
-    if args.layer is not None:
-        config = dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, layer=args.layer))
+    if args.layer is not None or args.adapter != "mlp-bypass":
+        config = dataclasses.replace(config, adapter=adapter_spec(args))
     return config
+
+
+def adapter_spec(args):
+    """The adapter the cells train: the mlp-bypass at --layer, or a LoRA at --lora-layers / --target-modules."""
+    from memprobe.rundir import ALL_LINEAR, AdapterSpec
+
+    if args.adapter == "mlp-bypass":
+        return AdapterSpec(kind="mlp-bypass", layer=args.layer)
+    return AdapterSpec(kind="lora", layers=args.lora_layers,
+                       target_modules=tuple(args.target_modules.split(",")) if args.target_modules else ALL_LINEAR)
 
 
 def run(args) -> dict:
@@ -331,7 +341,10 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=ints, default=(0,))
     p.add_argument("--recipe", choices=("quick", "plan"), default="quick",
                    help="the calibrate quick preset's recipe, or memprobe plan's (lr 1e-2 to the plateau, 400 steps)")
+    p.add_argument("--adapter", choices=("mlp-bypass", "lora"), default="mlp-bypass")
     p.add_argument("--layer", type=int, default=None, help="mlp-bypass layer [about 2/3 of the depth]")
+    p.add_argument("--lora-layers", type=ints, default=None, help="lora: layers, e.g. 27 [all]")
+    p.add_argument("--target-modules", default=None, help="lora: modules, e.g. down_proj [all linear]")
     p.add_argument("--steps", type=int, default=None, help="budget per cell (early stop still applies) [the recipe's]")
     p.add_argument("--lr", type=float, default=None, help="[the recipe's]")
     p.add_argument("--factors", type=ints, default=(2, 4), help="held-out T as multiples of the largest T")

@@ -46,7 +46,7 @@ from memprobe.rundir import (CELL_COLUMNS, CURVE_COLUMNS, OBJECTIVES, TOKEN_COLU
 # short of the data (their median slope at the end is 0.28 %/step) and for multi-row data (PhoneBook cells at
 # T = 800 plateau at steps 659-811, benchmarks/results/phonebook_plateau_T800): the law then warns
 # (MemoryLaw.budget_bound), and plans hold at that budget, which memorize trains with. Other adapters take their own lr
-# (memprobe.rundir.default_lr: 1e-3 for LoRA on every layer, chaotic at 1e-2).
+# (memprobe.rundir.default_lr: 1e-3 for LoRA on every layer, chaotic at 1e-2; 1e-2 for a LoRA of a few matrices).
 # paper: the public code's recipe for 8B models on a GPU (lr 1e-2 with linear decay, clip 1.0, dropout 0.1).
 PRESETS: dict[str, dict] = {
     "quick": dict(data="random", adapter="mlp-bypass", ranks=(1, 2, 4), tokens=(64, 128, 256), seeds=(0,),
@@ -105,9 +105,10 @@ class CalibrationConfig:
             raise MemprobeError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         p = TrainConfig.zero_means_none({**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
         adapter_lr = p.pop("adapter_lr", {})  # the preset's measured lr per adapter kind, else the adapter's
-        if p.get("lr") is None:
-            p["lr"] = adapter_lr.get(p["adapter"]) or default_lr(p["adapter"])
+        kind = p["adapter"]
         adapter = AdapterSpec(kind=p.pop("adapter"), dropout=p.pop("dropout"), **p.pop("adapter_kwargs", {}))
+        if p.get("lr") is None:
+            p["lr"] = adapter_lr.get(kind) or default_lr(adapter)
         train_keys = ("steps", "lr", "schedule", "clip", "stop_p", "warmup", "batch_size")
         train = TrainConfig(**{k: p.pop(k) for k in train_keys if k in p})
         p = {k: tuple(v) if isinstance(v, list) else v for k, v in p.items()}

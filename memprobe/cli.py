@@ -29,7 +29,7 @@ TargetModules = Annotated[Optional[str], typer.Option("--target-modules", help="
 LoraAlpha = Annotated[Optional[float], typer.Option("--lora-alpha", help="lora: fixed alpha [alpha = 2r]")]
 Dropout = Annotated[Optional[float], typer.Option("--dropout", help="adapter dropout [preset / plan]")]
 Steps = Annotated[Optional[int], typer.Option("--steps", help="training budget in steps [preset / plan]")]
-Lr = Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate [the plan's; the quick preset's 3e-2 bypass; else the adapter's: 1e-2 bypass, 1e-3 lora]")]
+Lr = Annotated[Optional[float], typer.Option("--lr", help="AdamW learning rate [the plan's; the quick preset's 3e-2 bypass; else the adapter's: 1e-2 bypass and a LoRA of <= 4 matrices, 1e-3 a larger LoRA]")]
 Schedule = Annotated[Optional[str], typer.Option("--schedule", help="constant | linear [preset / plan]")]
 Clip = Annotated[Optional[float], typer.Option("--clip", help="gradient clipping norm, 0 = off [preset / plan]")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="rows per optimizer step, 0 = every row (full batch) [preset / plan]")]

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from memprobe.errors import MemprobeError
-from memprobe.rundir import LN2, Recipe, objective_order  # noqa: F401 (re-exported)
+from memprobe.rundir import LN2, AdapterSpec, ModelShapes, Recipe, objective_order  # noqa: F401 (re-exported)
 
 SCHEMA_VERSION = 2  # 2: each law carries its recipe
 FILE_FORMAT = "memprobe-law"
@@ -370,6 +370,69 @@ class MemoryLaw:
     def with_answer_length(self, n) -> "MemoryLaw":
         """This law predicting EM for answers of n tokens (see EMLink: only a token link carries over)."""
         return dataclasses.replace(self, em_link=self.em_link.with_answer_length(n))
+
+    # ---------------------------------------------------------------- placements
+
+    @property
+    def shapes(self) -> ModelShapes | None:
+        """The calibrated model's module shapes (recorded since laws can move between placements), else None."""
+        d = self.provenance.get("model_shapes")
+        return ModelShapes.from_dict(d, "the law's model_shapes") if d else None
+
+    @property
+    def placement(self) -> AdapterSpec | None:
+        """Where the law's adapter sat (its recipe's AdapterSpec), when the law records a recipe."""
+        return self.recipe.adapter if self.recipe is not None else None
+
+    def for_placement(self, spec: AdapterSpec, transfer_error: float = 0.0) -> "MemoryLaw":
+        """This law for another placement of the same adapter kind on the same model, through the trainable
+        parameter count N = r * params_per_rank: the law is read as dL(N, T), so a rank r on the new placement is
+        the calibrated placement's rank r * k, k = its params per rank over the law's, and C becomes C k^alpha (in
+        every bootstrap draw, with that draw's alpha). `transfer_error`, the sd of ln(measured / predicted dL)
+        measured on placements the law was not fitted on, joins the model error, so the interval carries it."""
+        shapes, here = self.shapes, self.placement
+        if shapes is None or here is None or self.params_per_rank is None:
+            raise MemprobeError("this law records no model shapes, so it cannot size another placement: "
+                                "calibrate it again with this version (or plan the placement it was fitted on)")
+        if spec.kind != here.kind:
+            raise MemprobeError(f"a {here.kind} law cannot plan a {spec.kind} adapter")
+        ppr = float(shapes.params_per_rank(spec))
+        k = ppr / self.params_per_rank
+        if k == 1 and spec == here:
+            return self
+
+        def moved(params):
+            C, alpha, beta, b = params
+            return (C * k**alpha, alpha, beta, b)
+
+        C, alpha, beta, b = moved((self.C, self.alpha, self.beta, self.b))
+        note = {"params_per_rank": self.params_per_rank, "placement": here.placement_text(shapes.n_layers),
+                "transfer_error": float(transfer_error)}
+        return dataclasses.replace(
+            self, C=C, form_params=moved(self.form_params) if self.form_params is not None else None,
+            samples=tuple(moved(x) for x in self.samples), params_per_rank=ppr,
+            rank_range=tuple(x / k for x in self.rank_range) if self.rank_range else None,
+            recipe=self.recipe.replace(adapter=spec),
+            model_error=float(math.hypot(self.model_error, transfer_error)),
+            fit_stats={**self.fit_stats, "transferred_from": note},
+            budget_laws=tuple(x.for_placement(spec, transfer_error) for x in self.budget_laws))
+
+    @property
+    def placement_check(self) -> dict | None:
+        """The measured check that this law carries to placements it was not fitted on (recorded by
+        benchmarks/placement_transfer.py): holds (every placement's rank within one power-of-2 step), error (sd
+        of ln(measured / predicted dL) there), summary (one line), placements (each one's figures); else None."""
+        check = self.fit_stats.get("placement_check")
+        if check is None:
+            return None
+        if not isinstance(check, Mapping) or not {"holds", "error", "summary"} <= set(check):
+            raise MemprobeError(f"a law's placement_check needs holds, error and summary, got {check!r}")
+        return dict(check)
+
+    @property
+    def transferred_from(self) -> dict | None:
+        """The placement the law was fitted on, when it plans another one (for_placement), else None."""
+        return self.fit_stats.get("transferred_from")
 
     @property
     def usable(self) -> bool:

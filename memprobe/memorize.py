@@ -119,7 +119,7 @@ def settings_from_plan(plan: dict | None = None, *, rank: int | None = None, obj
     budget_given = dict(steps=steps, lr=lr, schedule=schedule, clip=clip, stop_p=stop_p, batch_size=batch_size)
     if lr is None and (calibrated is None or kind != base.adapter.kind):
         # no calibrated lr for this adapter: its measured default, not another adapter's
-        budget_given["lr"] = default_lr(kind)
+        budget_given["lr"] = default_lr(AdapterSpec(kind=kind, **{k: v for k, v in given.items() if v is not None}))
     budget_kw = TrainConfig.zero_means_none({k: pick(k, budget_given[k], getattr(base.budget, k))
                                              for k in _BUDGET_FLAGS})
     try:

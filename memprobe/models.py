@@ -162,7 +162,24 @@ def load_model(spec: str = "embedded", *, device: str | None = None, dtype: str 
                              "n_layers": int(model.config.num_hidden_layers),
                              "hidden_size": int(model.config.hidden_size),
                              "vocab_size": int(model.config.vocab_size),
-                             "architecture": type(model).__name__})
+                             "architecture": type(model).__name__,
+                             **({"shapes": shapes.to_dict()} if (shapes := model_shapes(model)) else {})})
+
+
+def model_shapes(model):
+    """The decoder's ModelShapes (memprobe.rundir), or None where its layers differ or it has no model.layers."""
+    from torch import nn
+
+    from memprobe.rundir import ModelShapes
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not layers:
+        return None
+    per_layer = [tuple((name.split(".")[-1], m.in_features, m.out_features) for name, m in layer.named_modules()
+                       if isinstance(m, nn.Linear)) for layer in layers]
+    if any(shape != per_layer[0] for shape in per_layer) or not per_layer[0]:
+        return None  # a decoder whose layers differ: sizes of placements need the layer, not recorded here
+    return ModelShapes(n_layers=len(layers), hidden=int(model.config.hidden_size), linear=per_layer[0])
 
 
 def _quiet_transformers() -> None:

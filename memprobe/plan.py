@@ -59,11 +59,11 @@ SHORT_OF_DATA = 1.5
 MAX_RANK = 1024
 
 
-def plan_budget(adapter_kind: str, steps: int = PLAN_STEPS, lr: float | None = None,
+def plan_budget(adapter, steps: int = PLAN_STEPS, lr: float | None = None,
                 batch_size: int | None = None) -> TrainConfig:
     """The recipe of every cell of a plan and of its adapter: AdamW at a constant lr, trained to the plateau
     (full batches unless `batch_size` rows per update are asked for)."""
-    return TrainConfig(steps=steps, lr=lr or default_lr(adapter_kind), schedule="constant", stop_p=0.9,
+    return TrainConfig(steps=steps, lr=lr or default_lr(adapter), schedule="constant", stop_p=0.9,
                        plateau_window=30, plateau_tol=0.01, batch_size=batch_size or None)
 
 
@@ -117,7 +117,7 @@ class PlanSettings:
         return DataSpec.parse(self.data, chat=self.chat)
 
     def budget(self) -> TrainConfig:
-        return plan_budget(self.adapter.kind, self.steps, self.lr, self.batch_size)
+        return plan_budget(self.adapter, self.steps, self.lr, self.batch_size)
 
 
 # ----------------------------------------------------------------------------------------- the count

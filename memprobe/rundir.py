@@ -180,6 +180,19 @@ class AdapterSpec:
                 "target_modules": list(self.target_modules), "layers_to_transform": layers, "bias": "none",
                 "task_type": "CAUSAL_LM"}
 
+    def placement_text(self, n_layers: int | None = None) -> str:
+        """Where the adapter sits, for people: "down_proj of layer 27", "mlp-bypass at layer 20"."""
+        if self.kind == "mlp-bypass":
+            k = self.bypass_layer(n_layers) if n_layers else self.layer
+            return f"mlp-bypass at layer {k}" if k is not None else "mlp-bypass at 2/3 of the depth"
+        modules = "all linear modules" if set(self.target_modules) == set(ALL_LINEAR) else ",".join(self.target_modules)
+        if self.layers is None:
+            return f"{modules} of all {n_layers} layers" if n_layers else f"{modules} of every layer"
+        layers = sorted(set(self.layers))
+        span = (f"layers {layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1))
+                else "layers " + ",".join(map(str, layers))) if len(layers) > 1 else f"layer {layers[0]}"
+        return f"{modules} of {span}"
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "layer": self.layer, "layers": list(self.layers) if self.layers else None,
                 "target_modules": list(self.target_modules), "alpha": self.alpha,
@@ -190,6 +203,54 @@ class AdapterSpec:
         return cls(**_strict_kwargs(cls, d, where, cls._TYPES, optional=("layer", "layers", "alpha")))
 
 
+@dataclass(frozen=True)
+class ModelShapes:
+    """What an adapter's size is counted from: the decoder's depth and width and each linear module's
+    (d_in, d_out), the same in every layer of the decoders memprobe adapts. Recorded with every calibration
+    (manifest, then the law's provenance), so that a plan sizes a placement it never trained without the model."""
+
+    n_layers: int
+    hidden: int
+    linear: tuple[tuple[str, int, int], ...]  # (module name, d_in, d_out), in the layer's order
+
+    def module(self, name: str) -> tuple[int, int]:
+        for m, d_in, d_out in self.linear:
+            if m == name:
+                return d_in, d_out
+        raise MemprobeError(f"this model's layers have no linear module {name!r} "
+                            f"(they have {', '.join(m for m, _, _ in self.linear)})")
+
+    def params_per_rank(self, spec: "AdapterSpec") -> int:
+        """Trainable parameters per unit of rank: N = r * params_per_rank (lora: the sum of d_in + d_out over the
+        adapted matrices; mlp-bypass: one d -> r -> d pair)."""
+        if spec.kind == "mlp-bypass":
+            return 2 * self.hidden
+        per_layer = sum(sum(self.module(m)) for m in spec.target_modules)
+        return len(spec.lora_layers(self.n_layers)) * per_layer
+
+    def max_rank(self, spec: "AdapterSpec") -> int:
+        """The largest rank the placement can have: no low-rank factor is wider than its narrowest side."""
+        if spec.kind == "mlp-bypass":
+            return self.hidden
+        return min(min(self.module(m)) for m in spec.target_modules)
+
+    def to_dict(self) -> dict:
+        return {"n_layers": self.n_layers, "hidden": self.hidden,
+                "linear": {m: [d_in, d_out] for m, d_in, d_out in self.linear}}
+
+    @classmethod
+    def from_dict(cls, d, where: str = "model shapes") -> "ModelShapes":
+        if not isinstance(d, Mapping) or not isinstance(d.get("linear"), Mapping):
+            raise MemprobeError(f"{where} must be an object with n_layers, hidden and linear, got {d!r}")
+        linear = []
+        for m, pair in d["linear"].items():
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                raise MemprobeError(f"{where}: linear[{m!r}] must be [d_in, d_out], got {pair!r}")
+            linear.append((str(m), _typed(where, f"{m} d_in", pair[0], _INT), _typed(where, f"{m} d_out", pair[1], _INT)))
+        return cls(n_layers=_typed(where, "n_layers", d.get("n_layers"), _INT),
+                   hidden=_typed(where, "hidden", d.get("hidden"), _INT), linear=tuple(linear))
+
+
 def default_bypass_layer(n_layers: int) -> int:
     # the public code uses k = 24 of 36 (Qwen3-8B) and 18 of 32 (Llama-3.1-8B): about 2/3 of the depth
     return int(round(n_layers * 2 / 3))
@@ -198,11 +259,21 @@ def default_bypass_layer(n_layers: int) -> int:
 # The learning rate of each adapter when none is given, measured on the embedded model: lr 1e-2 suits the one
 # bypass matrix pair; LoRA on every linear layer of every block is chaotic at 1e-2 and agrees with a plain
 # PyTorch loop at 1e-3.
+# A LoRA of a few matrices (one module of one layer, a few layers) is one small pair like the bypass: at 1e-3 it
+# learns ten times slower (down_proj of layer 27, badge codes, T = 256, rank 4: loss 2.64 after 200 steps at 1e-3,
+# 0.14 at 1e-2), so a cell would measure learning speed, not capacity; it takes the bypass's 1e-2.
 ADAPTER_LR = {"mlp-bypass": 1e-2, "lora": 1e-3}
+SMALL_LORA_MATRICES = 4
+SMALL_LORA_LR = 1e-2
 
 
-def default_lr(adapter_kind: str) -> float:
-    return ADAPTER_LR.get(adapter_kind, 1e-3)
+def default_lr(adapter) -> float:
+    """The learning rate of an adapter kind ("lora") or of an AdapterSpec, whose size can change it (see above)."""
+    kind = adapter if isinstance(adapter, str) else adapter.kind
+    if kind == "lora" and not isinstance(adapter, str) and adapter.layers is not None \
+            and len(set(adapter.layers)) * len(adapter.target_modules) <= SMALL_LORA_MATRICES:
+        return SMALL_LORA_LR
+    return ADAPTER_LR.get(kind, 1e-3)
 
 
 @dataclass(frozen=True)
@@ -653,6 +724,10 @@ def read_plan(path) -> dict:
         raise MemprobeError(f"plan file {path} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise MemprobeError(f"plan file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(doc, dict) and "options" in doc and "plan" in doc:  # `--objective-size --json`: its smallest
+        if doc["plan"] is None:
+            raise MemprobeError(f"plan file {path} is a size search in which no placement reaches the target")
+        doc = doc["plan"]
     return check_plan(doc, where=f"plan file {path}")
 
 
@@ -727,6 +802,8 @@ def provenance(manifest: Mapping | None, run_dir=None) -> dict:
     model = manifest.get("model")
     if isinstance(model, Mapping):
         out["model_loaded"] = {k: model.get(k) for k in ("name", "source", "dtype", "device") if k in model}
+        if isinstance(model.get("shapes"), Mapping):  # what a plan sizes other placements of this model from
+            out["model_shapes"] = dict(model["shapes"])
     if run_dir is not None:
         out["run_dir"] = str(run_dir)
     return {k: v for k, v in out.items() if v is not None}

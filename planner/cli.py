@@ -57,11 +57,15 @@ def recommend(
     level: float = typer.Option(0.9, "--level", help="level of the prediction intervals"),
     allow_uncertain: bool = typer.Option(False, "--allow-uncertain", help="plan even when the interval says it cannot tell"),
     answer_length: Optional[float] = typer.Option(None, "--answer-length", help="answer tokens per sequence of your data [the calibration's]"),
+    lora_layers: Optional[str] = typer.Option(None, "--lora-layers", help="lora: plan this placement's layers, e.g. 25,26,27 [the law's]"),
+    target_modules: Optional[str] = typer.Option(None, "--target-modules", help="lora: plan these modules, e.g. down_proj [the law's]"),
+    objective_size: bool = typer.Option(False, "--objective-size", help="lora: rank placements by adapter size, plan the smallest"),
     json_: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ):
-    """The smallest rank (and the objective) whose predicted exact match reaches the target."""
+    """The smallest rank (and the objective) whose predicted exact match reaches the target; with --objective-size,
+    the smallest LoRA adapter (placement and rank)."""
     from memprobe.law import check_target_em
-    from planner.planning import allowed_ranks, check_level, check_tokens
+    from planner.planning import OutOfReach, allowed_ranks, check_level, check_tokens
     from planner.planning import recommend as recommend_
 
     # the user's own values first: a typo needs no law to be reported
@@ -70,14 +74,70 @@ def recommend(
     check_level(level)
     rank_list = parse_ranks(ranks)
     allowed_ranks(rank_list, max_rank)
-    laws, source = _load(law, adapter)  # a bad --adapter is refused before any law is read
-    plan = _with_source(lambda: recommend_(laws, tokens=tokens, target_em=target_em, ranks=rank_list,
-                                           max_rank=max_rank, base_loss=base_loss, level=level, objective=objective,
-                                           law_source=source, allow_uncertain=allow_uncertain,
-                                           answer_length=answer_length), source)
+    placed = lora_layers is not None or target_modules is not None
+    if (placed or objective_size) and adapter not in (None, "lora"):
+        raise MemprobeError("--lora-layers, --target-modules and --objective-size plan a LoRA: drop --adapter "
+                            f"{adapter} or make it lora")
+    if placed and objective_size:
+        raise MemprobeError("--objective-size weighs every placement: give it without --lora-layers / --target-modules")
+    laws, source = _load(law, "lora" if placed or objective_size else adapter)  # a bad --adapter is refused first
+    if objective_size:
+        return _emit_smallest(laws, source, tokens, target_em, level, base_loss, answer_length, objective, json_)
+    if placed:
+        laws = _with_source(lambda: _placed(laws, lora_layers, target_modules), source)
+    try:
+        plan = _with_source(lambda: recommend_(laws, tokens=tokens, target_em=target_em, ranks=rank_list,
+                                               max_rank=max_rank, base_loss=base_loss, level=level,
+                                               objective=objective, law_source=source,
+                                               allow_uncertain=allow_uncertain, answer_length=answer_length), source)
+    except OutOfReach:
+        if law is not None or adapter is not None or placed or not _falls_back_to_lora(source):
+            raise
+        # the headline question on a fresh install: the shipped bypass cannot hold it; say which LoRA can
+        typer.echo("the mlp-bypass law cannot reach the target within its largest rank: weighing LoRA placements "
+                   "with the shipped LoRA law instead", err=True)
+        laws, source = _load(None, "lora")
+        return _emit_smallest(laws, source, tokens, target_em, level, base_loss, answer_length, objective, json_)
     from planner.report import render_plan
 
     emit(json_, plan.to_dict(), render_plan(plan))
+
+
+def _falls_back_to_lora(source: str) -> bool:
+    from planner.laws import LORA_REFERENCE_LAW, REFERENCE_LAW
+
+    return LORA_REFERENCE_LAW.is_file() and source.startswith(str(REFERENCE_LAW))
+
+
+def _placed(laws: dict, lora_layers: str | None, target_modules: str | None) -> dict:
+    """Each law moved to the asked placement (the law's own layers or modules where one is not given)."""
+    import dataclasses
+
+    from planner.placements import law_for_placement
+
+    out = {}
+    for name, law in laws.items():
+        here = law.placement
+        if here is None or here.kind != "lora":
+            raise MemprobeError("the law records no LoRA placement: plan it without --lora-layers / --target-modules")
+        spec = dataclasses.replace(
+            here, layers=tuple(parse_list(lora_layers, "--lora-layers", int)) if lora_layers else here.layers,
+            target_modules=tuple(parse_list(target_modules, "--target-modules", str)) if target_modules
+            else here.target_modules)
+        out[name] = law_for_placement(law, spec)
+    return out
+
+
+def _emit_smallest(laws: dict, source: str, tokens, target_em, level, base_loss, answer_length, objective, json_):
+    from planner.placements import smallest_adapter
+    from planner.report import render_smallest_adapter
+
+    name = objective or next(iter(laws))
+    if name not in laws:
+        raise MemprobeError(f"no law for objective {name!r} (available: {', '.join(laws)})")
+    result = _with_source(lambda: smallest_adapter(laws[name], tokens, target_em, level=level, base_loss=base_loss,
+                                                   answer_length=answer_length, law_source=source), source)
+    emit(json_, result.to_dict(), render_smallest_adapter(result))
 
 
 @app.command()

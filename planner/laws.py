@@ -2,8 +2,8 @@
 
 In order: the path the user gave (--law); else the newest */law.json under the runs folder
 ($MEMPROBE_RUNS_DIR, default ./memprobe_runs), by modification time; else the reference law
-shipped with the project (SmolLM2-135M, mlp-bypass). Asked for an adapter (--adapter lora), only a law
-calibrated with that adapter is taken: a rank is a property of the adapter it was measured on, and a
+shipped with the project (SmolLM2-135M: mlp-bypass, and LoRA on down_proj of layer 27). Asked for an adapter
+(--adapter lora), only a law calibrated with that adapter is taken: a rank is a property of the adapter it was measured on, and a
 bypass law says nothing of standard LoRA. A plan always says which law it used and for which adapter.
 """
 
@@ -14,10 +14,12 @@ from pathlib import Path
 
 from memprobe.errors import MemprobeError
 from memprobe.law import MemoryLaw, load_laws
-from memprobe.resources import reference_law_path
+from memprobe.resources import LORA_REFERENCE, reference_law_path
 from memprobe.rundir import ADAPTER_KINDS, runs_dir
 
 REFERENCE_LAW = reference_law_path()
+# standard LoRA on one placement of the embedded model, with the check that it carries to other placements
+LORA_REFERENCE_LAW = reference_law_path(LORA_REFERENCE)
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,11 @@ def find_law(law=None, adapter: str | None = None) -> LawSource:
     newest = _newest_run(None, adapter)
     if newest is not None:
         return LawSource(newest[0], "runs", newest[1])
+    for shipped in (REFERENCE_LAW, LORA_REFERENCE_LAW):
+        reference = law_adapter(shipped) if shipped.is_file() else None
+        if shipped.is_file() and (adapter is None or reference == adapter):
+            return LawSource(shipped, "reference", reference)
     reference = law_adapter(REFERENCE_LAW) if REFERENCE_LAW.is_file() else None
-    if REFERENCE_LAW.is_file() and (adapter is None or reference == adapter):
-        return LawSource(REFERENCE_LAW, "reference", reference)
     if adapter is not None:
         raise _no_law_for(adapter, reference)
     raise MemprobeError(

@@ -125,6 +125,8 @@ def _range_warnings(law: MemoryLaw, tokens: int, rank: int | None) -> list[str]:
 def max_rank_of(law: MemoryLaw) -> int | None:
     """The largest rank the law's adapter can have: mlp-bypass maps d -> r -> d, so r <= d (its 2 d r
     parameters per unit of rank give d); None where the law does not say."""
+    if law.shapes is not None and law.placement is not None:
+        return law.shapes.max_rank(law.placement)  # a LoRA factor is no wider than its matrix's narrow side
     if law.adapter == "mlp-bypass" and law.params_per_rank:
         return int(law.params_per_rank // 2)
     return None
@@ -272,6 +274,10 @@ def _smallest_rank(law: MemoryLaw, ranks: np.ndarray, tokens: int, target_em: fl
     return int(ranks[i]), float(em[i])
 
 
+class OutOfReach(MemprobeError):
+    """No allowed rank of the law's adapter reaches the target (another placement may)."""
+
+
 MAX_RANK_SPREAD = 4  # a plan whose rank is uncertain by more than two power-of-2 steps says it cannot tell
 
 
@@ -336,7 +342,7 @@ def _choose(laws: dict, R: np.ndarray, tokens: int, target_em: float, base_loss)
     if not reaching:
         best = max(per_objective, key=lambda k: per_objective[k]["predicted_em"])
         top = per_objective[best]["largest_rank"]
-        raise MemprobeError(
+        raise OutOfReach(
             f"target_em {target_em:g} is out of reach at tokens={tokens} within rank {top}: the best predicted "
             f"EM is {em_text(per_objective[best]['predicted_em'])} ({best} at rank {top}); lower the target, "
             f"raise --max-rank, or split the data"

@@ -88,7 +88,8 @@ def _summary(plan: Plan):
     t.add_row("held out", heldout_text(plan.heldout))
     t.add_row("objective", plan.objective)
     if plan.adapter:
-        t.add_row("adapter", Text(plan.adapter + (f" on {plan.model}" if plan.model else "")))
+        where = f" ({plan.recipe.adapter.placement_text()})" if plan.recipe is not None and plan.adapter == "lora" else ""
+        t.add_row("adapter", Text(plan.adapter + where + (f" on {plan.model}" if plan.model else "")))
     if plan.trainable_params is not None:
         t.add_row("parameters", f"{plan.trainable_params:,}  ({plan.adapter_mb_fp32:.3g} MB fp32, "
                   f"{plan.adapter_mb_bf16:.3g} MB bf16)")
@@ -158,4 +159,33 @@ def render_curve(c: Curve) -> Group:
     parts.append(Text(f"law: {c.law_source or '-'}"))
     if c.warnings:
         parts.append(Text("\n".join(f"warning: {w}" for w in c.warnings), style="yellow"))
+    return Group(*parts)
+
+
+def render_smallest_adapter(result) -> Group:
+    """Placements ranked by size (planner.placements.SmallestAdapter), then the plan of the smallest."""
+    best = result.best
+    parts = [Text(f"smallest adapter for {result.tokens:,} answer tokens, target EM {result.target_em:g}",
+                  style="bold")]
+    t = report_table()
+    add_text_column(t, "placement")
+    for col in ("rank", "params", "MB bf16", "steps", "EM"):
+        add_number_column(t, col)
+    for o in result.options:
+        if o.plan is None:
+            t.add_row(o.placement, f"> {o.max_rank}", "-", "-", "-", "out of reach")
+            continue
+        t.add_row(o.placement, str(o.plan.rank), f"{o.params:,}", f"{o.params * 2 / 1e6:.3g}",
+                  "-" if o.plan.steps_needed is None else f"{o.plan.steps_needed:,}", em_text(o.plan.predicted_em))
+    parts.append(t)
+    check = result.transfer
+    if check:
+        parts.append(Text(f"law fitted on {result.law_placement}; other placements by parameter count, "
+                          f"checked: {check['summary']}"))
+    if best is None:
+        parts.append(Text(f"no placement reaches EM {result.target_em:g} at {result.tokens:,} tokens within its "
+                          "largest rank", style="yellow"))
+        return Group(*parts)
+    parts += [Text(""), Text(f"smallest: {best.placement}, rank {best.plan.rank}", style="bold"),
+              render_plan(best.plan)]
     return Group(*parts)

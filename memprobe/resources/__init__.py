@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+
     from importlib.resources.abc import Traversable
 
 DEFAULT_REFERENCE_LAW = "smollm2-135m"
+LORA_REFERENCE = "smollm2-135m-lora"  # standard LoRA on one placement, badge codes (planner.placements plans others)
 
 # files extracted from an archive install live until the process exits: callers keep the paths
 _extracted = ExitStack()

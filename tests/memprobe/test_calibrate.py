@@ -322,6 +322,8 @@ def test_the_quick_preset_takes_its_measured_lr_for_the_bypass_and_the_adapters_
     assert CalibrationConfig.from_preset("quick", batch_size=8).recipe().budget.batch_size == 8
     assert CalibrationConfig.from_preset("quick", batch_size=0).train.batch_size is None
     assert CalibrationConfig.from_preset("quick", adapter="lora").train.lr == 1e-3
+    one_matrix = {"layers": (27,), "target_modules": ("down_proj",)}
+    assert CalibrationConfig.from_preset("quick", adapter="lora", adapter_kwargs=one_matrix).train.lr == 1e-2
     assert CalibrationConfig.from_preset("quick", adapter="lora", lr=3e-3).train.lr == 3e-3
     assert CalibrationConfig.from_preset("paper", adapter="lora").train.lr == 1e-2  # the published recipe
 

@@ -283,3 +283,58 @@ def test_repr_and_html():
     assert "alpha=0.4" in repr(law) and "samples" not in repr(law)
     html = law._repr_html_()
     assert "MemoryLaw" in html and "mlp-bypass" in html and "95 % CI" in html and "0.45" in html
+
+
+# ---------------------------------------------------------------- placements (the law in N = r * params_per_rank)
+
+SHAPES = {"n_layers": 4, "hidden": 8, "linear": {"q_proj": [8, 8], "up_proj": [8, 24], "down_proj": [24, 8]}}
+
+
+def placed_law(**kw):
+    from memprobe.rundir import AdapterSpec, Recipe
+
+    spec = AdapterSpec(kind="lora", layers=(2,), target_modules=("down_proj",))
+    recipe = Recipe(model="tiny", adapter=spec)
+    return make_law(params_per_rank=32, rank_range=(1, 8), recipe=recipe,
+                    provenance={"model_shapes": SHAPES}, **kw)
+
+
+def test_a_law_moved_to_another_placement_predicts_the_same_dl_at_the_same_parameter_count():
+    from memprobe.rundir import AdapterSpec
+
+    law = placed_law()
+    three = AdapterSpec(kind="lora", layers=(1, 2, 3), target_modules=("down_proj",))
+    moved = law.for_placement(three, transfer_error=0.2)
+    assert moved.params_per_rank == 96 and moved.placement == three
+    # rank 1 on three layers holds the parameters of rank 3 on one: the same dL, in every bootstrap draw too
+    assert moved.predict(1, 300) == pytest.approx(law.predict(3, 300))
+    assert moved.predict_interval(2, 300)[0] < law.predict(6, 300) < moved.predict_interval(2, 300)[1]
+    assert moved.rank_range == pytest.approx((1 / 3, 8 / 3))
+    assert moved.model_error == pytest.approx(math.hypot(law.model_error, 0.2))
+    assert moved.transferred_from["placement"] == "down_proj of layer 2"
+    # the interval is wider by the transfer error it carries
+    lo0, hi0 = law.for_placement(three).predict_interval(2, 300)
+    lo, hi = moved.predict_interval(2, 300)
+    assert hi - lo > hi0 - lo0
+    assert law.for_placement(law.placement) is law
+
+
+def test_a_law_without_shapes_or_of_another_kind_refuses_a_placement():
+    from memprobe.rundir import AdapterSpec
+
+    with pytest.raises(MemprobeError, match="no model shapes"):
+        make_law().for_placement(AdapterSpec(kind="lora"))
+    with pytest.raises(MemprobeError, match="cannot plan a mlp-bypass"):
+        placed_law().for_placement(AdapterSpec(kind="mlp-bypass"))
+    with pytest.raises(MemprobeError, match="no linear module 'o_proj'"):
+        placed_law().for_placement(AdapterSpec(kind="lora", target_modules=("o_proj",)))
+
+
+def test_a_moved_law_survives_its_file(tmp_path):
+    from memprobe.rundir import AdapterSpec
+
+    moved = placed_law().for_placement(AdapterSpec(kind="lora", layers=(0, 1), target_modules=("up_proj",)))
+    save_laws({"sft": moved}, tmp_path / "law.json")
+    back = load_laws(tmp_path / "law.json")["sft"]
+    assert back.predict(2, 100) == pytest.approx(moved.predict(2, 100))
+    assert back.params_per_rank == 64 and back.transferred_from["params_per_rank"] == 32

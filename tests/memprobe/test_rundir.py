@@ -127,3 +127,40 @@ def test_a_manifest_of_another_schema_is_refused_by_name(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 2, "recipe": {"model": "x"}}))
     with pytest.raises(MemprobeError, match="recipe: missing field 'data'"):
         read_manifest(tmp_path)
+
+
+def test_model_shapes_count_a_placements_parameters_and_its_widest_rank():
+    from memprobe.rundir import AdapterSpec, ModelShapes
+
+    shapes = ModelShapes.from_dict({"n_layers": 30, "hidden": 576, "linear": {
+        "q_proj": [576, 576], "k_proj": [576, 192], "v_proj": [576, 192], "o_proj": [576, 576],
+        "gate_proj": [576, 1536], "up_proj": [576, 1536], "down_proj": [1536, 576]}})
+    down27 = AdapterSpec(kind="lora", layers=(27,), target_modules=("down_proj",))
+    assert shapes.params_per_rank(down27) == 2112
+    assert shapes.params_per_rank(AdapterSpec(kind="lora")) == 30 * 10176  # SmolLM2-135M, every linear module
+    assert shapes.params_per_rank(AdapterSpec(kind="mlp-bypass")) == 1152
+    assert shapes.max_rank(AdapterSpec(kind="lora")) == 192 and shapes.max_rank(down27) == 576
+    assert ModelShapes.from_dict(shapes.to_dict()) == shapes
+    with pytest.raises(MemprobeError, match="must be"):
+        ModelShapes.from_dict({"n_layers": 2})
+
+
+def test_placement_text_names_the_modules_and_layers():
+    from memprobe.rundir import AdapterSpec
+
+    assert AdapterSpec(kind="lora", layers=(27,), target_modules=("down_proj",)).placement_text(30) == \
+        "down_proj of layer 27"
+    assert AdapterSpec(kind="lora", layers=(25, 26, 27), target_modules=("down_proj", "up_proj")).placement_text() \
+        == "down_proj,up_proj of layers 25-27"
+    assert AdapterSpec(kind="lora").placement_text(30) == "all linear modules of all 30 layers"
+    assert AdapterSpec(kind="mlp-bypass").placement_text(30) == "mlp-bypass at layer 20"
+
+
+def test_a_lora_of_a_few_matrices_takes_the_small_adapters_lr():
+    from memprobe.rundir import default_lr
+
+    assert default_lr("lora") == default_lr(AdapterSpec(kind="lora")) == 1e-3  # every linear module of every layer
+    assert default_lr(AdapterSpec(kind="lora", layers=(27,), target_modules=("down_proj",))) == 1e-2
+    assert default_lr(AdapterSpec(kind="lora", layers=(25, 26, 27), target_modules=("down_proj",))) == 1e-2
+    assert default_lr(AdapterSpec(kind="lora", layers=(26, 27), target_modules=("q_proj", "k_proj", "v_proj"))) == 1e-3
+    assert default_lr("mlp-bypass") == 1e-2

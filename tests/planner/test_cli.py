@@ -36,6 +36,7 @@ def isolated_law_search(tmp_path, monkeypatch):
     """No law from the machine's runs folder or the shipped reference leaks into a test."""
     monkeypatch.setenv("MEMPROBE_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setattr(laws_mod, "REFERENCE_LAW", tmp_path / "no-reference.json")
+    monkeypatch.setattr(laws_mod, "LORA_REFERENCE_LAW", tmp_path / "no-lora-reference.json")
 
 
 def invoke(*args):

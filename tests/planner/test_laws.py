@@ -12,6 +12,7 @@ from planner.laws import REFERENCE_LAW, find_law, newest_run_law, resolve_laws
 @pytest.fixture
 def no_reference(monkeypatch, tmp_path):
     monkeypatch.setattr(laws_mod, "REFERENCE_LAW", tmp_path / "no-reference" / "law.json")
+    monkeypatch.setattr(laws_mod, "LORA_REFERENCE_LAW", tmp_path / "no-lora-reference" / "law.json")
 
 
 def write_law(path, C=10.0):

@@ -1,0 +1,148 @@
+"""Where to put the adapter: a LoRA law read in trainable parameters N = r * params_per_rank plans placements it
+was not fitted on, and the smallest adapter that holds a corpus is the placement (and rank) of fewest parameters
+whose predicted EM reaches the target.
+
+A law moves to another placement only when it carries the measured check that it does (MemoryLaw.placement_check,
+recorded by benchmarks/placement_transfer.py): capacity following N is a finding about a model, not an identity,
+and a law without that evidence plans the placement it was fitted on and refuses the others.
+
+numpy only (through memprobe.law): never imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from memprobe.errors import MemprobeError
+from memprobe.law import MemoryLaw
+from memprobe.rundir import ALL_LINEAR, AdapterSpec
+from planner.planning import BYTES_PER_PARAM, Plan, allowed_ranks, recommend
+
+
+def law_for_placement(law: MemoryLaw, spec: AdapterSpec) -> MemoryLaw:
+    """The law for `spec`: itself on its own placement; moved by parameter count, with the measured transfer error
+    in its interval, where its placement check holds; else a one-line refusal that says what to do."""
+    here = law.placement
+    if here is not None and spec == here:
+        return law
+    if law.shapes is None or here is None:
+        raise MemprobeError("this law records no model shapes, so it plans only its own placement: calibrate "
+                            "again with this version, or calibrate the placement you want")
+    n_layers = law.shapes.n_layers
+    check = law.placement_check
+    fitted = here.placement_text(n_layers)
+    calibrate = (f"memprobe calibrate --adapter lora --lora-layers {','.join(map(str, spec.lora_layers(n_layers)))} "
+                 f"--target-modules {','.join(spec.target_modules)}")
+    if check is None:
+        raise MemprobeError(f"the law was fitted on {fitted} and records no check that it carries to other "
+                            f"placements: calibrate {spec.placement_text(n_layers)} itself ({calibrate})")
+    if not check["holds"]:
+        raise MemprobeError(f"the law was fitted on {fitted}; on other placements it missed the measured rank by "
+                            f"more than one power-of-2 step ({check['summary']}): calibrate "
+                            f"{spec.placement_text(n_layers)} itself ({calibrate})")
+    return law.for_placement(spec, transfer_error=check["error"])
+
+
+def candidate_placements(law: MemoryLaw) -> list[AdapterSpec]:
+    """The placements a size search weighs: each linear module alone in the law's last layer, the law's modules on
+    1, 2, 4, ... layers ending there, and every linear module of every layer (what most people deploy)."""
+    here, shapes = law.placement, law.shapes
+    if here is None or shapes is None or here.kind != "lora":
+        raise MemprobeError("a size search needs a LoRA law that records its placement and the model's shapes")
+    layers = here.lora_layers(shapes.n_layers)
+    top = layers[-1]
+    out = [AdapterSpec(kind="lora", layers=(top,), target_modules=(m,), alpha=here.alpha,
+                       alpha_ratio=here.alpha_ratio, dropout=here.dropout) for m, _, _ in shapes.linear]
+    depth = 1
+    while depth <= top + 1:
+        out.append(AdapterSpec(kind="lora", layers=tuple(range(top - depth + 1, top + 1)),
+                               target_modules=here.target_modules, alpha=here.alpha, alpha_ratio=here.alpha_ratio,
+                               dropout=here.dropout))
+        depth *= 2
+    out.append(AdapterSpec(kind="lora", layers=None, target_modules=ALL_LINEAR, alpha=here.alpha,
+                           alpha_ratio=here.alpha_ratio, dropout=here.dropout))
+    unique = []
+    for spec in [here, *out]:
+        if spec not in unique and all(m in {n for n, _, _ in shapes.linear} for m in spec.target_modules):
+            unique.append(spec)
+    return unique
+
+
+@dataclass(frozen=True)
+class PlacementOption:
+    """One placement weighed by a size search: its plan (None when the target is out of its reach) or why not."""
+
+    placement: str
+    spec: AdapterSpec
+    params_per_rank: int
+    max_rank: int
+    plan: Plan | None = None
+    refusal: str | None = None
+
+    @property
+    def params(self) -> int | None:
+        return None if self.plan is None else self.plan.rank * self.params_per_rank
+
+    def to_dict(self) -> dict:
+        n = self.params
+        return {"placement": self.placement, "adapter": self.spec.to_dict(), "params_per_rank": self.params_per_rank,
+                "max_rank": self.max_rank, "rank": None if self.plan is None else self.plan.rank,
+                "trainable_params": n,
+                "mb_fp32": None if n is None else n * BYTES_PER_PARAM["fp32"] / 1e6,
+                "mb_bf16": None if n is None else n * BYTES_PER_PARAM["bf16"] / 1e6,
+                "steps_needed": None if self.plan is None else self.plan.steps_needed,
+                "predicted_em": None if self.plan is None else self.plan.predicted_em,
+                "predicted_em_interval": None if self.plan is None or self.plan.predicted_em_interval is None
+                else list(self.plan.predicted_em_interval),
+                "refusal": self.refusal}
+
+
+@dataclass(frozen=True)
+class SmallestAdapter:
+    """Placements ranked by adapter size for one target: `best` is the smallest that reaches it (None if none)."""
+
+    tokens: int
+    target_em: float
+    options: tuple = ()  # PlacementOption, smallest first; those out of reach last
+    law_placement: str = ""
+    transfer: dict = field(default_factory=dict)  # the law's placement check
+
+    @property
+    def best(self) -> PlacementOption | None:
+        return next((o for o in self.options if o.plan is not None), None)
+
+    def to_dict(self) -> dict:
+        best = self.best
+        return {"tokens": self.tokens, "target_em": self.target_em, "law_placement": self.law_placement,
+                "placement_check": dict(self.transfer) if self.transfer else None,
+                "best": None if best is None else best.to_dict(),
+                "plan": None if best is None else best.plan.to_dict(),
+                "options": [o.to_dict() for o in self.options]}
+
+
+def smallest_adapter(law: MemoryLaw, tokens: int, target_em: float, *, placements=None, level: float = 0.9,
+                     base_loss: float | None = None, answer_length: float | None = None,
+                     law_source: str | None = None) -> SmallestAdapter:
+    """Every placement (default: candidate_placements) planned for the target, smallest adapter first.
+
+    Each placement allows the ranks its narrowest matrix admits; a plan whose interval cannot tell the rank is kept
+    (its interval says so) so that sizes compare. Raises a one-line MemprobeError when the law cannot move from
+    its placement (no check, or a check that failed)."""
+    specs = list(placements) if placements is not None else candidate_placements(law)
+    shapes = law.shapes
+    options = []
+    for spec in specs:
+        moved = law_for_placement(law, spec)
+        cap = shapes.max_rank(spec)
+        text = spec.placement_text(shapes.n_layers)
+        try:
+            plan = recommend(moved, tokens=tokens, target_em=target_em, ranks=allowed_ranks(None, cap), level=level,
+                             base_loss=base_loss, allow_uncertain=True, answer_length=answer_length,
+                             law_source=law_source)
+            options.append(PlacementOption(text, spec, int(moved.params_per_rank), cap, plan=plan))
+        except MemprobeError as e:
+            options.append(PlacementOption(text, spec, int(moved.params_per_rank), cap, refusal=str(e)))
+    options.sort(key=lambda o: (o.plan is None, o.params or 0, o.params_per_rank))
+    return SmallestAdapter(tokens=tokens, target_em=target_em, options=tuple(options),
+                           law_placement=law.placement.placement_text(shapes.n_layers),
+                           transfer=law.placement_check or {})
