@@ -194,9 +194,18 @@ def plan(
     from memprobe.report import render_corpus, render_corpus_plan
 
     data = DataSpec.with_fields(data, key_field, answer_field)  # named fields travel in the spec string
+    spec = AdapterSpec(kind=adapter or "mlp-bypass", **adapter_options(layer, lora_layers, target_modules, lora_alpha))
+    recipe = None
+    if law is not None:
+        from memprobe.plan import law_recipe
+
+        recipe = law_recipe(law)
+    if recipe is not None and adapter is None and all(x is None for x in (layer, lora_layers, target_modules, lora_alpha)):
+        spec = recipe.adapter  # no adapter flag: the law's own adapter, where it sat
+    if chat is None and recipe is not None:
+        chat = recipe.data.chat  # the law's prompt format: its ranks hold for that format
     settings = PlanSettings(
-        data=data, target_em=target_em, model=model or "embedded",
-        adapter=AdapterSpec(kind=adapter or "mlp-bypass", **adapter_options(layer, lora_layers, target_modules, lora_alpha)),
+        data=data, target_em=target_em, model=model or "embedded", adapter=spec,
         objectives=tuple(parse_list(objectives, "--objectives", str) or ("sft",)),
         ranks=tuple(parse_list(ranks, "--ranks", noun="positive integers") or PLAN_RANKS),
         steps=steps, lr=lr, batch_size=batch_size, time_budget_min=time_budget, verify=verify,

@@ -669,7 +669,19 @@ def load_plan_laws(settings: PlanSettings) -> dict:
     if missing:
         raise MemprobeError(f"the law {settings.law} has no law for {', '.join(missing)} (it has "
                             f"{', '.join(laws)}): choose --objectives among those")
+    if settings.adapter.kind == "lora":  # another placement than the law's: moved by parameter count, if checked
+        from planner.placements import law_for_placement
+
+        laws = {name: law_for_placement(law, settings.adapter) for name, law in laws.items()}
     return laws
+
+
+def law_recipe(path):
+    """The recipe a law file was calibrated with (None where it records none): `memprobe plan --law` trains its
+    adapter, where it sat, and its prompt format unless flags say otherwise."""
+    from memprobe.law import load_laws
+
+    return next(iter(load_laws(path).values())).recipe
 
 
 def run_plan(settings: PlanSettings, out: Path, *, fresh: bool = False, progress=None,

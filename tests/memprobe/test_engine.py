@@ -417,9 +417,14 @@ def test_one_spike_is_not_a_plateau_but_no_new_best_over_the_window_is():
     # descending 3 % per step, then one step up past where the window began (rank 16, T = 1024, step 577)
     spike = [12.0, 1.30, 1.26, 1.22, 1.18, 1.33]
     assert _stop_reason(0.0, spike, [0.30, 0.33, 0.36, 0.39, 0.40, 0.35], 5, cfg) is None
-    # no new best by the tolerance for a whole window: the plateau, whatever the last point does
-    stalled = [12.0, 1.18, 1.20, 1.19, 1.185, 1.25]
+    # no new best by the tolerance over a calm window: the plateau
+    stalled = [12.0, 1.18, 1.20, 1.19, 1.185, 1.183]
     assert _stop_reason(0.0, stalled, [0.40, 0.40, 0.39, 0.40, 0.40, 0.38], 5, cfg) == "plateau"
+    # a spike in the window, then the climb back to the best before it: not a stall until a calm window follows
+    recovering = [12.0, 1.18, 1.17, 1.30, 1.24, 1.175]
+    assert _stop_reason(0.0, recovering, [0.40] * 6, 5, cfg) is None
+    calm_again = recovering + [1.172, 1.171, 1.170]
+    assert _stop_reason(0.0, calm_again, [0.40] * 9, 8, cfg) == "plateau"
 
 
 def test_a_curriculum_cell_does_not_plateau_before_it_trains_every_sample(make_tiny_model, batch):

@@ -311,6 +311,30 @@ def test_a_law_from_another_corpus_plans_with_its_rank_and_the_rank_below_only(m
     assert cells and all(f",{T},{T}," in c for c in cells)  # no calibration: every cell is on the whole corpus
 
 
+def test_a_lora_law_plans_with_its_own_placement_and_prompt_format_and_refuses_an_unchecked_one(model_dir, tmp_path):
+    from memprobe.law import MemoryLaw
+    from memprobe.rundir import AdapterSpec, DataSpec, Recipe, read_manifest
+
+    down1 = AdapterSpec(kind="lora", layers=(1,), target_modules=("down_proj",))
+    recipe = Recipe(model=str(model_dir), data=DataSpec(kind="jsonl", path="x.jsonl", chat=False), adapter=down1)
+    shapes = {"n_layers": 2, "hidden": 8, "linear": {"down_proj": [16, 8], "up_proj": [8, 16]}}
+    path = MemoryLaw(C=30.0, alpha=0.5, beta=0.5, b=0.0, recipe=recipe, params_per_rank=24,
+                     provenance={"model_shapes": shapes}).save(tmp_path / "law.json")
+    corpus = write_corpus(tmp_path / "new.jsonl", n=12)
+    out = tmp_path / "out"
+    # no --adapter, no --no-chat: the law's LoRA on down_proj of layer 1, without the chat template
+    proc = memprobe("plan", "--data", f"jsonl:{corpus}", "--model", model_dir, "--steps", "40", "--target-em", "0.1",
+                    "--out", out, "--law", path, "--json")
+    assert proc.returncode in (0, 1), proc.stderr
+    trained = read_manifest(out / "calibration")["recipe"]
+    assert trained["adapter"]["layers"] == [1] and trained["adapter"]["target_modules"] == ["down_proj"]
+    assert trained["data"]["chat"] is False
+    other = memprobe("plan", "--data", f"jsonl:{corpus}", "--model", model_dir, "--out", tmp_path / "other",
+                     "--law", path, "--adapter", "lora", "--lora-layers", "0,1", "--target-modules", "down_proj")
+    assert other.returncode == 1 and "records no check that it carries to other placements" in other.stderr
+    assert "Traceback" not in other.stderr
+
+
 def test_plan_resumes_without_training_a_finished_cell(planned, model_dir):
     proc, out, corpus = planned
     cells_before = (out / "calibration" / "cells.csv").read_text()
