@@ -39,7 +39,7 @@ def _with_source(make, source: str):
     try:
         result = make()
     except MemprobeError as e:
-        raise MemprobeError(f"{e} (law: {source})") from None
+        raise type(e)(f"{e} (law: {source})") from None  # its kind kept: out of reach may fall back
     typer.echo(f"using law: {source}", err=True)
     return result
 

@@ -28,10 +28,20 @@ def test_reference_law_ships_inside_the_package():
 def test_every_shipped_reference_law_records_its_out_of_sample_check():
     shipped = sorted(REFERENCE_LAW.parents[1].glob("*/law.json"))
     # the 100-step PhoneBook law (rank 512 for 400 tokens that rank 2 holds once trained to its plateau) is gone
-    assert [path.parent.name for path in shipped] == ["smollm2-135m"]
+    assert [path.parent.name for path in shipped] == ["smollm2-135m", "smollm2-135m-lora"]
     for path in shipped:
         for law in load_laws(path).values():
             assert law.heldout is not None and law.heldout["delta_loss_cells"] > 0, path
+
+
+def test_the_shipped_lora_law_names_its_placement_and_carries_its_placement_check():
+    from planner.laws import LORA_REFERENCE_LAW
+
+    law = load_laws(LORA_REFERENCE_LAW)["sft"]
+    assert law.adapter == "lora" and law.usable
+    assert law.placement.placement_text(law.shapes.n_layers) == "down_proj of layer 27"
+    check = law.placement_check
+    assert check is not None and check["placements"] and check["error"] >= 0
 
 
 def test_explicit_path_wins(tmp_path, monkeypatch):

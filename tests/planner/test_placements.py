@@ -137,3 +137,19 @@ def test_cli_placement_errors_are_one_line(lora_file):
                                  "--objective-size", "--lora-layers", "3"), "without --lora-layers")
     assert_one_line_error(invoke("recommend", "--tokens", 2000, "--target-em", 0.99, "--adapter", "mlp-bypass",
                                  "--lora-layers", "3"), "plan a LoRA")
+
+
+def test_the_headline_question_beyond_the_bypass_is_answered_by_the_smallest_lora_placement(tmp_path, monkeypatch):
+    from memprobe.law import MemoryLaw as Law
+
+    monkeypatch.setenv("MEMPROBE_RUNS_DIR", str(tmp_path / "runs"))
+    bypass = Law(C=20.0, alpha=0.4, beta=0.45, b=0.0, params_per_rank=1152, adapter="mlp-bypass", base_loss=8.0)
+    monkeypatch.setattr(laws_mod, "REFERENCE_LAW", bypass.save(tmp_path / "bypass.json"))
+    monkeypatch.setattr(laws_mod, "LORA_REFERENCE_LAW", save_laws({"sft": lora_law()}, tmp_path / "lora.json"))
+    result = invoke("recommend", "--tokens", 50000, "--target-em", 0.99)
+    assert result.exit_code == 0, result.output
+    assert "weighing LoRA placements with the shipped LoRA law" in result.stderr
+    assert "smallest adapter for 50,000 answer tokens" in result.stdout
+    # asked for the bypass by name, the refusal stands
+    assert_one_line_error(invoke("recommend", "--tokens", 50000, "--target-em", 0.99, "--adapter", "mlp-bypass"),
+                          "out of reach")
