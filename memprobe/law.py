@@ -397,25 +397,28 @@ class MemoryLaw:
         if spec.kind != here.kind:
             raise MemprobeError(f"a {here.kind} law cannot plan a {spec.kind} adapter")
         ppr = float(shapes.params_per_rank(spec))
-        k = ppr / self.params_per_rank
-        if k == 1 and spec == here:
+        if ppr == self.params_per_rank and spec == here:
             return self
+        note = {"params_per_rank": self.params_per_rank, "placement": here.placement_text(shapes.n_layers),
+                "transfer_error": float(transfer_error)}
+        return self._moved(ppr / self.params_per_rank, spec, transfer_error, note)
 
+    def _moved(self, k: float, spec: AdapterSpec, transfer_error: float, note: dict) -> "MemoryLaw":
+        """This law with every rank read as rank * k (see for_placement); its shorter-budget laws moved alike."""
         def moved(params):
             C, alpha, beta, b = params
             return (C * k**alpha, alpha, beta, b)
 
-        C, alpha, beta, b = moved((self.C, self.alpha, self.beta, self.b))
-        note = {"params_per_rank": self.params_per_rank, "placement": here.placement_text(shapes.n_layers),
-                "transfer_error": float(transfer_error)}
         return dataclasses.replace(
-            self, C=C, form_params=moved(self.form_params) if self.form_params is not None else None,
-            samples=tuple(moved(x) for x in self.samples), params_per_rank=ppr,
+            self, C=moved((self.C, self.alpha, self.beta, self.b))[0],
+            form_params=moved(self.form_params) if self.form_params is not None else None,
+            samples=tuple(moved(x) for x in self.samples),
+            params_per_rank=self.params_per_rank * k if self.params_per_rank else None,
             rank_range=tuple(x / k for x in self.rank_range) if self.rank_range else None,
-            recipe=self.recipe.replace(adapter=spec),
+            recipe=self.recipe.replace(adapter=spec) if self.recipe is not None else None,
             model_error=float(math.hypot(self.model_error, transfer_error)),
             fit_stats={**self.fit_stats, "transferred_from": note},
-            budget_laws=tuple(x.for_placement(spec, transfer_error) for x in self.budget_laws))
+            budget_laws=tuple(x._moved(k, spec, transfer_error, note) for x in self.budget_laws))
 
     @property
     def placement_check(self) -> dict | None:

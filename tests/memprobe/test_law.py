@@ -338,3 +338,13 @@ def test_a_moved_law_survives_its_file(tmp_path):
     back = load_laws(tmp_path / "law.json")["sft"]
     assert back.predict(2, 100) == pytest.approx(moved.predict(2, 100))
     assert back.params_per_rank == 64 and back.transferred_from["params_per_rank"] == 32
+
+
+def test_a_moved_law_moves_its_shorter_budget_laws_too():
+    from memprobe.rundir import AdapterSpec
+
+    shorter = make_law(C=10.0, params_per_rank=32, rank_range=(1, 8))  # fitted on the same cells: no shapes of its own
+    law = placed_law(budget_laws=(shorter,))
+    moved = law.for_placement(AdapterSpec(kind="lora", layers=(1, 2, 3), target_modules=("down_proj",)))
+    (short_moved,) = moved.budget_laws
+    assert short_moved.params_per_rank == 96 and short_moved.predict(1, 300) == pytest.approx(shorter.predict(3, 300))
