@@ -4,13 +4,15 @@ with the law's recipe, and put side by side for each placement:
 
   - the dL error of the moved law on the placement's cells short of the data, and the sd of ln(measured / predicted)
     (the transfer error a plan adds to its interval), how many cells its 90 % interval holds without and with it;
-  - the plan's smallest rank for EM >= 0.99 and 0.9 against the smallest measured one (within one power-of-2 step?);
+  - the plan's smallest rank for EM >= 0.99 and 0.9 against the smallest measured one (within one power-of-2 step?
+    a ladder that never reached the target where the plan named a rank on it is a miss);
   - bits per parameter at exact recall: the answers' information (T L_before / ln 2 bits) over the parameters of the
     smallest measured adapter whose EM reaches 0.99 (a bound: the next smaller rank on the ladder did not reach it),
     beside the published 2 (Allen-Zhu & Li) and 3.6 (Morris et al.) bits per parameter.
 
-With --record, the check (holds, error, summary, placements) is written into the law file (fit_stats.placement_check):
-`planner recommend --lora-layers / --target-modules / --objective-size` moves a law only when it holds. The transfer
+With --record, the check (holds, error, modules, layers, summary, placements) is written into the law file
+(fit_stats.placement_check): `planner recommend --lora-layers / --target-modules / --objective-size` moves a law
+only to the modules and layers where it held. The transfer
 error is measured on these cells, so the interval that carries it is not tested by them: the coverage columns say
 how many cells each interval holds, and the one with the error is in sample.
 
@@ -115,11 +117,10 @@ def run(args) -> dict:
                                 progress=Progress()).cells
         placements[spec.placement_text(n_layers)] = (spec, cells)
 
-    rows, per_placement, ratios = [], {}, []
+    rows, per_placement = [], {}
     for text, (spec, cells) in placements.items():
         moved = law.for_placement(spec)
         errs = placement_errors(moved, cells)
-        ratios += errs.get("log_ratios", [])
         bpp = bits_per_param(cells, moved.params_per_rank)
         per_placement[text] = {**errs, "params_per_rank": moved.params_per_rank, "bits_per_param": bpp}
         for target in TARGETS:
@@ -136,29 +137,57 @@ def run(args) -> dict:
                          "within_one_step": within_one_step(plan_rank, measured),
                          "dl_mape": errs.get("dl_mape"), "coverage": errs.get("coverage"),
                          "n_unsaturated": errs["n_unsaturated"], "bits_per_param": bpp})
-    error = float(np.sqrt(np.mean(np.square(ratios)))) if ratios else None
-    # the interval with the transfer error, on the same cells (in sample: the error was measured on them)
-    for text, (spec, cells) in placements.items():
-        if error is not None:
-            per_placement[text]["coverage_with_transfer_error"] = placement_errors(
-                law.for_placement(spec, transfer_error=error), cells).get("coverage")
-    judged = [r["within_one_step"] for r in rows if r["target_em"] == 0.99 and r["within_one_step"] is not None]
-    holds = bool(judged) and all(judged)
-    summary = "; ".join(f"{r['placement']}: rank {r['plan_rank']} vs measured {r['measured_rank']}"
-                        for r in rows if r["target_em"] == 0.99)
-    check = {"holds": holds, "error": error if error is not None else 0.0, "summary": summary,
-             "tokens": args.tokens, "placements": [{"placement": k, **{x: v for x, v in p.items() if x != "log_ratios"}}
-                                                   for k, p in per_placement.items()]}
+    check = placement_check(law, placements, rows, per_placement, args)
+    error = check["error"]
     from memprobe.rundir import git_hash, versions
 
     doc = {"law": str(args.law), "law_placement": law.placement.placement_text(n_layers),
            "law_params_per_rank": law.params_per_rank, "tokens": args.tokens, "ranks": list(args.ranks),
            "rows": rows, "placements": per_placement, "check": check,
            "published_bits_per_param": PUBLISHED_BITS_PER_PARAM, "versions": versions(), "git": git_hash()}
+    # the interval with the transfer error, on the same cells (in sample: the error was measured on them)
+    for text, (spec, cells) in placements.items():
+        per_placement[text]["coverage_with_transfer_error"] = placement_errors(
+            law.for_placement(spec, transfer_error=error), cells).get("coverage")
     write(doc, law, placements, out)
     if args.record:
         record_check(Path(args.law), check)
     return doc
+
+
+def passes(row: dict, ranks) -> bool | None:
+    """The plan's rank within one power-of-2 step of the measured one; a ladder that never reached the target
+    where the plan said a rank on it would is a miss; None where neither can be told."""
+    if row["measured_rank"] is None:
+        return False if row["plan_rank"] is not None and row["plan_rank"] <= max(ranks) else None
+    return within_one_step(row["plan_rank"], row["measured_rank"])
+
+
+def placement_check(law, placements: dict, rows: list, per_placement: dict, args) -> dict:
+    """What the planner reads before moving the law (MemoryLaw.placement_check): the modules and layers it may
+    move to (the law's own, and those of every checked placement its plan got within one step at EM 0.99, a
+    module only where all of its placements did), and the transfer error there: the root mean square of
+    ln(measured / predicted dL) over those placements' cells short of the data."""
+    n_layers = law.shapes.n_layers
+    verdict = {text: passes(r, args.ranks) for r in rows if r["target_em"] == 0.99 for text in [r["placement"]]}
+    ok = {text for text, v in verdict.items() if v}
+    modules = set(law.placement.target_modules)
+    layers = set(law.placement.lora_layers(n_layers))
+    failed_modules = {m for text, v in verdict.items() if v is False for m in placements[text][0].target_modules}
+    for text in ok:
+        spec = placements[text][0]
+        modules |= set(spec.target_modules) - failed_modules
+        layers |= set(spec.lora_layers(n_layers))
+    ratios = [x for text in ok for x in per_placement[text].get("log_ratios", [])]
+    summary = "; ".join(f"{r['placement']}: rank {r['plan_rank']} vs measured "
+                        f"{r['measured_rank'] if r['measured_rank'] is not None else '> ' + str(max(args.ranks))}"
+                        f" ({'ok' if verdict[r['placement']] else 'missed' if verdict[r['placement']] is False else 'untold'})"
+                        for r in rows if r["target_em"] == 0.99)
+    return {"holds": bool(verdict) and all(verdict.values()),
+            "error": float(np.sqrt(np.mean(np.square(ratios)))) if ratios else 0.0,
+            "modules": sorted(modules), "layers": sorted(layers), "summary": summary, "tokens": args.tokens,
+            "placements": [{"placement": k, "passes": verdict.get(k),
+                            **{x: v for x, v in p.items() if x != "log_ratios"}} for k, p in per_placement.items()]}
 
 
 def record_check(path: Path, check: dict) -> None:
@@ -215,7 +244,8 @@ def render(doc: dict) -> str:
         lines.append(f"{r['placement'][:28]:<28} {r['target_em']:>5} {g('measured_rank'):>5} {g('plan_rank'):>5} "
                      f"{g('dl_mape', '{:.1%}'):>7} {g('coverage', '{:.0%}'):>6} {g('bits_per_param', '{:.2f}'):>6}")
     c = doc["check"]
-    lines.append(f"holds: {c['holds']}; transfer error (sd of ln ratio) {c['error']:.3f}")
+    lines.append(f"holds: {c['holds']}; moves to {','.join(c['modules'])} of layers "
+                 f"{','.join(map(str, c['layers']))}; transfer error (rms of ln ratio) {c['error']:.3f}")
     return "\n".join(lines)
 
 

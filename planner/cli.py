@@ -94,8 +94,7 @@ def recommend(
         if law is not None or adapter is not None or placed or not _falls_back_to_lora(source):
             raise
         # the headline question on a fresh install: the shipped bypass cannot hold it; say which LoRA can
-        typer.echo("the mlp-bypass law cannot reach the target within its largest rank: weighing LoRA placements "
-                   "with the shipped LoRA law instead", err=True)
+        typer.echo("mlp-bypass: out of reach; weighing LoRA placements with the shipped LoRA law", err=True)
         laws, source = _load(None, "lora")
         return _emit_smallest(laws, source, tokens, target_em, level, base_loss, answer_length, objective, json_)
     from planner.report import render_plan

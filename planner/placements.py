@@ -2,9 +2,11 @@
 was not fitted on, and the smallest adapter that holds a corpus is the placement (and rank) of fewest parameters
 whose predicted EM reaches the target.
 
-A law moves to another placement only when it carries the measured check that it does (MemoryLaw.placement_check,
-recorded by benchmarks/placement_transfer.py): capacity following N is a finding about a model, not an identity,
-and a law without that evidence plans the placement it was fitted on and refuses the others.
+A law moves to another placement only where it carries the measured check that it does (MemoryLaw.placement_check,
+recorded by benchmarks/placement_transfer.py: the modules and layers on which its plan held): capacity following N
+is a finding about a model and a module, not an identity (on the embedded model it held across layers of down_proj
+and failed for q_proj), and a law plans the placement it was fitted on and refuses the ones its check does not
+cover.
 
 numpy only (through memprobe.law): never imports torch.
 """
@@ -29,6 +31,7 @@ def law_for_placement(law: MemoryLaw, spec: AdapterSpec) -> MemoryLaw:
         raise MemprobeError("this law records no model shapes, so it plans only its own placement: calibrate "
                             "again with this version, or calibrate the placement you want")
     n_layers = law.shapes.n_layers
+    law.shapes.params_per_rank(spec)  # a module the model does not have is named first
     check = law.placement_check
     fitted = here.placement_text(n_layers)
     calibrate = (f"memprobe calibrate --adapter lora --lora-layers {','.join(map(str, spec.lora_layers(n_layers)))} "
@@ -36,10 +39,13 @@ def law_for_placement(law: MemoryLaw, spec: AdapterSpec) -> MemoryLaw:
     if check is None:
         raise MemprobeError(f"the law was fitted on {fitted} and records no check that it carries to other "
                             f"placements: calibrate {spec.placement_text(n_layers)} itself ({calibrate})")
-    if not check["holds"]:
-        raise MemprobeError(f"the law was fitted on {fitted}; on other placements it missed the measured rank by "
-                            f"more than one power-of-2 step ({check['summary']}): calibrate "
-                            f"{spec.placement_text(n_layers)} itself ({calibrate})")
+    modules = [m for m in spec.target_modules if m not in check.get("modules", ())]
+    layers = [k for k in spec.lora_layers(n_layers) if k not in check.get("layers", ())]
+    if modules or layers:
+        what = (f"module {','.join(modules)}" if modules else "") + (" and " if modules and layers else "") + \
+               (f"layer {','.join(map(str, layers))}" if layers else "")
+        raise MemprobeError(f"the law was fitted on {fitted} and its placement check did not carry it to {what} "
+                            f"({check['summary']}): calibrate {spec.placement_text(n_layers)} itself ({calibrate})")
     return law.for_placement(spec, transfer_error=check["error"])
 
 
@@ -78,6 +84,7 @@ class PlacementOption:
     max_rank: int
     plan: Plan | None = None
     refusal: str | None = None
+    covered: bool = True  # False: the law may not move here (its placement check did not carry it)
 
     @property
     def params(self) -> int | None:
@@ -94,7 +101,7 @@ class PlacementOption:
                 "predicted_em": None if self.plan is None else self.plan.predicted_em,
                 "predicted_em_interval": None if self.plan is None or self.plan.predicted_em_interval is None
                 else list(self.plan.predicted_em_interval),
-                "refusal": self.refusal}
+                "covered": self.covered, "refusal": self.refusal}
 
 
 @dataclass(frozen=True)
@@ -126,15 +133,20 @@ def smallest_adapter(law: MemoryLaw, tokens: int, target_em: float, *, placement
     """Every placement (default: candidate_placements) planned for the target, smallest adapter first.
 
     Each placement allows the ranks its narrowest matrix admits; a plan whose interval cannot tell the rank is kept
-    (its interval says so) so that sizes compare. Raises a one-line MemprobeError when the law cannot move from
-    its placement (no check, or a check that failed)."""
+    (its interval says so) so that sizes compare. A placement the law may not move to (law_for_placement) is
+    listed with the reason, not planned."""
     specs = list(placements) if placements is not None else candidate_placements(law)
     shapes = law.shapes
     options = []
     for spec in specs:
-        moved = law_for_placement(law, spec)
         cap = shapes.max_rank(spec)
         text = spec.placement_text(shapes.n_layers)
+        ppr = shapes.params_per_rank(spec)
+        try:
+            moved = law_for_placement(law, spec)
+        except MemprobeError as e:  # a placement the law does not reach: listed, with why
+            options.append(PlacementOption(text, spec, ppr, cap, refusal=str(e), covered=False))
+            continue
         try:
             plan = recommend(moved, tokens=tokens, target_em=target_em, ranks=allowed_ranks(None, cap), level=level,
                              base_loss=base_loss, allow_uncertain=True, answer_length=answer_length,
@@ -142,7 +154,7 @@ def smallest_adapter(law: MemoryLaw, tokens: int, target_em: float, *, placement
             options.append(PlacementOption(text, spec, int(moved.params_per_rank), cap, plan=plan))
         except MemprobeError as e:
             options.append(PlacementOption(text, spec, int(moved.params_per_rank), cap, refusal=str(e)))
-    options.sort(key=lambda o: (o.plan is None, o.params or 0, o.params_per_rank))
+    options.sort(key=lambda o: (o.plan is None, not o.covered, o.params or 0, o.params_per_rank))
     return SmallestAdapter(tokens=tokens, target_em=target_em, options=tuple(options),
                            law_placement=law.placement.placement_text(shapes.n_layers),
                            transfer=law.placement_check or {})

@@ -173,15 +173,17 @@ def render_smallest_adapter(result) -> Group:
         add_number_column(t, col)
     for o in result.options:
         if o.plan is None:
-            t.add_row(o.placement, f"> {o.max_rank}", "-", "-", "-", "out of reach")
+            t.add_row(o.placement, f"> {o.max_rank}" if o.covered else "-", "-", "-", "-",
+                      "out of reach" if o.covered else "no law")
             continue
         t.add_row(o.placement, str(o.plan.rank), f"{o.params:,}", f"{o.params * 2 / 1e6:.3g}",
                   "-" if o.plan.steps_needed is None else f"{o.plan.steps_needed:,}", em_text(o.plan.predicted_em))
     parts.append(t)
     check = result.transfer
     if check:
-        parts.append(Text(f"law fitted on {result.law_placement}; other placements by parameter count, "
-                          f"checked: {check['summary']}"))
+        parts.append(Text(f"law fitted on {result.law_placement}; moved by parameter count to "
+                          f"{','.join(check['modules'])} of layers {','.join(map(str, check['layers']))} (checked: "
+                          f"{check['summary']}); 'no law': not covered by that check"))
     if best is None:
         parts.append(Text(f"no placement reaches EM {result.target_em:g} at {result.tokens:,} tokens within its "
                           "largest rank", style="yellow"))

@@ -40,5 +40,6 @@ def test_a_whole_run_on_a_tiny_model(model_dir, tmp_path, capsys):
     assert doc["placements"]["down_proj of layers 0-1"]["params_per_rank"] == 2 * law.params_per_rank
     assert (out / "placements" / "placement_transfer.png").stat().st_size > 0
     check = load_laws(law_path)["sft"].placement_check  # recorded where the planner reads it
-    assert check == doc["check"] and set(check) >= {"holds", "error", "summary", "placements"}
+    assert check == doc["check"] and set(check) >= {"holds", "error", "modules", "layers", "summary", "placements"}
+    assert set(check["modules"]) >= {"down_proj"} and 1 in check["layers"]  # the law's own placement, always
     assert "holds:" in capsys.readouterr().out

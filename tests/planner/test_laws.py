@@ -103,9 +103,17 @@ def test_an_adapter_takes_only_a_law_calibrated_with_it(tmp_path, monkeypatch):
         find_law(adapter="qlora")
 
 
+def test_each_adapter_finds_its_shipped_reference_law(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMPROBE_RUNS_DIR", str(tmp_path / "empty-runs"))
+    assert find_law(adapter="mlp-bypass").path == laws_mod.REFERENCE_LAW
+    assert find_law(adapter="lora").path == laws_mod.LORA_REFERENCE_LAW
+    assert find_law().path == laws_mod.REFERENCE_LAW  # no adapter asked: the bypass's, as before
+
+
 def test_no_law_for_an_adapter_names_the_calibration_that_would_give_one(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMPROBE_RUNS_DIR", str(tmp_path / "empty-runs"))
-    # the shipped reference law is for the bypass: it answers for it and refuses for standard LoRA
+    monkeypatch.setattr(laws_mod, "LORA_REFERENCE_LAW", tmp_path / "no-lora-reference.json")
+    # with only the bypass's reference law: it answers for the bypass and refuses for standard LoRA
     assert find_law(adapter="mlp-bypass").kind == "reference"
     with pytest.raises(MemprobeError) as e:
         find_law(adapter="lora")

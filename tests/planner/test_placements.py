@@ -18,8 +18,9 @@ SHAPES = {"n_layers": 30, "hidden": 576, "linear": {
     "q_proj": [576, 576], "k_proj": [576, 192], "v_proj": [576, 192], "o_proj": [576, 576],
     "gate_proj": [576, 1536], "up_proj": [576, 1536], "down_proj": [1536, 576]}}
 DOWN27 = AdapterSpec(kind="lora", layers=(27,), target_modules=("down_proj",))
-CHECK = {"holds": True, "error": 0.15, "summary": "down_proj of layers 25-27: rank 4 vs measured 4",
-         "placements": []}
+CHECK = {"holds": False, "error": 0.15, "modules": ["down_proj", "up_proj"], "layers": [25, 26, 27],
+         "summary": "down_proj of layers 25-27: rank 2 vs measured 2 (ok); q_proj of layer 27: rank 8 vs measured "
+                    "> 8 (missed)", "placements": []}
 
 
 def lora_law(check=CHECK, **kw):
@@ -54,9 +55,12 @@ def test_without_a_passing_check_another_placement_is_refused():
     with pytest.raises(MemprobeError, match="records no check.*memprobe calibrate --adapter lora --lora-layers 20 "
                                            "--target-modules up_proj"):
         law_for_placement(lora_law(check=None), AdapterSpec(kind="lora", layers=(20,), target_modules=("up_proj",)))
-    failed = {**CHECK, "holds": False, "summary": "rank 1 vs measured 8"}
-    with pytest.raises(MemprobeError, match="missed the measured rank.*rank 1 vs measured 8"):
-        law_for_placement(lora_law(check=failed), AdapterSpec(kind="lora", layers=(27,), target_modules=("up_proj",)))
+    # the check carried it to down_proj and up_proj of layers 25-27, not to q_proj, nor to layer 20
+    with pytest.raises(MemprobeError, match="did not carry it to module q_proj .*missed"):
+        law_for_placement(lora_law(), AdapterSpec(kind="lora", layers=(27,), target_modules=("q_proj",)))
+    with pytest.raises(MemprobeError, match="did not carry it to layer 20"):
+        law_for_placement(lora_law(), AdapterSpec(kind="lora", layers=(20, 27), target_modules=("down_proj",)))
+    assert law_for_placement(lora_law(), AdapterSpec(kind="lora", layers=(27,), target_modules=("up_proj",)))
 
 
 def test_candidates_are_single_modules_the_laws_modules_deeper_and_every_linear_module():
@@ -71,6 +75,12 @@ def test_the_smallest_adapter_is_the_placement_of_fewest_parameters_that_reaches
     result = smallest_adapter(lora_law(), tokens=2000, target_em=0.99)
     reached = [o for o in result.options if o.plan is not None]
     assert reached and result.best is reached[0]
+    # only what the check covers is planned; the rest is listed with why (every layer, attention modules)
+    assert {o.placement for o in reached} <= {"down_proj of layer 27", "up_proj of layer 27",
+                                              "down_proj of layers 26-27"}
+    uncovered = {o.placement: o.refusal for o in result.options if not o.covered}
+    assert "did not carry it" in uncovered["all linear modules of all 30 layers"]
+    assert "q_proj of layer 27" in uncovered
     assert [o.params for o in reached] == sorted(o.params for o in reached)
     for o in reached:  # each is its own placement's smallest rank, within what its matrices allow
         assert o.plan.rank <= o.max_rank and o.plan.predicted_em >= 0.99 - 1e-9
@@ -82,7 +92,7 @@ def test_the_smallest_adapter_is_the_placement_of_fewest_parameters_that_reaches
 
 def test_a_target_no_placement_reaches_says_so():
     result = smallest_adapter(lora_law(), tokens=10**12, target_em=0.99)
-    assert result.best is None and all(o.refusal and "out of reach" in o.refusal for o in result.options)
+    assert result.best is None and all("out of reach" in o.refusal for o in result.options if o.covered)
 
 
 # ---------------------------------------------------------------- the command line
@@ -148,7 +158,7 @@ def test_the_headline_question_beyond_the_bypass_is_answered_by_the_smallest_lor
     monkeypatch.setattr(laws_mod, "LORA_REFERENCE_LAW", save_laws({"sft": lora_law()}, tmp_path / "lora.json"))
     result = invoke("recommend", "--tokens", 50000, "--target-em", 0.99)
     assert result.exit_code == 0, result.output
-    assert "weighing LoRA placements with the shipped LoRA law" in result.stderr
+    assert "out of reach; weighing LoRA placements with the shipped LoRA law" in result.stderr
     assert "smallest adapter for 50,000 answer tokens" in result.stdout
     # asked for the bypass by name, the refusal stands
     assert_one_line_error(invoke("recommend", "--tokens", 50000, "--target-em", 0.99, "--adapter", "mlp-bypass"),
