@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.plan_accuracy import LEVEL, TARGETS, answer_length, smallest_reaching, within_one_step  # noqa: E402
+from benchmarks.plan_accuracy import (LEVEL, TARGETS, answer_length, heldout_errors, smallest_reaching,  # noqa: E402
+                                      within_one_step)
 from memprobe.calibrate import CalibrationConfig, Progress, run_calibration  # noqa: E402
 from memprobe.cli_support import report_errors  # noqa: E402
 from memprobe.errors import MemprobeError  # noqa: E402
@@ -76,29 +77,6 @@ def bits_per_param(cells, params_per_rank: float, target: float = 0.99) -> float
     return T * L / math.log(2) / (r * params_per_rank)
 
 
-def placement_errors(moved, cells) -> dict:
-    """dL error, ln-ratio spread and interval coverage of a moved law on one placement's cells short of the data."""
-    from memprobe.rundir import is_saturated
-
-    frac = cells["ordered_frac"].to_numpy(float) if "ordered_frac" in cells else None
-    live = ~is_saturated(cells["loss_after"].to_numpy(float), frac)
-    r, T = cells["rank"].to_numpy(float)[live], cells["tokens"].to_numpy(float)[live]
-    Lb = cells["loss_before"].to_numpy(float)[live]
-    measured = Lb - cells["loss_after"].to_numpy(float)[live]
-    out = {"n_cells": int(len(cells)), "n_unsaturated": int(live.sum())}
-    if not live.any():
-        return out
-    pred = np.array([moved.predict(ri, Ti, Li) for ri, Ti, Li in zip(r, T, Lb)])
-    ok = (pred > 0) & (measured > 0)
-    out["dl_mape"] = float(np.mean(np.abs(pred - measured) / measured))
-    out["log_ratios"] = [float(x) for x in np.log(measured[ok] / pred[ok])]
-    if moved.has_samples:
-        inside = [lo <= m <= hi for (lo, hi), m in
-                  ((moved.predict_interval(ri, Ti, LEVEL, Li), m) for ri, Ti, Li, m in zip(r, T, Lb, measured))]
-        out["coverage"] = float(np.mean(inside))
-    return out
-
-
 def run(args) -> dict:
     from memprobe.law import load_laws
     from planner.planning import recommend
@@ -120,7 +98,7 @@ def run(args) -> dict:
     rows, per_placement = [], {}
     for text, (spec, cells) in placements.items():
         moved = law.for_placement(spec)
-        errs = placement_errors(moved, cells)
+        errs = heldout_errors(moved, cells)
         bpp = bits_per_param(cells, moved.params_per_rank)
         per_placement[text] = {**errs, "params_per_rank": moved.params_per_rank, "bits_per_param": bpp}
         for target in TARGETS:
@@ -147,7 +125,7 @@ def run(args) -> dict:
            "published_bits_per_param": PUBLISHED_BITS_PER_PARAM, "versions": versions(), "git": git_hash()}
     # the interval with the transfer error, on the same cells (in sample: the error was measured on them)
     for text, (spec, cells) in placements.items():
-        per_placement[text]["coverage_with_transfer_error"] = placement_errors(
+        per_placement[text]["coverage_with_transfer_error"] = heldout_errors(
             law.for_placement(spec, transfer_error=error), cells).get("coverage")
     write(doc, law, placements, out)
     if args.record:

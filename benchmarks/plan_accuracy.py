@@ -88,8 +88,9 @@ def answer_length(cells) -> float:
 
 
 def heldout_errors(law, cells) -> dict:
-    """dL MAPE on the non-saturated held-out cells, the share of them inside the 90 % interval, and the mean EM
-    error of the EM link (at each cell's measured loss) and of the whole prediction (law and link)."""
+    """dL MAPE (and each ln(measured / predicted)) on the non-saturated held-out cells, the share of them inside the
+    90 % interval, and the mean EM error of the EM link (at each cell's measured loss) and of the whole prediction
+    (law and link)."""
     from memprobe.rundir import is_saturated
 
     r, T = cells["rank"].to_numpy(float), cells["tokens"].to_numpy(float)
@@ -101,6 +102,8 @@ def heldout_errors(law, cells) -> dict:
     out = {"n_cells": int(len(cells)), "n_unsaturated": int(live.sum())}
     if live.any():
         out["dl_mape"] = float(np.mean(np.abs(pred[live] - measured[live]) / measured[live]))
+        ok = live & (pred > 0) & (measured > 0)  # ln(measured / predicted): the spread a moved law adds
+        out["log_ratios"] = [float(x) for x in np.log(measured[ok] / pred[ok])]
     # the EM link alone (at each cell's measured loss) and law plus link, each cell at its own answer length,
     # which the calibration's cells never had
     at = law.with_answer_length(answer_length(cells))

@@ -817,11 +817,12 @@ def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int
     # a law is usable when the form that predicts is identified: near the data's loss the paper's power form
     # can only bend with a huge offset (short keys on LoRA down_proj: b = -2,200 with beta at its bound, while
     # the saturating form fitted the same 7 cells with b = 2.8 and 1.5 % held-out error)
-    reasons = unusable_reasons(theta if form != "power" else theta_p, r_u, T_u, y)
+    paper_reasons = unusable_reasons(theta_p, r_u, T_u, y)
+    reasons = unusable_reasons(theta, r_u, T_u, y) if form != "power" else paper_reasons
     if reasons:
         warnings.append("the cells cannot identify this law: " + "; ".join(reasons))
-    elif form != "power" and unusable_reasons(theta_p, r_u, T_u, y):
-        warnings.append(f"the paper's power form is not identified on these cells ({'; '.join(unusable_reasons(theta_p, r_u, T_u, y))}); "
+    elif paper_reasons:
+        warnings.append(f"the paper's power form is not identified on these cells ({'; '.join(paper_reasons)}); "
                         f"the {form} form predicts")
     ho, note = _holdout(r_u, T_u, y, form, L_u) if holdout else (None, None)
     ho_p, _ = _holdout(r_u, T_u, y) if holdout else (None, None)

@@ -423,13 +423,15 @@ class MemoryLaw:
     @property
     def placement_check(self) -> dict | None:
         """The measured check that this law carries to placements it was not fitted on (recorded by
-        benchmarks/placement_transfer.py): holds (every placement's rank within one power-of-2 step), error (sd
-        of ln(measured / predicted dL) there), summary (one line), placements (each one's figures); else None."""
+        benchmarks/placement_transfer.py): holds (every placement's rank within one power-of-2 step), modules and
+        layers (where the law may move), error (rms of ln(measured / predicted dL) there), summary (one line),
+        placements (each one's figures); else None."""
         check = self.fit_stats.get("placement_check")
         if check is None:
             return None
-        if not isinstance(check, Mapping) or not {"holds", "error", "summary"} <= set(check):
-            raise MemprobeError(f"a law's placement_check needs holds, error and summary, got {check!r}")
+        need = {"holds", "modules", "layers", "error", "summary"}
+        if not isinstance(check, Mapping) or not need <= set(check):
+            raise MemprobeError(f"a law's placement_check needs {', '.join(sorted(need))}, got {check!r}")
         return dict(check)
 
     @property

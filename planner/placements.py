@@ -13,6 +13,7 @@ numpy only (through memprobe.law): never imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from memprobe.errors import MemprobeError
@@ -39,8 +40,8 @@ def law_for_placement(law: MemoryLaw, spec: AdapterSpec) -> MemoryLaw:
     if check is None:
         raise MemprobeError(f"the law was fitted on {fitted} and records no check that it carries to other "
                             f"placements: calibrate {spec.placement_text(n_layers)} itself ({calibrate})")
-    modules = [m for m in spec.target_modules if m not in check.get("modules", ())]
-    layers = [k for k in spec.lora_layers(n_layers) if k not in check.get("layers", ())]
+    modules = [m for m in spec.target_modules if m not in check["modules"]]
+    layers = [k for k in spec.lora_layers(n_layers) if k not in check["layers"]]
     if modules or layers:
         what = (f"module {','.join(modules)}" if modules else "") + (" and " if modules and layers else "") + \
                (f"layer {','.join(map(str, layers))}" if layers else "")
@@ -55,18 +56,12 @@ def candidate_placements(law: MemoryLaw) -> list[AdapterSpec]:
     here, shapes = law.placement, law.shapes
     if here is None or shapes is None or here.kind != "lora":
         raise MemprobeError("a size search needs a LoRA law that records its placement and the model's shapes")
-    layers = here.lora_layers(shapes.n_layers)
-    top = layers[-1]
-    out = [AdapterSpec(kind="lora", layers=(top,), target_modules=(m,), alpha=here.alpha,
-                       alpha_ratio=here.alpha_ratio, dropout=here.dropout) for m, _, _ in shapes.linear]
-    depth = 1
-    while depth <= top + 1:
-        out.append(AdapterSpec(kind="lora", layers=tuple(range(top - depth + 1, top + 1)),
-                               target_modules=here.target_modules, alpha=here.alpha, alpha_ratio=here.alpha_ratio,
-                               dropout=here.dropout))
-        depth *= 2
-    out.append(AdapterSpec(kind="lora", layers=None, target_modules=ALL_LINEAR, alpha=here.alpha,
-                           alpha_ratio=here.alpha_ratio, dropout=here.dropout))
+    top = here.lora_layers(shapes.n_layers)[-1]
+    at = lambda layers, modules: dataclasses.replace(here, layers=layers, target_modules=modules)  # noqa: E731
+    out = [at((top,), (m,)) for m, _, _ in shapes.linear]
+    out += [at(tuple(range(top - depth + 1, top + 1)), here.target_modules)
+            for depth in (2**i for i in range((top + 1).bit_length()))]
+    out.append(at(None, ALL_LINEAR))
     unique = []
     for spec in [here, *out]:
         if spec not in unique and all(m in {n for n, _, _ in shapes.linear} for m in spec.target_modules):

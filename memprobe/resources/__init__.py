@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+
     from importlib.resources.abc import Traversable
 
 DEFAULT_REFERENCE_LAW = "smollm2-135m"
-LORA_REFERENCE = "smollm2-135m-lora"  # standard LoRA on one placement, badge codes (planner.placements plans others)
+LORA_REFERENCE = "smollm2-135m-lora"  # standard LoRA on down_proj of layer 27, short keys (planner.placements)
 
 # files extracted from an archive install live until the process exits: callers keep the paths
 _extracted = ExitStack()
