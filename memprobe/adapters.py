@@ -137,6 +137,28 @@ def decoder_layers(model) -> nn.ModuleList:
     return layers
 
 
+def execution_device(module: nn.Module) -> torch.device:
+    """Where `module` computes. On a model split across devices (memprobe.models.split_model) accelerate's hook
+    says, and an offloaded module's weights sit on "meta" between calls; else its first weight's device."""
+    for m in module.modules():
+        where = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+        if where is not None:
+            return torch.device("cuda", where) if isinstance(where, int) else torch.device(where)
+        for p in m.parameters(recurse=False):
+            if p.device.type != "meta":
+                return p.device
+    raise MemprobeError(f"{type(module).__name__} has no weights on any device")
+
+
+def computing_weight(linear: nn.Module) -> torch.Tensor:
+    """A linear module's weight on the device it computes on: an offloaded weight is read from accelerate's
+    store (the engine multiplies by the head's weight itself, outside the module's forward and its hooks)."""
+    w = linear.weight
+    if w.device.type != "meta":
+        return w
+    return linear._hf_hook.weights_map["weight"].to(execution_device(linear))
+
+
 def attach_adapters(model, spec: AdapterSpec, ranks, seeds) -> AttachedAdapters:
     """Hook a bank of len(ranks) adapters into `model` (frozen). Detach with `.detach()`."""
     for r in ranks:
@@ -144,12 +166,11 @@ def attach_adapters(model, spec: AdapterSpec, ranks, seeds) -> AttachedAdapters:
             raise MemprobeError(f"rank must be a positive integer, got {r}")
     layers = decoder_layers(model)
     n_layers = len(layers)
-    device = next(model.parameters()).device
     d = int(model.config.hidden_size)
     banks, handles = {}, []
     if spec.kind == "mlp-bypass":
         k = spec.bypass_layer(n_layers)
-        bank = LowRankBank(d, d, ranks, seeds, [1.0] * len(ranks), spec.dropout, device)
+        bank = LowRankBank(d, d, ranks, seeds, [1.0] * len(ranks), spec.dropout, execution_device(layers[k].mlp))
         handles.append(layers[k].mlp.register_forward_hook(_add_branch_hook(bank)))
         banks[f"model.layers.{k}.mlp"] = bank
         return AttachedAdapters(spec, banks, k, 2 * d, handles)
@@ -159,7 +180,8 @@ def attach_adapters(model, spec: AdapterSpec, ranks, seeds) -> AttachedAdapters:
         for name, module in layers[k].named_modules():
             if isinstance(module, nn.Linear) and name.split(".")[-1] in spec.target_modules:
                 bank = LowRankBank(module.in_features, module.out_features, ranks, seeds,
-                                   [spec.scale(r) for r in ranks], spec.dropout, device, stream=len(banks))
+                                   [spec.scale(r) for r in ranks], spec.dropout, execution_device(module),
+                                   stream=len(banks))
                 handles.append(module.register_forward_hook(_add_branch_hook(bank)))
                 banks[f"model.layers.{k}.{name}"] = bank
                 per_rank += module.in_features + module.out_features

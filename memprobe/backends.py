@@ -182,16 +182,29 @@ class CellWorker:
 
 
 def worker_device(device: str | None) -> str | None:
-    # Ray shows each GPU worker only its own GPU, as cuda:0: a driver's "cuda:3" means "a GPU" there
-    return "cuda" if device is not None and device.startswith("cuda") else device
+    # Ray shows each GPU worker only its own GPUs, from cuda:0: a driver's "cuda:3" means "a GPU" there, and a
+    # split "cuda:2,cuda:3" means "the worker's two GPUs"
+    if device is None or not device.startswith("cuda"):
+        return device
+    n = gpus_per_worker(device)
+    return "cuda" if n == 1 else ",".join(f"cuda:{i}" for i in range(n))
+
+
+def gpus_per_worker(device: str | None) -> int:
+    """The GPUs one worker holds: those its model is split over (memprobe.models.split_model), else one."""
+    return max(1, sum(d.strip().startswith("cuda") for d in (device or "").split(",")))
 
 
 def worker_shape(resources: dict, n_datasets: int, device: str | None) -> tuple[int, dict]:
-    """How many workers, and the resources each holds: one GPU each where the cluster has GPUs (and the run may
-    use them), else the CPUs shared evenly; never more workers than datasets to start them on."""
-    gpus = 0 if device == "cpu" else int(resources.get("GPU", 0))
-    if gpus:
-        return min(n_datasets, gpus), {"num_gpus": 1, "num_cpus": 1}
+    """How many workers, and the resources each holds: one GPU each (the GPUs of a split) where the cluster has
+    them and the run may use them, else the CPUs shared evenly; never more workers than datasets to start them on."""
+    gpus = int(resources.get("GPU", 0)) if device is None or device.startswith("cuda") else 0
+    per = gpus_per_worker(device)
+    if device is not None and device.startswith("cuda") and gpus < per:
+        raise MemprobeError(f"--device {device} needs {per} GPU{'s' if per > 1 else ''} a worker; the cluster has "
+                            f"{gpus}")
+    if gpus >= per:
+        return min(n_datasets, gpus // per), {"num_gpus": per, "num_cpus": 1}
     cpus = max(int(resources.get("CPU", 1)), 1)
     n = max(1, min(n_datasets, cpus))
     return n, {"num_cpus": cpus // n}

@@ -35,7 +35,7 @@ Clip = Annotated[Optional[float], typer.Option("--clip", help="gradient clipping
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="rows per optimizer step, 0 = every row (full batch) [preset / plan]")]
 StopP = Annotated[Optional[float], typer.Option("--stop-p", help="stop once every answer token has p >= this [0.9]")]
 Chat = Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="wrap keys in the chat template [chat / plan]")]
-Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda[:N] [auto]")]
+Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda[:N] | a split over devices: cuda:0,cuda:1 [auto]")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | bfloat16 [auto: bf16 on CUDA]")]
 KeyField = Annotated[Optional[str], typer.Option("--key-field", help="the data file's field or column of keys [detected: key, prompt, query, question, instruction, input]")]
 AnswerField = Annotated[Optional[str], typer.Option("--answer-field", help="the data file's field or column of answers [detected: answer, completion, target, matching, output]")]

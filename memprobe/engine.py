@@ -26,7 +26,8 @@ from typing import Callable
 import torch
 
 from memprobe.errors import MemprobeError
-from memprobe.adapters import AdapterSpec, AttachedAdapters, attach_adapters, decoder_layers
+from memprobe.adapters import (AdapterSpec, AttachedAdapters, attach_adapters, computing_weight, decoder_layers,
+                               execution_device)
 from memprobe.rundir import LN2, TrainConfig
 from memprobe.measure import AnswerBatch, CellMetrics, cell_metrics, head_token_stats, token_stats
 
@@ -98,8 +99,7 @@ class FrozenPrefix:
     def __init__(self, model, batch: AnswerBatch, first_layer: int, share_prefix: bool = True):
         self.model, self.batch, self.k = model, batch, first_layer
         self.layers = decoder_layers(model)
-        device = next(model.parameters()).device
-        self.batch = batch.to(device)
+        self.batch = batch.to(execution_device(model.get_input_embeddings()))
         h, position_ids, (cos, sin) = capture_layer_input(model, self.batch.input_ids, first_layer)
         # positions after the last one that predicts an answer token (the final answer token, padding) feed no
         # loss, and causal attention never lets them change an earlier position: the layers above skip them
@@ -122,8 +122,11 @@ class FrozenPrefix:
         targets = (self.batch.targets if rows is None else self.batch.targets[rows]).repeat(G, 1)
         head = self.model.lm_head
         if getattr(head, "bias", None) is not None:  # no fused path for a biased head
-            return token_stats(head(h), targets)
-        return head_token_stats(h, head.weight, targets)
+            loss, hit = token_stats(head(h), targets.to(execution_device(head)))
+        else:
+            w = computing_weight(head)  # on a split model the head may sit on another device, or on disk
+            loss, hit = head_token_stats(h.to(w.device), w, targets.to(w.device))
+        return loss.to(targets.device), hit.to(targets.device)
 
     def answer_hidden(self, G: int = 1, share_prefix: bool = True, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(G*n, Tm, d) final-normed hidden states at the positions that predict answer tokens (of `rows` only,
@@ -289,9 +292,9 @@ class StackedAdamW:
             p.grad = None
 
     def keep(self, groups: list[int], new_params) -> None:
-        idx = torch.tensor(groups, device=self.m[0].device)
-        self.m = [m.index_select(0, idx) for m in self.m]
-        self.v = [v.index_select(0, idx) for v in self.v]
+        idx = torch.tensor(groups)  # on each state's device: a split model's banks sit on several
+        self.m = [m.index_select(0, idx.to(m.device)) for m in self.m]
+        self.v = [v.index_select(0, idx.to(v.device)) for v in self.v]
         self.params = list(new_params)
 
 

@@ -43,19 +43,74 @@ class LoadedModel:
         return int(self.model.config.hidden_size)
 
 
+SPLIT_TARGETS = r"cpu|disk|cuda:\d+"  # where a split model's layers may go (disk: offloaded, computed on the one before)
+
+
 def resolve_device(device: str | None = None) -> str:
+    """auto, cpu, cuda[:N], mps, or a split: devices in order, comma-separated (cuda:0,cuda:1; cpu,disk), over
+    which the model's layers are spread (split_model)."""
     import torch
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if "," in device:
+        return ",".join(split_devices(device))
     # checked before availability: "cuda0x" would otherwise pass here and fail deep inside torch
     if device not in ("cpu", "mps") and not re.fullmatch(r"cuda(:\d+)?", device):
-        raise MemprobeError(f"device must be auto, cpu, cuda[:N] or mps, got {device!r}")
+        raise MemprobeError(f"device must be auto, cpu, cuda[:N], mps or a split like cuda:0,cuda:1, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MemprobeError(f"device {device!r} requested but CUDA is not available")
     if device == "mps" and not torch.backends.mps.is_available():
         raise MemprobeError("device 'mps' requested but MPS is not available")
     return device
+
+
+def split_devices(device: str) -> list[str]:
+    """The devices of a split, checked: each cuda:N (present), cpu or disk, none twice, disk only last."""
+    import torch
+
+    parts = [d.strip() for d in device.split(",")]
+    for d in parts:
+        if not re.fullmatch(SPLIT_TARGETS, d):
+            raise MemprobeError(f"a split names devices like cuda:0,cuda:1 (or cpu,disk), got {d!r} in {device!r}")
+        if d.startswith("cuda") and int(d.split(":")[1]) >= torch.cuda.device_count():
+            raise MemprobeError(f"device {d!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                                f"device(s)")
+    if len(set(parts)) != len(parts) or len(parts) < 2:
+        raise MemprobeError(f"a split names two or more different devices, got {device!r}")
+    if "disk" in parts[:-1] or parts[0] == "disk":
+        raise MemprobeError(f"disk can only hold the last layers of a split, after a device that computes them: "
+                            f"{device!r}")
+    return parts
+
+
+def split_model(model, devices: list[str]):
+    """Spread a frozen model's decoder layers evenly over `devices`, in order, with accelerate's dispatch: each
+    layer computes on its device and hands its output to the next. The embeddings go with the first layers, the
+    final norm and the head with the last (the head with the embeddings when they share weights). Layers given
+    to "disk" are offloaded to a temporary folder and computed on the first device, one at a time (a model
+    larger than memory, slowly). The engine places each adapter on the device of its module
+    (memprobe.adapters.execution_device); cells equal those of the model on one device (tested on cpu,disk)."""
+    import logging
+    import tempfile
+
+    from accelerate import dispatch_model
+
+    layers = model.model.layers
+    n, k = len(layers), len(devices)
+    last = devices[-1] if devices[-1] != "disk" else devices[0]  # where offloaded layers compute
+    device_map = {f"model.{name}": devices[0] for name, _ in model.model.named_children() if name != "layers"}
+    device_map.update({f"model.layers.{i}": devices[i * k // n] for i in range(n)})
+    device_map["model.norm"] = last
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    device_map["lm_head"] = devices[0] if tied else last
+    offload = tempfile.TemporaryDirectory(prefix="memprobe-offload-") if "disk" in devices else None
+    # accelerate warns that offloaded weights sit on "meta": that is what offloading means, not news for our users
+    logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)
+    model = dispatch_model(model, device_map, main_device=devices[0],
+                           offload_dir=offload.name if offload else None)
+    model._memprobe_offload = offload  # the folder lives as long as the model
+    return model
 
 
 def resolve_dtype(dtype: str | None, device: str):
@@ -155,7 +210,7 @@ def load_model(spec: str = "embedded", *, device: str | None = None, dtype: str 
         folder = path if source == "folder" else hub_snapshot(spec)
         model, tok = _load_pretrained(str(folder), torch_dtype, spec)
         name = spec
-    model = _freeze(model.to(device))
+    model = _freeze(split_model(model, device.split(",")) if "," in device else model.to(device))
     return LoadedModel(model=model, tokenizer=tok, name=name, source=source, device=device, spec=spec,
                        dtype=str(torch_dtype).replace("torch.", ""),
                        info={"n_params": sum(p.numel() for p in model.parameters()),

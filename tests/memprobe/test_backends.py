@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import assert_one_line_error
-from memprobe.backends import Backend, worker_shape
+from memprobe.backends import Backend, worker_device, worker_shape
 from memprobe.calibrate import CalibrationConfig, run_calibration
 from memprobe.cli import app
 from memprobe.errors import MemprobeError
@@ -178,6 +178,13 @@ def test_workers_hold_a_gpu_each_else_share_the_cpus():
     assert worker_shape({"CPU": 16, "GPU": 4}, 3, "cpu") == (3, {"num_cpus": 5})
     assert worker_shape({"CPU": 2}, 1, None) == (1, {"num_cpus": 2})
     assert worker_shape({"CPU": 2}, 5, None) == (2, {"num_cpus": 1})
+    # a model split over two GPUs: each worker holds two, and sees them as its own cuda:0 and cuda:1
+    assert worker_shape({"CPU": 16, "GPU": 4}, 9, "cuda:2,cuda:3") == (2, {"num_gpus": 2, "num_cpus": 1})
+    with pytest.raises(MemprobeError, match="2 GPUs a worker.*cluster has 1"):
+        worker_shape({"CPU": 16, "GPU": 1}, 9, "cuda:0,cuda:1")
+    assert worker_device("cuda:2,cuda:3") == "cuda:0,cuda:1" and worker_device("cuda:3") == "cuda"
+    assert worker_device("cpu,disk") == "cpu,disk" and worker_shape({"CPU": 2, "GPU": 1}, 3, "cpu,disk")[1] == {
+        "num_cpus": 1}
 
 
 def test_a_cluster_that_cannot_be_joined_is_one_line(model_dir, tmp_path, monkeypatch):

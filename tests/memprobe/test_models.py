@@ -99,7 +99,7 @@ def test_unknown_random_config():
 @pytest.mark.parametrize("device", ["tpu", "gpu", "cuda0x"])
 def test_bad_device(device):
     assert one_line_error("embedded", device=device) == \
-        f"device must be auto, cpu, cuda[:N] or mps, got {device!r}"
+        f"device must be auto, cpu, cuda[:N], mps or a split like cuda:0,cuda:1, got {device!r}"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -117,6 +117,46 @@ def test_mps_without_mps():
 def test_bad_dtype(dtype):
     assert one_line_error("embedded", device="cpu", dtype=dtype) == \
         f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}"
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cpu,tpu", "a split names devices like cuda:0,cuda:1 (or cpu,disk), got 'tpu' in 'cpu,tpu'"),
+    ("cpu,cpu", "a split names two or more different devices, got 'cpu,cpu'"),
+    ("disk,cpu", "disk can only hold the last layers of a split, after a device that computes them: 'disk,cpu'"),
+    (f"cuda:0,cuda:{torch.cuda.device_count()}",
+     f"device 'cuda:{torch.cuda.device_count()}' requested but this machine has {torch.cuda.device_count()} CUDA "
+     "device(s)"),
+])
+def test_a_bad_split_is_one_line(device, message):
+    assert one_line_error("embedded", device=device) == message
+
+
+def test_a_split_model_trains_the_cells_it_trains_whole(model_dir, make_sequences):
+    """The model larger than one device: its layers spread over devices by accelerate, the adapted layer and the
+    head offloaded to disk (on a CPU the one split there is), every adapter on the device its module computes
+    on, the head's weight read from the offload store. Cells equal those of the model in one piece."""
+    from memprobe.adapters import AdapterSpec, attach_adapters, execution_device
+    from memprobe.engine import CellSpec, TrainConfig, train_cells
+    from memprobe.measure import make_batch
+
+    whole = load_model(str(model_dir), device="cpu")
+    split = load_model(str(model_dir), device="cpu,disk")
+    assert split.device == "cpu,disk"
+    assert split.model.model.layers[-1].mlp.down_proj.weight.device.type == "meta"  # offloaded: on disk
+    assert execution_device(split.model.model.layers[-1]) == torch.device("cpu")
+    batch = make_batch(make_sequences(5, [3, 4], [3, 5, 4], seed=2))
+    cfg = TrainConfig(steps=6, lr=2e-2, stop_p=None, plateau_window=1000)
+    cells = [CellSpec(1, 0), CellSpec(2, 0)]
+    last = whole.n_layers - 1
+    for adapter in (AdapterSpec("mlp-bypass", layer=last), AdapterSpec("lora", layers=(0, last))):
+        a = train_cells(whole.model, None, batch, cells, adapter, cfg)
+        b = train_cells(split.model, None, batch, cells, adapter, cfg)
+        assert [o.after.loss for o in a] == pytest.approx([o.after.loss for o in b], rel=1e-5)
+        assert [o.curve for o in a] == [pytest.approx(o.curve, rel=1e-5) for o in b]
+        assert a[0].curve[-1] < a[0].curve[0]
+    banks = attach_adapters(split.model, AdapterSpec("lora", layers=(0, last)), [1], [0])
+    assert {str(bank.A.device) for bank in banks.banks.values()} == {"cpu"}
+    banks.detach()
 
 
 def test_resolve_device_and_dtype():
