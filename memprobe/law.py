@@ -277,6 +277,7 @@ class MemoryLaw:
     form: str = "power"  # the form predictions use (see FORMS); C, alpha, beta, b stay the paper form's fit
     form_params: tuple | None = None  # (C, alpha, beta, b) of `form` when it was fitted apart from the paper's
     model_error: float = 0.0  # sd of ln(measured / predicted dL) on held-out cells: the error the law makes
+    extrapolation_error: float = 0.0  # sd it adds per octave of T past tokens_range (memprobe.fit.extrapolation_error)
     budget_laws: tuple = ()  # laws of the same cells at shorter budgets (each a MemoryLaw), shortest first
 
     def __post_init__(self):
@@ -331,9 +332,10 @@ class MemoryLaw:
             if len(fp) != 4 or len(tuple(self.form_params)) != 4:
                 raise MemprobeError(f"form_params must be (C, alpha, beta, b), got {self.form_params!r}")
             set_("form_params", fp)
-        set_("model_error", _finite("model_error", self.model_error))
-        if self.model_error < 0:
-            raise MemprobeError(f"model_error must be >= 0, got {self.model_error!r}")
+        for name in ("model_error", "extrapolation_error"):
+            set_(name, _finite(name, getattr(self, name)))
+            if getattr(self, name) < 0:
+                raise MemprobeError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         laws = tuple(MemoryLaw.from_dict(x) if isinstance(x, Mapping) else x for x in self.budget_laws)
         if not all(isinstance(x, MemoryLaw) for x in laws):
             raise MemprobeError("budget_laws must be laws")
@@ -504,7 +506,8 @@ class MemoryLaw:
     def predict_interval(self, rank, tokens, level: float = 0.9, base_loss=None):
         """(lo, hi) of dL, central prediction interval at `level`: the bootstrap parameter draws, each with the
         model error seen on held-out cells (ln-normal around the paper's term), so that it covers where a newly
-        trained cell lands, not only where the fitted curve may lie."""
+        trained cell lands, not only where the fitted curve may lie. Past the largest calibrated T the error
+        grows by extrapolation_error per octave (added in quadrature)."""
         level = _finite("level", level)
         if not 0 < level < 1:
             raise MemprobeError(f"level must be in (0, 1), got {level:g}")
@@ -516,13 +519,22 @@ class MemoryLaw:
         S = self._S
         shape = np.broadcast_shapes(r.shape, T.shape)
         C, a, be, b = (S[:, i].reshape((-1,) + (1,) * len(shape)) for i in range(4))  # (n, 1, ...)
-        if self.model_error > 0:  # (n * K, 1, ...): every draw times K fixed error quantiles
+        sd = self.error_sd(T)
+        if np.any(sd > 0):  # (n * K, *shape): every draw times K fixed error quantiles
             z = _ERROR_Z.reshape((1, -1) + (1,) * len(shape))
-            C = (C[:, None] * np.exp(self.model_error * z)).reshape((-1,) + (1,) * len(shape))
+            C = (C[:, None] * np.exp(np.broadcast_to(sd, shape) * z)).reshape((-1,) + shape)
             a, be, b = (np.repeat(x, len(_ERROR_Z), axis=0) for x in (a, be, b))
         dL = physical_delta_loss(self.form, law_delta_loss(self.form, C, a, be, b, r, T, L), L)  # (n, *shape)
         lo, hi = np.quantile(dL, [(1 - level) / 2, (1 + level) / 2], axis=0)
         return _scalar_or_array(lo), _scalar_or_array(hi)
+
+    def error_sd(self, tokens) -> np.ndarray:
+        """sd of ln(measured / predicted dL) at `tokens`: the model error, and past the largest calibrated T the
+        extrapolation error per octave times the octaves beyond it, in quadrature."""
+        T = np.asarray(tokens, dtype=float)
+        top = self.tokens_range[1] if self.tokens_range else None
+        past = np.maximum(np.log2(T / top), 0.0) if top and self.extrapolation_error > 0 else np.zeros_like(T)
+        return np.hypot(self.model_error, self.extrapolation_error * past)
 
     def predict_em_interval(self, rank, tokens, level: float = 0.9, base_loss=None):
         """(lo, hi) of EM: the dL interval mapped through the (monotone) EM link.
@@ -606,6 +618,7 @@ class MemoryLaw:
             "form": self.form,
             "form_params": list(self.form_params) if self.form_params is not None else None,
             "model_error": self.model_error,
+            "extrapolation_error": self.extrapolation_error,
             "budget_laws": [x.to_dict() for x in self.budget_laws],
         }
 

@@ -666,3 +666,13 @@ def test_a_law_is_usable_when_its_predicting_form_is_identified_though_the_paper
     C, alpha, beta, b = fit.law.form_params
     assert 1e-3 < alpha < 19 and 1e-3 < beta < 19 and abs(b) < 10
     assert any("paper's power form is not identified" in w for w in fit.warnings)
+
+
+def test_the_extrapolation_error_is_the_largest_T_check_per_octave():
+    cells = read_cells(ROOT / "data_fixtures" / "cells_short_keys_lora_down27.csv")
+    law = fit_law(cells, n_bootstrap=20).law
+    check = law.fit_stats["predicting"]["holdout"]  # T = 254 predicted from the cells at T <= 192
+    assert check["step_octaves"] == pytest.approx(math.log2(254 / 192))
+    assert check["rms_log_ratio"] > 0
+    assert law.extrapolation_error == pytest.approx(check["rms_log_ratio"] / check["step_octaves"])
+    assert law.error_sd(2 * 254) > 2 * law.model_error  # the 2x T check is past the cells: wider

@@ -179,6 +179,27 @@ def test_predict_interval_brackets_the_estimate_and_widens_with_level():
         MemoryLaw(C=1, alpha=0.5, beta=0.5).predict_interval(1, 10)
 
 
+def test_past_the_calibrated_T_the_interval_widens_by_octave():
+    law = make_law(model_error=0.03, extrapolation_error=0.08)  # calibrated up to T = 1024
+    assert law.error_sd([512, 1024]) == pytest.approx([0.03, 0.03])
+    assert law.error_sd([2048, 4096]) == pytest.approx([math.hypot(0.03, 0.08), math.hypot(0.03, 0.16)])
+    plain = dataclasses.replace(law, extrapolation_error=0.0)
+    for T in (512, 4096):
+        lo, hi = law.predict_interval(8, T)
+        plo, phi = plain.predict_interval(8, T)
+        if T <= 1024:
+            assert (lo, hi) == pytest.approx((plo, phi))
+        else:  # ln-width grows with the added error
+            assert np.log(hi / lo) > 1.5 * np.log(phi / plo)
+    again = MemoryLaw.from_dict(json.loads(json.dumps(law.to_dict())))
+    assert again.extrapolation_error == 0.08
+    old = law.to_dict()
+    del old["extrapolation_error"]  # a law written before the field: no extrapolation term
+    assert MemoryLaw.from_dict(old).extrapolation_error == 0.0
+    with pytest.raises(MemprobeError, match="extrapolation_error must be >= 0"):
+        make_law(extrapolation_error=-0.1)
+
+
 def test_a_physical_law_and_its_interval_stay_within_zero_and_the_base_loss():
     # b < 0: the paper term goes negative at rank 1 and a large T, where the saturating form would
     # predict a loss above the one before training
