@@ -252,7 +252,8 @@ def run(args) -> dict:
                                               "steps": args.steps, "lr": args.lr, "seconds": cal_s,
                                               "flops": cal_flops, "run_dir": str(out / "cal")},
            "law": {"form": law.form, "C": law.C, "alpha": law.alpha, "beta": law.beta, "b": law.b,
-                   "model_error": law.model_error, "usable": law.usable, "unusable": law.unusable_reasons,
+                   "model_error": law.model_error, "extrapolation_error": law.extrapolation_error,
+                   "usable": law.usable, "unusable": law.unusable_reasons,
                    "in_sample_r2": fit.r2, "in_sample_mape": fit.mape,
                    "in_sample_heldout_T": fit.holdout.to_dict() if fit.holdout else None,
                    "forms": law.fit_stats.get("forms"), "convergence": law.fit_stats.get("convergence")},
@@ -318,7 +319,8 @@ def write(doc: dict, law, heldout: dict, out: Path) -> None:
 
 def render(doc: dict) -> str:
     lines = [f"{doc['data']}: law {doc['law']['form']}, usable={doc['law']['usable']}, in-sample MAPE "
-             f"{doc['law']['in_sample_mape']:.1%}, model error {doc['law']['model_error']:.2f} (ln units)"]
+             f"{doc['law']['in_sample_mape']:.1%}, model error {doc['law']['model_error']:.2f} "
+             f"(+{doc['law'].get('extrapolation_error', 0.0):.2f} per octave past the cells; ln units)"]
     lines.append(f"{'T':>6} {'EM':>5} {'meas.':>6} {'plan':>5} {'pred EM':>8} {'axol.':>6} {'params':>6} "
                  f"{'bits':>5} {'dL err':>7} {'cover':>6} {'cal s':>7} {'brute s':>8}")
     for r in doc["rows"]:

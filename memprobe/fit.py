@@ -52,10 +52,11 @@ class Holdout:
     max_ape: float
     rms_log_ratio: float = 0.0  # root mean square of ln(measured / predicted dL) over them
     step_octaves: float = 0.0  # log2(held-out T / the largest T below it): how far the check extrapolated
+    b_held: bool = False  # too few cells below for 4 parameters: the offset b was the full fit's
 
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "n_cells": self.n_cells, "mape": self.mape, "max_ape": self.max_ape,
-                "rms_log_ratio": self.rms_log_ratio, "step_octaves": self.step_octaves}
+                "rms_log_ratio": self.rms_log_ratio, "step_octaves": self.step_octaves, "b_held": self.b_held}
 
 
 @dataclass(frozen=True, repr=False)
@@ -540,14 +541,21 @@ def _mape(y, pred) -> tuple[float, float]:
     return float(np.mean(ape)), float(np.max(ape))
 
 
-def _holdout(r, T, y, form: str = "power", L=None) -> tuple[Holdout | None, str | None]:
+def _holdout(r, T, y, form: str = "power", L=None, full=None) -> tuple[Holdout | None, str | None]:
+    """The law refitted without the cells at the largest T predicts them. Where the cells below are too few for
+    four parameters, `full` (the fit on every cell) lends its offset b and C, alpha, beta are refitted (three
+    parameters): a weaker check, recorded as such, rather than none."""
     T_max = float(T.max())
     keep = T < T_max
-    if not _can_fit(r[keep], T[keep], N_PARAMS):
+    b_held = not _can_fit(r[keep], T[keep], N_PARAMS)
+    if b_held and (full is None or not _can_fit(r[keep], T[keep], 3)):
         return None, (f"held-out check skipped: without the T={T_max:g} cells only {_n_points(r[keep], T[keep])} "
                       f"usable (rank, T) cells with {len(np.unique(T[keep]))} distinct T remain")
     L = np.ones_like(y) if L is None else L
-    theta = fit_form(form, r[keep], T[keep], L[keep], y[keep])
+    if b_held:
+        theta = fit_with_offset(form, float(full[3]), r[keep], T[keep], L[keep], y[keep], full)
+    else:
+        theta = fit_form(form, r[keep], T[keep], L[keep], y[keep])
     pred = law_delta_loss(form, *theta, r[~keep], T[~keep], L[~keep])
     mape, max_ape = _mape(y[~keep], pred)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -555,7 +563,7 @@ def _holdout(r, T, y, form: str = "power", L=None) -> tuple[Holdout | None, str 
     rms = float(np.sqrt(np.mean(ratios**2))) if np.all(np.isfinite(ratios)) else 0.0
     step = float(np.log2(T_max / float(T[keep].max())))
     return Holdout(tokens=T_max, n_cells=int((~keep).sum()), mape=mape, max_ape=max_ape, rms_log_ratio=rms,
-                   step_octaves=step), None
+                   step_octaves=step, b_held=b_held), None
 
 
 # -------------------------------------------------------------------- the EM link
@@ -845,7 +853,7 @@ def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int
     elif paper_reasons:
         warnings.append(f"the paper's power form is not identified on these cells ({'; '.join(paper_reasons)}); "
                         f"the {form} form predicts")
-    ho, note = _holdout(r_u, T_u, y, form, L_u) if holdout else (None, None)
+    ho, note = _holdout(r_u, T_u, y, form, L_u, full=theta) if holdout else (None, None)
     ho_p, _ = _holdout(r_u, T_u, y) if holdout else (None, None)
     if note:
         warnings.append(note)
