@@ -118,7 +118,8 @@ def plot(rows: list[dict], laws: list[dict], path: Path) -> None:
     ax.axhline(0, color="0.5", lw=0.5)
     ax.set_xlabel("octaves past the largest calibrated T (1 = 2x, 2 = 4x)")
     ax.set_ylabel("ln(measured / predicted dL)")
-    ax.set_title("held-out cells against the 90 % band (solid: now; dotted: model error alone)", fontsize=9)
+    ax.set_title("held-out cells and the 90 % error band (solid: now; dotted: model error alone);\n"
+                 "the intervals also carry the bootstrap spread of the law's parameters", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
