@@ -198,9 +198,10 @@ def gpus_per_worker(device: str | None) -> int:
 def worker_shape(resources: dict, n_datasets: int, device: str | None) -> tuple[int, dict]:
     """How many workers, and the resources each holds: one GPU each (the GPUs of a split) where the cluster has
     them and the run may use them, else the CPUs shared evenly; never more workers than datasets to start them on."""
-    gpus = int(resources.get("GPU", 0)) if device is None or device.startswith("cuda") else 0
+    asked = device is not None and device.startswith("cuda")
+    gpus = int(resources.get("GPU", 0)) if asked or device is None else 0
     per = gpus_per_worker(device)
-    if device is not None and device.startswith("cuda") and gpus < per:
+    if asked and gpus < per:
         raise MemprobeError(f"--device {device} needs {per} GPU{'s' if per > 1 else ''} a worker; the cluster has "
                             f"{gpus}")
     if gpus >= per:

@@ -877,7 +877,8 @@ def _fit_one(cells: pd.DataFrame, objective: str, *, n_bootstrap: int, seed: int
                            "holdout": None if ho is None else ho.to_dict(), "offset": offset},
             "usable": not reasons, "unusable_reasons": reasons, "convergence": _convergence(cells[used]),
         },
-        form=form, form_params=tuple(map(float, theta)), model_error=model_error(cv.get(form)), extrapolation_error=extrapolation_error(ho),
+        form=form, form_params=tuple(map(float, theta)), model_error=model_error(cv.get(form)),
+        extrapolation_error=extrapolation_error(ho),
         provenance=prov,
     )
     bound = law.budget_bound

@@ -43,7 +43,7 @@ class LoadedModel:
         return int(self.model.config.hidden_size)
 
 
-SPLIT_TARGETS = r"cpu|disk|cuda:\d+"  # where a split model's layers may go (disk: offloaded, computed on the one before)
+SPLIT_TARGETS = r"cpu|disk|cuda:\d+"  # where a split model's layers may go (disk: offloaded, computed on the first)
 
 
 def resolve_device(device: str | None = None) -> str:
