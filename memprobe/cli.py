@@ -176,7 +176,7 @@ def plan(
     lr: Lr = None, batch_size: BatchSize = None,
     steps: int = typer.Option(400, "--steps", help="most steps a cell trains; each stops at its plateau or once every answer token has p >= 0.9 [400]"),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="minutes a calibration may take here, every cell counted at its step cap; past it the plan measures the whole corpus directly [no limit]"),
-    law: Optional[Path] = typer.Option(None, "--law", help="plan with this law (law.json of a calibration on another corpus of this kind): no calibration, only its rank and the rank below it on your corpus"),
+    law: Optional[Path] = typer.Option(None, "--law", help="plan with this law (law.json of a calibration on another corpus of this kind): no calibration, only its rank and its neighbours on your corpus"),
     calibrate: Optional[bool] = typer.Option(None, "--calibrate/--no-calibrate", help="calibrate a law on subsets even when the rank ladder costs less (to reuse the law with --law), or never [when it costs less]"),
     verify: bool = typer.Option(False, "--verify", help="then train the recommended adapter on the whole corpus and report what it reaches"),
     chat: Chat = None, device: Device = None, dtype: Dtype = None,

@@ -52,6 +52,7 @@ SUBSET_FRACTIONS = (1 / 8, 1 / 4, 1 / 2)  # nested subsets: the law is read at 2
 MIN_SUBSET_TOKENS = 16
 MIN_CELLS = 6  # a law of 4 parameters needs at least this many cells (memprobe.fit refuses fewer)
 BRACKET_CELLS_EXPECTED = 3  # whole-corpus cells a plan usually needs: the guess, its half, one more
+PAIR_PAYS = 1.5  # a pack of two cells costing less than this many cells' steps: train a rank with its half
 # A calibration cell is chosen short of its data when its subset holds at least this many times the tokens its rank
 # is estimated to hold: a cell that holds its data says only that it had enough (badge codes, 40 rows: all 12
 # cells of the old fixed grid held theirs, 81 cell-minutes that identified nothing)
@@ -136,6 +137,21 @@ class CorpusStats:
     base_exact_match: float
     prompt_format: str  # chat | raw
     step_seconds: float  # one training step of one cell on the whole corpus, measured here
+    pair_step_seconds: float | None = None  # one step of a pack of two cells (None: not measured)
+
+    @property
+    def pair_cost(self) -> float | None:
+        """A pack of two cells' step in single cells' steps: near 1 where the device trains a pack in parallel (a
+        GPU), near 2 where it trains cell after cell (measured on this CPU: 1.9-2.6)."""
+        return None if self.pair_step_seconds is None else self.pair_step_seconds / self.step_seconds
+
+    @property
+    def packs_pay(self) -> bool:
+        """Whether a rank and its half are cheaper trained together than one after the other: the first
+        whole-corpus round then trains both; else the rank alone, and its half only if the rank reached the
+        target (a rank that falls short needs no half: it is the half of the next). Break-even at a pack of
+        PAIR_PAYS cells, when the law's rank is right as often as it is one step low."""
+        return self.pair_cost is not None and self.pair_cost < PAIR_PAYS
 
     def length_summary(self) -> dict:
         s = sorted(self.lengths)
@@ -147,39 +163,53 @@ class CorpusStats:
                 "answer_length": self.length_summary(), "lengths": list(self.lengths),
                 "base_loss": self.base_loss, "base_token_acc": self.base_token_acc,
                 "base_exact_match": self.base_exact_match, "prompt_format": self.prompt_format,
-                "step_seconds": self.step_seconds}
+                "step_seconds": self.step_seconds, "pair_step_seconds": self.pair_step_seconds,
+                "pair_cost": self.pair_cost, "packs_pay": self.packs_pay}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CorpusStats":
         return cls(source=d["source"], n_rows=int(d["n_rows"]), answer_tokens=int(d["answer_tokens"]),
                    lengths=tuple(int(x) for x in d["lengths"]), base_loss=float(d["base_loss"]),
                    base_token_acc=float(d["base_token_acc"]), base_exact_match=float(d["base_exact_match"]),
-                   prompt_format=str(d["prompt_format"]), step_seconds=float(d["step_seconds"]))
+                   prompt_format=str(d["prompt_format"]), step_seconds=float(d["step_seconds"]),
+                   pair_step_seconds=None if d.get("pair_step_seconds") is None else float(d["pair_step_seconds"]))
 
 
-def count_corpus(lm, settings: PlanSettings, timing_steps: int = 3, step_seconds: float | None = None) -> CorpusStats:
+def count_corpus(lm, settings: PlanSettings, timing_steps: int = 3, known: CorpusStats | None = None) -> CorpusStats:
     """Count the corpus with the model's tokenizer, measure the base model on it, and time a training step of one
-    rank-1 cell on all of it (the unit every estimate of the design is made of), unless `step_seconds` is known."""
+    rank-1 cell on all of it (the unit every estimate of the design is made of) and of a pack of two (whether
+    packing a rank with its half pays), unless `known` (a resumed plan's count) has them."""
     from memprobe.data import build_dataset, uses_chat_template
-    from memprobe.engine import CellSpec, prepare_prefix, train_cells
+    from memprobe.engine import prepare_prefix
     from memprobe.measure import make_batch
 
     ds = build_dataset(settings.data_spec(), lm.tokenizer, None)
     batch = make_batch(ds.sequences, pad_id=lm.tokenizer.pad_token_id or 0)
     prefix, _ = prepare_prefix(lm.model, batch, settings.adapter)
     base = prefix.measure_base()
-    step_s = step_seconds
-    if step_s is None:
-        # the unit is a full-batch step: estimate_seconds scales it to mini-batch updates
-        probe = dataclasses.replace(settings.budget(), steps=timing_steps, stop_p=None, batch_size=None)
-        t0 = time.perf_counter()
-        train_cells(lm.model, prefix, batch, [CellSpec(1, settings.seed)], settings.adapter, probe)
-        step_s = (time.perf_counter() - t0) / (timing_steps + 1)  # + 1: the closing measurement
+    if known is None or known.pair_step_seconds is None:
+        _step_seconds(lm, settings, prefix, batch, 1, 1)  # warm-up: a first step pays one-off costs; not the unit
+    step_s = known.step_seconds if known is not None else _step_seconds(lm, settings, prefix, batch, 1, timing_steps)
+    pair_s = known.pair_step_seconds if known is not None else None
+    if pair_s is None:
+        pair_s = _step_seconds(lm, settings, prefix, batch, 2, timing_steps)
     return CorpusStats(source=str(ds.spec["source"]), n_rows=len(ds.sequences), answer_tokens=ds.n_answer_tokens,
                        lengths=tuple(s.T for s in ds.sequences), base_loss=float(base.loss),
                        base_token_acc=float(base.token_acc), base_exact_match=float(base.exact_match),
                        prompt_format="chat" if uses_chat_template(lm.tokenizer, settings.chat) else "raw",
-                       step_seconds=step_s)
+                       step_seconds=step_s, pair_step_seconds=pair_s)
+
+
+def _step_seconds(lm, settings: PlanSettings, prefix, batch, n_cells: int, steps: int) -> float:
+    """Seconds of one full-batch step of a pack of `n_cells` cells (ranks 1, 2, ...) on the whole corpus (the
+    unit: estimate_seconds scales it to mini-batch updates)."""
+    from memprobe.engine import CellSpec, train_cells
+
+    budget = dataclasses.replace(settings.budget(), steps=steps, stop_p=None, batch_size=None)
+    cells = [CellSpec(2 ** k, settings.seed) for k in range(n_cells)]
+    t0 = time.perf_counter()
+    train_cells(lm.model, prefix, batch, cells, settings.adapter, budget)
+    return (time.perf_counter() - t0) / (steps + 1)  # + 1: the closing measurement
 
 
 # ----------------------------------------------------------------------------------------- the design
@@ -396,9 +426,10 @@ def design_after_probe(stats: CorpusStats, settings: PlanSettings, probe: Probe,
                   cells=tuple(cells), guess=guess, estimated_s=est)
 
 
-def law_design(settings: PlanSettings, law_path: str) -> Design:
-    return Design("law", settings.steps, f"the law {law_path} plans this corpus: its rank and the rank below it "
-                                         f"are measured on the whole corpus")
+def law_design(settings: PlanSettings, stats: CorpusStats, law_path: str) -> Design:
+    order = ("its rank and the rank below it are measured together" if stats.packs_pay else
+             "its rank is measured, then the rank below it if it reached the target, else the rank above")
+    return Design("law", settings.steps, f"the law {law_path} plans this corpus: {order} on the whole corpus")
 
 
 # ----------------------------------------------------------------------------------------- measuring the corpus
@@ -415,17 +446,19 @@ def measured_em(cells, tokens: int, objective: str) -> dict[int, float]:
     return {int(r): float(v) for r, v in em.items()}
 
 
-def ranks_to_measure(measured: dict[int, float], guess: int, target_em: float, max_rank: int) -> list[int]:
+def ranks_to_measure(measured: dict[int, float], guess: int, target_em: float, max_rank: int,
+                     with_half: bool = True) -> list[int]:
     """The next whole-corpus ranks to train: none once the smallest measured rank reaching the target has its
     half measured short of it (or is rank 1), or when no rank up to max_rank can be tried.
 
-    Starts at the guess and its half (those not measured yet: the probe's rank may be one of them); then halves
-    down from the smallest success, or doubles up from the largest failure (a failure at 2x the largest measured
-    says more than a step of 1)."""
+    Starts at the guess, with its half when `with_half` (packing pays: CorpusStats.packs_pay), those not measured
+    yet (the probe's rank may be one of them); then halves down from the smallest success, or doubles up from the
+    largest failure (a failure at 2x the largest measured says more than a step of 1)."""
     ok = [r for r, em in measured.items() if em >= target_em]
     if not ok and max(measured, default=0) < guess <= max_rank:
         # only ranks below the guess are measured (the probe): the guess has not been tried, not refuted
-        return sorted({max(guess // 2, 1), guess} - set(measured))
+        first = {max(guess // 2, 1), guess} if with_half else {guess}
+        return sorted(first - set(measured))
     if ok:
         r = min(ok)
         return [] if r == 1 or (r // 2) in measured else [r // 2]
@@ -707,8 +740,8 @@ def run_plan(settings: PlanSettings, out: Path, *, fresh: bool = False, progress
     timings = {"started": rundir.now()}
     lm = load_model(settings.model, device=settings.device, dtype=settings.dtype)
     resumed = not fresh and (out / "corpus.json").is_file()
-    known_step = CorpusStats.from_dict(json.loads((out / "corpus.json").read_text())).step_seconds if resumed else None
-    stats = count_corpus(lm, settings, step_seconds=known_step)
+    known = CorpusStats.from_dict(json.loads((out / "corpus.json").read_text())) if resumed else None
+    stats = count_corpus(lm, settings, known=known)
     design = _check_out(out, settings, stats) if not fresh else None
     rundir.write_json(out / "corpus.json", stats.to_dict())
     if on_corpus is not None:
@@ -791,17 +824,18 @@ def calibrate_subsets(run: PlanRun, config):
 
 
 def measure_with_law(run: PlanRun, laws: dict):
-    """--law: the law's rank and the rank below it on the whole corpus (then halving or doubling as measured)."""
+    """--law: the law's rank on the whole corpus, with the rank below it where packing pays, then halving or
+    doubling as measured (ranks_to_measure)."""
     s, T = run.settings, run.stats.answer_tokens
     if run.design is None:
-        run.design = law_design(s, s.law)
+        run.design = law_design(s, run.stats, s.law)
         _write_design(run.out, run.stats, run.design, None)
     run.log(f"design: {run.design.mode}: {run.design.reason}")
     law = laws[s.objectives[0]]
     cap = rank_cap(s.adapter.kind, law.params_per_rank) if getattr(law, "params_per_rank", None) else MAX_RANK
     guess = law_guess(law.with_answer_length(T / run.stats.n_rows), T, s.target_em, run.stats.base_loss,
                       min(s.ranks), cap)
-    first = tuple((r, T) for r in sorted({max(guess // 2, 1), guess}))
+    first = tuple((r, T) for r in ranks_to_measure({}, guess, s.target_em, cap, run.stats.packs_pay))
     config = calibration_config(s, run.stats, first)
     return measure_whole_corpus(run, config, None, laws)
 
@@ -823,7 +857,8 @@ def measure_whole_corpus(run: PlanRun, config, result, given_laws: dict | None):
         law = law.with_answer_length(answer_length) if law is not None else None
         guess = law_guess(law, T, s.target_em, run.stats.base_loss, fallback, cap)
         for k in range(s.rounds):
-            add = ranks_to_measure(measured_em(result.cells, T, objective), guess, s.target_em, cap)
+            add = ranks_to_measure(measured_em(result.cells, T, objective), guess, s.target_em, cap,
+                                   run.stats.packs_pay)
             if not add:
                 break
             run.log(f"whole corpus, {objective}, round {k + 1}: rank {', '.join(map(str, add))}")

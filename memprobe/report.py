@@ -423,6 +423,9 @@ def render_corpus(stats) -> Table:
               f"EM {stats.base_exact_match:.3f}")
     t.add_row("prompt format", stats.prompt_format)
     t.add_row("one training step", f"{stats.step_seconds:.2f} s on the whole corpus (rank 1, measured)")
+    if stats.pair_cost is not None:
+        how = "a rank trains with its half" if stats.packs_pay else "ranks train one at a time"
+        t.add_row("two cells at once", f"{stats.pair_cost:.1f}x one step ({how})")
     return t
 
 

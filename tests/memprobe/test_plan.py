@@ -1,6 +1,7 @@
 """memprobe.plan: the design of a corpus's calibration, the whole-corpus search, the decision, and `memprobe plan`
 end to end on a tiny model folder through the command line (JSON, resume, one-line errors)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -140,6 +141,26 @@ def test_settings_refuse_bad_values(kw, message):
 def test_search_starts_at_the_guess_and_its_half():
     assert ranks_to_measure({}, 8, 0.99, 1024) == [4, 8]
     assert ranks_to_measure({}, 1, 0.99, 1024) == [1]
+
+
+def test_where_packing_does_not_pay_the_search_starts_at_the_guess_alone():
+    assert ranks_to_measure({}, 8, 0.99, 1024, with_half=False) == [8]
+    assert ranks_to_measure({1: 0.0}, 16, 0.99, 1024, with_half=False) == [16]
+    # the guess fell short: its double, whose half is the guess (measured): 2 cells where a pack costs 3
+    assert ranks_to_measure({8: 0.98}, 8, 0.99, 1024, with_half=False) == [16]
+    assert ranks_to_measure({8: 0.98, 16: 1.0}, 8, 0.99, 1024, with_half=False) == []
+    # the guess reached the target: its half, then as before
+    assert ranks_to_measure({8: 1.0}, 8, 0.99, 1024, with_half=False) == [4]
+
+
+def test_a_rank_packs_with_its_half_only_where_two_cells_cost_less_than_one_and_a_half():
+    assert stats().pair_cost is None and not stats().packs_pay  # not measured: one at a time
+    gpu = dataclasses.replace(stats(step_s=1.0), pair_step_seconds=1.1)
+    cpu = dataclasses.replace(stats(step_s=1.0), pair_step_seconds=2.2)
+    assert gpu.packs_pay and not cpu.packs_pay and cpu.pair_cost == pytest.approx(2.2)
+    assert CorpusStats.from_dict(cpu.to_dict()) == cpu
+    old = {k: v for k, v in cpu.to_dict().items() if not k.startswith("pair")}  # a plan folder from before
+    assert CorpusStats.from_dict(old).pair_step_seconds is None
 
 
 def test_search_tries_the_guess_when_only_the_probe_below_it_was_measured():
