@@ -200,6 +200,9 @@ class Plan:
     rank_octaves_outside: float = 0.0  # power-of-2 steps between the rank and the measured ranks (0 inside)
     tokens_octaves_outside: float = 0.0
     heldout: dict | None = None  # the law's out-of-sample check (MemoryLaw.heldout); None: it recorded none
+    model_error: float = 0.0  # sd of ln(measured / predicted dL) inside the calibrated T (MemoryLaw.model_error)
+    error_sd: float = 0.0  # the same at the plan's T: with the extrapolation error past it (MemoryLaw.error_sd)
+    extrapolation_error: float = 0.0  # what error_sd gains per octave of T past the calibration
 
     def __post_init__(self):
         _positive_int("rank", self.rank)
@@ -260,6 +263,9 @@ class Plan:
             "rank_octaves_outside": self.rank_octaves_outside,
             "tokens_octaves_outside": self.tokens_octaves_outside,
             "heldout": None if self.heldout is None else dict(self.heldout),
+            "model_error": self.model_error,
+            "error_sd": self.error_sd,
+            "extrapolation_error": self.extrapolation_error,
         }
 
 
@@ -478,6 +484,8 @@ def recommend(law_or_laws, tokens: int, target_em: float, *, ranks: Sequence[int
         recipe=law.recipe, rank_interval=rank_int, rank_octaves_outside=octaves_outside(rank, law.rank_range),
         tokens_octaves_outside=octaves_outside(tokens, law.tokens_range),
         budget_tradeoff=tuple(tradeoff), steps_needed=min(enough) if enough else None, heldout=law.heldout,
+        model_error=float(law.model_error), error_sd=float(law.error_sd(tokens)),
+        extrapolation_error=float(law.extrapolation_error),
     )
 
 

@@ -65,6 +65,16 @@ def heldout_text(heldout: dict | None) -> str:
     return f"{check} {', '.join(parts)}" if parts else "no out-of-sample check recorded"
 
 
+def error_text(plan: Plan) -> str | None:
+    """How far the law's dL may be off at the plan's T (the sd its intervals draw from), where past the calibrated
+    T it is wider than inside it; None inside (the held-out line says it)."""
+    if plan.tokens_octaves_outside <= 0 or plan.error_sd <= plan.model_error:
+        return None
+    return (f"sd of ln(measured / law) {plan.error_sd:.2g} at {plan.tokens:,} tokens, "
+            f"{plan.tokens_octaves_outside:.1f} octaves past the calibration ({plan.model_error:.2g} inside it, "
+            f"{plan.extrapolation_error:.2g} more an octave, in quadrature)")
+
+
 def loss_text(plan: Plan) -> str:
     level = f"{round(100 * plan.level)} %"
     iv = plan.predicted_delta_loss_interval
@@ -86,6 +96,8 @@ def _summary(plan: Plan):
     t.add_row("train for", budget_text(plan))
     t.add_row("predicted EM", em_row(plan))
     t.add_row("held out", heldout_text(plan.heldout))
+    if error_text(plan):
+        t.add_row("dL error", error_text(plan))
     t.add_row("objective", plan.objective)
     if plan.adapter:
         where = f" ({plan.recipe.adapter.placement_text()})" if plan.recipe is not None and plan.adapter == "lora" else ""

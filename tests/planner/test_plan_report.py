@@ -173,3 +173,15 @@ def test_the_plan_prints_the_law_s_out_of_sample_evidence():
 def test_one_objective_needs_no_per_objective_table():
     plan = recommend(make_laws(with_recipe=True)["sft"], tokens=300, target_em=0.9)
     assert "per objective" not in render(render_plan(plan), 80)
+
+
+def test_past_the_calibration_the_plan_says_how_much_wider_the_law_s_error_is():
+    laws = {k: dataclasses.replace(law, model_error=0.03, extrapolation_error=0.05)
+            for k, law in make_laws(with_recipe=True).items()}
+    inside = recommend(laws, tokens=1000, target_em=0.9)  # calibrated up to T = 1024
+    assert inside.error_sd == pytest.approx(0.03) and "dL error" not in dict(summary_rows(render(render_plan(inside), 80)))
+    far = recommend(laws, tokens=4096, target_em=0.9, allow_uncertain=True)  # 2 octaves past it
+    assert far.error_sd == pytest.approx(np.hypot(0.03, 2 * 0.05))
+    assert far.to_dict()["error_sd"] == far.error_sd and far.to_dict()["extrapolation_error"] == 0.05
+    row = dict(summary_rows(render(render_plan(far), 80)))["dL error"]
+    assert row.startswith("sd of ln(measured / law) 0.1 at 4,096 tokens, 2.0 octaves past the calibration")
