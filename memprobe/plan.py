@@ -142,7 +142,7 @@ class CorpusStats:
     @property
     def pair_cost(self) -> float | None:
         """A pack of two cells' step in single cells' steps: near 1 where the device trains a pack in parallel (a
-        GPU), near 2 where it trains cell after cell (measured on this CPU: 1.9-2.6)."""
+        GPU), near 2 where it trains cell after cell (measured on this CPU: 1.9-3.5)."""
         return None if self.pair_step_seconds is None else self.pair_step_seconds / self.step_seconds
 
     @property
