@@ -1,8 +1,11 @@
 """Do the 90 % intervals hold held-out cells past the calibrated T? Each case is a calibration run directory and
 the run directories of its held-out cells (trained by benchmarks/plan_accuracy.py); the law is refitted from the
-calibration's cells with this code, and each held-out cell short of the data is judged twice: by the interval as
-it is now (the model error, plus the extrapolation error per octave past the cells), and by the interval with
-the model error alone (the rule before extrapolation_error). Nothing is trained.
+calibration's cells with this code, and each held-out cell short of the data is judged twice in ΔL: by the
+interval as it is now (the model error, plus the extrapolation error per octave past the cells), and by the
+interval with the model error alone (the rule before extrapolation_error). Every held-out cell, short of the data
+or not, is also judged in EM, the number a plan promises: inside the law's 90 % EM interval (its ΔL interval
+through the EM link, at the cell's own answer length) give or take one row of the cell's data, since EM moves in
+steps of one row. Nothing is trained.
 
     .venv/bin/python benchmarks/interval_coverage.py --out benchmarks/results/interval_coverage \\
         --case "passphrases (LoRA)=benchmarks/results/plan_accuracy_passphrases_lora_down27/cal:heldout_T384,heldout_T768"
@@ -31,8 +34,9 @@ from benchmarks.plan_accuracy import LEVEL  # noqa: E402
 from memprobe.cli_support import report_errors  # noqa: E402
 from memprobe.errors import MemprobeError  # noqa: E402
 
-COLUMNS = ["case", "tokens", "rank", "octaves_past", "measured_dl", "predicted_dl", "log_ratio", "lo", "hi",
-           "inside", "lo_model_error_only", "hi_model_error_only", "inside_model_error_only"]
+COLUMNS = ["case", "tokens", "rank", "octaves_past", "short_of_data", "measured_dl", "predicted_dl", "log_ratio",
+           "lo", "hi", "inside", "lo_model_error_only", "hi_model_error_only", "inside_model_error_only",
+           "measured_em", "predicted_em", "em_lo", "em_hi", "em_inside"]
 
 
 def parse_case(text: str) -> tuple[str, Path, list[Path]]:
@@ -45,7 +49,8 @@ def parse_case(text: str) -> tuple[str, Path, list[Path]]:
 
 
 def judge_case(name: str, cal: Path, heldout: list[Path]) -> tuple[list[dict], dict]:
-    """One row per held-out cell short of the data: where it landed against both rules' intervals."""
+    """One row per held-out cell: where it landed against the EM interval, and (short of the data) against both
+    rules' ΔL intervals."""
     from memprobe.fit import fit_law
     from memprobe.rundir import is_saturated, read_cells
 
@@ -59,40 +64,63 @@ def judge_case(name: str, cal: Path, heldout: list[Path]) -> tuple[list[dict], d
     for d in heldout:
         cells = read_cells(d / "cells.csv")
         frac = cells["ordered_frac"].to_numpy(float) if "ordered_frac" in cells else None
-        live = cells[~is_saturated(cells["loss_after"].to_numpy(float), frac)]
-        for c in live.itertuples():
-            measured = float(c.loss_before - c.loss_after)
-            pred = float(law.predict(c.rank, c.tokens, c.loss_before))
-            lo, hi = (float(x) for x in law.predict_interval(c.rank, c.tokens, LEVEL, c.loss_before))
-            plo, phi = (float(x) for x in plain.predict_interval(c.rank, c.tokens, LEVEL, c.loss_before))
-            rows.append({"case": name, "tokens": int(c.tokens), "rank": int(c.rank),
-                         "octaves_past": math.log2(c.tokens / top), "measured_dl": measured, "predicted_dl": pred,
-                         "log_ratio": math.log(measured / pred) if measured > 0 and pred > 0 else float("nan"),
-                         "lo": lo, "hi": hi, "inside": lo <= measured <= hi, "lo_model_error_only": plo,
-                         "hi_model_error_only": phi, "inside_model_error_only": plo <= measured <= phi})
+        short = ~is_saturated(cells["loss_after"].to_numpy(float), frac)
+        for c, is_short in zip(cells.itertuples(), short):
+            row = {"case": name, "tokens": int(c.tokens), "rank": int(c.rank),
+                   "octaves_past": math.log2(c.tokens / top), "short_of_data": bool(is_short),
+                   **judge_em(law, c), **(judge_delta_loss(law, plain, c) if is_short else {})}
+            rows.append(row)
     return rows, {"case": name, "model_error": law.model_error, "extrapolation_error": law.extrapolation_error,
                   "largest_T": top}
 
 
+def judge_delta_loss(law, plain, c) -> dict:
+    measured = float(c.loss_before - c.loss_after)
+    pred = float(law.predict(c.rank, c.tokens, c.loss_before))
+    lo, hi = (float(x) for x in law.predict_interval(c.rank, c.tokens, LEVEL, c.loss_before))
+    plo, phi = (float(x) for x in plain.predict_interval(c.rank, c.tokens, LEVEL, c.loss_before))
+    return {"measured_dl": measured, "predicted_dl": pred,
+            "log_ratio": math.log(measured / pred) if measured > 0 and pred > 0 else float("nan"),
+            "lo": lo, "hi": hi, "inside": lo <= measured <= hi, "lo_model_error_only": plo,
+            "hi_model_error_only": phi, "inside_model_error_only": plo <= measured <= phi}
+
+
+def judge_em(law, c) -> dict:
+    """The cell's EM against the law's 90 % EM interval at the cell's answer length, one row of slack (a table
+    without n_sequences: the law's own answer length, no slack)."""
+    rows = getattr(c, "n_sequences", None)
+    rows = int(rows) if rows is not None and rows == rows and rows > 0 else None
+    if rows is not None:
+        law = law.with_answer_length(c.tokens / rows)
+    slack = 1.0 / rows if rows else 0.0
+    lo, hi = (float(x) for x in law.predict_em_interval(c.rank, c.tokens, LEVEL, c.loss_before))
+    em = float(c.exact_match)
+    return {"measured_em": em, "predicted_em": float(law.predict_em(c.rank, c.tokens, c.loss_before)),
+            "em_lo": lo, "em_hi": hi, "em_inside": lo - slack - 1e-9 <= em <= hi + slack + 1e-9}
+
+
 def summarize(rows: list[dict], laws: list[dict]) -> list[dict]:
-    out = []
-    for law in laws:
-        mine = [r for r in rows if r["case"] == law["case"]]
-        out.append({**law, "cells": len(mine), "inside": sum(r["inside"] for r in mine),
-                    "inside_model_error_only": sum(r["inside_model_error_only"] for r in mine)})
-    out.append({"case": "all", "cells": len(rows), "inside": sum(r["inside"] for r in rows),
-                "inside_model_error_only": sum(r["inside_model_error_only"] for r in rows)})
-    return out
+    """Per case and over all: ΔL judged on the cells short of the data (`cells`), EM on every cell (`em_cells`)."""
+    def counts(mine: list[dict]) -> dict:
+        short = [r for r in mine if r["short_of_data"]]
+        return {"cells": len(short), "inside": sum(r["inside"] for r in short),
+                "inside_model_error_only": sum(r["inside_model_error_only"] for r in short),
+                "em_cells": len(mine), "em_inside": sum(r["em_inside"] for r in mine)}
+
+    out = [{**law, **counts([r for r in rows if r["case"] == law["case"]])} for law in laws]
+    return out + [{"case": "all", **counts(rows)}]
 
 
 def render(summary: list[dict]) -> str:
-    lines = [f"{'case':<28} {'cells':>5} {'now':>9} {'before':>9} {'model':>6} {'/octave':>8}"]
+    lines = [f"{'case':<26} {'dL now':>7} {'before':>7} {'EM':>7} {'model':>6} {'/octave':>7}"]
     for s in summary:
-        n = s["cells"]
+        n, m = s["cells"], s["em_cells"]
         now, before = (f"{s[k]}/{n}" if n else "-" for k in ("inside", "inside_model_error_only"))
-        err = f"{s['model_error']:>6.3f} {s['extrapolation_error']:>8.3f}" if "model_error" in s else ""
-        lines.append(f"{s['case'][:28]:<28} {n:>5} {now:>9} {before:>9} {err}")
-    lines.append("now: inside the 90 % interval with the extrapolation error; before: with the model error alone")
+        em = f"{s['em_inside']}/{m}" if m else "-"
+        err = f" {s['model_error']:>6.3f} {s['extrapolation_error']:>7.3f}" if "model_error" in s else ""
+        lines.append(f"{s['case'][:26]:<26} {now:>7} {before:>7} {em:>7}{err}")
+    lines.append("inside the 90 % interval: dL (cells short of the data) with the extrapolation error")
+    lines.append("(now) and with the model error alone (before); EM (every cell, one row of slack)")
     return "\n".join(lines)
 
 
@@ -104,10 +132,10 @@ def plot(rows: list[dict], laws: list[dict], path: Path) -> None:
 
     z = 1.6449  # the 90 % band of an ln-normal error
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    x = np.linspace(0, max([r["octaves_past"] for r in rows] + [2.0]), 50)
+    x = np.linspace(0, max([r["octaves_past"] for r in rows] + [2.0]), 50)  # the ΔL of cells short of the data
     for i, law in enumerate(laws):
         color = f"C{i}"
-        mine = [r for r in rows if r["case"] == law["case"]]
+        mine = [r for r in rows if r["case"] == law["case"] and r["short_of_data"]]
         ax.scatter([r["octaves_past"] for r in mine], [r["log_ratio"] for r in mine], color=color,
                    label=law["case"], zorder=3)
         sd = np.hypot(law["model_error"], law["extrapolation_error"] * x)
