@@ -187,11 +187,12 @@ def count_corpus(lm, settings: PlanSettings, timing_steps: int = 3, known: Corpu
     batch = make_batch(ds.sequences, pad_id=lm.tokenizer.pad_token_id or 0)
     prefix, _ = prepare_prefix(lm.model, batch, settings.adapter)
     base = prefix.measure_base()
-    if known is None or known.pair_step_seconds is None:
-        _step_seconds(lm, settings, prefix, batch, 1, 1)  # warm-up: a first step pays one-off costs; not the unit
-    step_s = known.step_seconds if known is not None else _step_seconds(lm, settings, prefix, batch, 1, timing_steps)
+    step_s = known.step_seconds if known is not None else None
     pair_s = known.pair_step_seconds if known is not None else None
-    if pair_s is None:
+    if pair_s is None:  # a fresh count, or one written before pairs were timed (its step time stands)
+        _step_seconds(lm, settings, prefix, batch, 1, 1)  # warm-up: a first step pays one-off costs; not the unit
+        if step_s is None:
+            step_s = _step_seconds(lm, settings, prefix, batch, 1, timing_steps)
         pair_s = _step_seconds(lm, settings, prefix, batch, 2, timing_steps)
     return CorpusStats(source=str(ds.spec["source"]), n_rows=len(ds.sequences), answer_tokens=ds.n_answer_tokens,
                        lengths=tuple(s.T for s in ds.sequences), base_loss=float(base.loss),

@@ -96,8 +96,9 @@ def _summary(plan: Plan):
     t.add_row("train for", budget_text(plan))
     t.add_row("predicted EM", em_row(plan))
     t.add_row("held out", heldout_text(plan.heldout))
-    if error_text(plan):
-        t.add_row("dL error", error_text(plan))
+    past = error_text(plan)
+    if past:
+        t.add_row("dL error", past)
     t.add_row("objective", plan.objective)
     if plan.adapter:
         where = f" ({plan.recipe.adapter.placement_text()})" if plan.recipe is not None and plan.adapter == "lora" else ""
